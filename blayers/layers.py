@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-from numpyro import distributions
+from numpyro import distributions, handlers
+from numpyro.primitives import _PYRO_STACK
 
 from blayers import axes as ax
 from blayers._checks import as_2d, check_id_range, check_ids, check_kwargs
@@ -74,6 +75,16 @@ def pairwise_interactions(x: jax.Array, z: jax.Array) -> jax.Array:
     return jnp.einsum("ni,nj->nij", x, z).reshape(x.shape[0], -1)
 
 
+def _refuse_duplicate(site: str, name: str) -> None:
+    """Raise if ``site`` was already recorded by an enclosing trace (two layers, one name)."""
+    for frame in _PYRO_STACK:
+        if isinstance(frame, handlers.trace) and site in frame.trace:
+            raise ValueError(
+                f"layer name clash: sample site {site!r} already exists in this model; "
+                f"give each call of this layer class a distinct name (not {name!r} twice)"
+            )
+
+
 class BLayer(ABC):
     """Abstract base class for Bayesian layers. Lays out an interface."""
 
@@ -103,7 +114,9 @@ class BLayer(ABC):
             raise AssertionError(f"axes {logical_axes} do not match shape {shape}")
         if shape:
             fn = fn.expand(shape).to_event(len(shape))
-        return numpyro.sample(self._site(name, param), fn, infer=ax.tag(logical_axes))
+        site = self._site(name, param)
+        _refuse_duplicate(site, name)
+        return numpyro.sample(site, fn, infer=ax.tag(logical_axes))
 
 
 class _HierarchicalLayer(BLayer):

@@ -234,7 +234,7 @@ def ordinal_link(
     if num_classes < 2:
         raise ValueError(f"ordinal_link: num_classes must be >= 2, got {num_classes}")
     mu = _flat(mu)
-    c0 = _global("ordinal_c0", dists.Normal(0.0, 2.0))
+    c0 = jnp.asarray(_global("ordinal_c0", dists.Normal(0.0, 2.0)))
     cutpoints = c0[None]
     if num_classes > 2:
         gaps = _global("ordinal_gaps", dists.Exponential(1.0).expand([num_classes - 2]).to_event(1))
