@@ -1,0 +1,119 @@
+"""Typed configuration: dataclasses registered in Hydra's ConfigStore.
+
+Structured configs make Hydra reject unknown keys and wrong types at load time, naming the key.
+``model.terms`` is free-form (each term carries its layer's own kwargs) and is validated against
+the layer signatures when the model is built (``train.model``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/default/train.parquet"  # Parquet file, directory of Parquet files, or glob
+    target: str = "y"
+    numeric: list[str] = field(default_factory=list)
+    categorical: list[str] = field(default_factory=list)
+    batch_size: int = 4096
+    prefetch: int = 2  # batches prepared ahead by background threads
+    generate_default: bool = False  # write the embedded default dataset to `path` if missing
+    default_rows: int = 1_000_000
+
+
+@dataclass
+class ModelConfig:
+    _target_: str | None = None  # a user model: "package.module.function"
+    link: str = "gaussian"
+    link_kwargs: dict[str, Any] = field(default_factory=dict)
+    terms: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    model: int = 1
+
+
+@dataclass
+class ShardingConfig:
+    # logical axis -> mesh axis (or null); the first rule whose mesh axis is free wins
+    rules: list[Any] = field(default_factory=lambda: [["categories", "model"]])
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd | adagrad
+    lr: float = 0.01
+    schedule: str = "cosine"  # constant | cosine
+    warmup_steps: int = 0
+    end_lr_factor: float = 0.05  # cosine decays to lr * end_lr_factor
+    clip_norm: float | None = None
+    guide_init_scale: float = 0.1
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 2000  # total steps of the run; rerun with a larger value to continue
+    seed: int = 0
+    log_every: int = 50
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    max_to_keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    enabled: bool | None = None  # None: auto-detect a multi-process environment
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    heartbeat_timeout_s: int = 100
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    dry_run: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def register() -> None:
+    """Register the schema so ``configs/config.yaml`` can extend it (``defaults: [schema]``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    """Plain resolved dict of a config (for checkpoints and logs)."""
+    return OmegaConf.to_container(
+        OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg, resolve=True
+    )
+
+
+def from_container(data: dict[str, Any]) -> Any:
+    """A typed, read-only config from a plain dict (e.g. the one saved with a run)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), data)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg

@@ -1,0 +1,375 @@
+"""Data stage: Parquet → validated, id-encoded, memory-mapped Arrow → grain batches.
+
+1. ``prepare`` streams the Parquet input twice (vocabulary pass, then validate + encode) and
+   writes one Arrow IPC file of float32 features, int32 ids and the target. Arrow IPC maps
+   zero-copy, so data larger than RAM trains from the page cache; Parquet would have to be
+   decoded into memory on every read. Every check runs before anything is written.
+2. ``StepBatches`` makes the batch at step ``s`` a pure function of ``(seed, s)``: position
+   ``s·B`` in an endless sequence of per-epoch permutations. Resume is "start at step s"; it
+   stays exact when the number of processes changes, since each process takes its contiguous
+   share of the same global batch.
+3. Rows are gathered in whole batches (sorted numpy takes), never one Python object per row;
+   grain's ``MapDataset`` over step numbers prefetches batches on background threads.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.types as pat
+
+from blayers import links
+from train import vocab as vocab_lib
+
+CHUNK_ROWS = 1 << 22  # rows per Arrow record batch in the encoded file
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the column and the fix."""
+
+
+def parquet_files(path: str) -> list[str]:
+    """Files behind ``data.path``: a Parquet file, a directory of them, or a glob."""
+    if any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path, recursive=True))
+    elif os.path.isdir(path):
+        files = sorted(str(p) for p in Path(path).rglob("*.parquet") if not p.name.startswith("."))
+    else:
+        files = [path] if os.path.exists(path) else []
+    if not files:
+        raise DataError(
+            f"data.path {path!r} matched no Parquet files; give a .parquet file, a directory "
+            "of them, or a glob"
+        )
+    return files
+
+
+def open_dataset(path: str) -> pads.Dataset:
+    files = parquet_files(path)
+    try:
+        return pads.dataset(files, format="parquet")
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"data.path {path!r}: cannot read as Parquet ({err})") from err
+
+
+def check_columns(
+    schema: pa.Schema, numeric: Sequence[str], categorical: Sequence[str], target: str | None
+) -> None:
+    """Missing columns and wrong dtypes, each a one-line error naming the column."""
+    wanted = [*numeric, *categorical, *([target] if target else [])]
+    seen = set()
+    for col in wanted:
+        if col in seen:
+            raise DataError(f"column {col!r} is listed twice in data.numeric/categorical/target")
+        seen.add(col)
+        if col not in schema.names:
+            raise DataError(
+                f"column {col!r} is missing from the data (has: {', '.join(schema.names)}); "
+                "fix data.numeric / data.categorical / data.target"
+            )
+    for col in [*numeric, *([target] if target else [])]:
+        typ = schema.field(col).type
+        if not (pat.is_integer(typ) or pat.is_floating(typ) or pat.is_boolean(typ)):
+            raise DataError(
+                f"column {col!r} has non-numeric type {typ}; numeric features and the target "
+                "must be int or float (list a string column under data.categorical)"
+            )
+    for col in categorical:
+        typ = schema.field(col).type
+        if not (pat.is_integer(typ) or pat.is_string(typ) or pat.is_large_string(typ)):
+            raise DataError(
+                f"column {col!r} has type {typ}; categorical columns must hold ints or strings"
+            )
+
+
+def numeric_block(batch: pa.RecordBatch, columns: Sequence[str]) -> np.ndarray:
+    """``(n, d)`` float32 features, refusing NaN / inf with the column named."""
+    out = np.empty((batch.num_rows, len(columns)), np.float32)
+    for j, col in enumerate(columns):
+        arr = batch.column(col)
+        if arr.null_count:
+            raise DataError(f"column {col!r}: {arr.null_count} null values; impute or drop them")
+        values = arr.to_numpy(zero_copy_only=False).astype(np.float32)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise DataError(
+                f"column {col!r}: {int(bad.sum())} NaN/inf values; impute or drop those rows"
+            )
+        out[:, j] = values
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the encoded store
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Store:
+    """Memory-mapped encoded rows: ``numeric (N, d)``, ``categorical (N, F)``, ``target (N,)``."""
+
+    numeric_columns: list[str]
+    categorical_columns: list[str]
+    num_rows: int
+    _chunks: dict[str, list[np.ndarray]]
+    _offsets: np.ndarray
+    has_target: bool
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        source = pa.memory_map(str(path), "r")
+        table = pa.ipc.open_file(source).read_all()
+        meta = json.loads(table.schema.metadata[b"blayers"])
+        chunks = {
+            name: [c.to_numpy(zero_copy_only=True) for c in table.column(name).chunks]
+            for name in table.column_names
+        }
+        lengths = [len(c) for c in next(iter(chunks.values()))] if chunks else [0]
+        return cls(
+            meta["numeric"],
+            meta["categorical"],
+            table.num_rows,
+            chunks,
+            np.concatenate([[0], np.cumsum(lengths)]),
+            meta["has_target"],
+        )
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Gather ``rows`` (sorted for locality) into one batch of numpy arrays."""
+        rows = np.asarray(rows, np.int64)
+        chunk_of = np.searchsorted(self._offsets, rows, side="right") - 1
+        local = rows - self._offsets[chunk_of]
+
+        def gather(name: str, dtype: Any) -> np.ndarray:
+            out = np.empty(len(rows), dtype)
+            for c in np.unique(chunk_of):
+                sel = chunk_of == c
+                out[sel] = self._chunks[name][c][local[sel]]
+            return out
+
+        n = len(rows)
+        batch = {
+            "numeric": np.stack([gather(f"num:{c}", np.float32) for c in self.numeric_columns], 1)
+            if self.numeric_columns
+            else np.zeros((n, 0), np.float32),
+            "categorical": np.stack(
+                [gather(f"cat:{c}", np.int32) for c in self.categorical_columns], 1
+            )
+            if self.categorical_columns
+            else np.zeros((n, 0), np.int32),
+        }
+        if self.has_target:
+            batch["target"] = gather("target", np.float32)
+        return batch
+
+
+def _encode_batch(
+    batch: pa.RecordBatch,
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    target: str | None,
+    vocabs: dict[str, vocab_lib.Vocab],
+    link: str | None,
+) -> dict[str, np.ndarray]:
+    cols: dict[str, np.ndarray] = {}
+    block = numeric_block(batch, numeric)
+    for j, col in enumerate(numeric):
+        cols[f"num:{col}"] = block[:, j]
+    for col in categorical:
+        cols[f"cat:{col}"] = vocabs[col].encode(batch.column(col))
+    if target is not None:
+        y = numeric_block(batch, [target])[:, 0]
+        if link is not None:
+            links.check_target(link, y, column=target)
+        cols["target"] = y
+    return cols
+
+
+def write_store(
+    batches: Iterator[pa.RecordBatch],
+    path: Path,
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    target: str | None,
+    vocabs: dict[str, vocab_lib.Vocab],
+    link: str | None = None,
+) -> int:
+    """Validate and encode every batch into an Arrow IPC file at ``path`` (atomically).
+
+    Raises:
+        DataError: any bad value; the partial file is removed.
+    """
+    meta = {
+        "numeric": list(numeric),
+        "categorical": list(categorical),
+        "has_target": target is not None,
+    }
+    fields = [pa.field(f"num:{c}", pa.float32()) for c in numeric]
+    fields += [pa.field(f"cat:{c}", pa.int32()) for c in categorical]
+    if target is not None:
+        fields.append(pa.field("target", pa.float32()))
+    schema = pa.schema(fields, metadata={"blayers": json.dumps(meta)})
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    pending: list[dict[str, np.ndarray]] = []
+    pending_rows = 0
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+
+            def flush() -> None:
+                cols = {f.name: np.concatenate([p[f.name] for p in pending]) for f in fields}
+                writer.write_batch(pa.record_batch([cols[f.name] for f in fields], schema=schema))
+                pending.clear()
+
+            for batch in batches:
+                enc = _encode_batch(batch, numeric, categorical, target, vocabs, link)
+                pending.append(enc)
+                pending_rows += batch.num_rows
+                rows += batch.num_rows
+                if pending_rows >= CHUNK_ROWS:
+                    flush()
+                    pending_rows = 0
+            if pending:
+                flush()
+        if rows == 0:
+            raise DataError("the dataset is empty (0 rows); check data.path")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows
+
+
+def source_fingerprint(files: Sequence[str], columns: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps(list(columns)).encode())
+    return h.hexdigest()[:16]
+
+
+def prepare(
+    data_cfg: Any, run_dir: Path, link: str | None, read_batch_rows: int = 1 << 18
+) -> tuple[Store, dict[str, vocab_lib.Vocab]]:
+    """Vocabulary + encoded store for training, reusing the run's own when the input is unchanged.
+
+    A run keeps its vocabulary for life (ids must mean the same rows after a resume): when
+    ``run_dir/vocab`` exists it is loaded, never rebuilt.
+    """
+    dataset = open_dataset(data_cfg.path)
+    numeric, categorical, target = (
+        list(data_cfg.numeric),
+        list(data_cfg.categorical),
+        data_cfg.target,
+    )
+    check_columns(dataset.schema, numeric, categorical, target)
+    columns = [*numeric, *categorical, target]
+    files = parquet_files(data_cfg.path)
+    fingerprint = source_fingerprint(files, columns)
+    store_path = run_dir / "data" / "train.arrow"
+    stamp = run_dir / "data" / "source.json"
+    vocab_dir = run_dir / "vocab"
+
+    if vocab_dir.exists():
+        vocabs = vocab_lib.load_all(vocab_dir, categorical)
+    else:
+        vocabs = vocab_lib.build(
+            categorical, dataset.to_batches(columns=categorical, batch_size=read_batch_rows)
+        )
+    if (
+        store_path.exists()
+        and stamp.exists()
+        and json.loads(stamp.read_text()).get("fingerprint") == fingerprint
+    ):
+        return Store.open(store_path), vocabs
+
+    batches = dataset.to_batches(columns=columns, batch_size=read_batch_rows)
+    write_store(batches, store_path, numeric, categorical, target, vocabs, link)
+    store = Store.open(store_path)
+    unseen = {c: int((_column(store, f"cat:{c}") < 0).sum()) for c in categorical}
+    bad = {c: n for c, n in unseen.items() if n}
+    if bad:
+        store_path.unlink()
+        raise DataError(
+            f"categorical values not in the run's vocabulary: {bad}; the run directory was "
+            "started on other data: use a new run_dir"
+        )
+    if not vocab_dir.exists():
+        vocab_lib.save_all(vocabs, vocab_dir)
+    stamp.write_text(
+        json.dumps({"fingerprint": fingerprint, "files": files, "rows": store.num_rows})
+    )
+    return store, vocabs
+
+
+def _column(store: Store, name: str) -> np.ndarray:
+    return np.concatenate(store._chunks[name]) if store._chunks[name] else np.zeros(0)
+
+
+# --------------------------------------------------------------------------------------------
+# batches as a pure function of the step
+# --------------------------------------------------------------------------------------------
+
+
+class StepBatches:
+    """The local share of the global batch at step ``s``, a pure function of ``(seed, s)``."""
+
+    def __init__(
+        self,
+        store: Store,
+        global_batch: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> None:
+        if global_batch % process_count:
+            raise DataError(
+                f"data.batch_size={global_batch} does not divide over {process_count} processes"
+            )
+        self.store = store
+        self.global_batch = global_batch
+        self.seed = seed
+        self.local = global_batch // process_count
+        self.start = process_index * self.local
+
+    @lru_cache(maxsize=2)  # noqa: B019 - two epochs live at an epoch boundary; bounded
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.store.num_rows)
+
+    def rows(self, step: int) -> np.ndarray:
+        """Global row indices of this process's share of step ``step``'s batch (sorted)."""
+        n = self.store.num_rows
+        first = step * self.global_batch + self.start
+        positions = np.arange(first, first + self.local, dtype=np.int64)
+        epochs, within = np.divmod(positions, n)
+        out = np.empty(self.local, np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._permutation(int(e))[within[sel]]
+        return np.sort(out)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        return self.store.take(self.rows(step))
+
+
+def iterate(batches: StepBatches, start: int, stop: int, prefetch: int) -> Iterator[Any]:
+    """Batches for steps ``start..stop-1`` through grain, prefetched on background threads."""
+    if stop <= start:
+        return iter(())
+    ds = grain.MapDataset.range(start, stop).map(batches)
+    options = grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=max(prefetch, 1))
+    return iter(ds.to_iter_dataset(read_options=options))

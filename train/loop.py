@@ -1,0 +1,281 @@
+"""Restore-or-init, then steps, metrics and checkpoints. Everything is validated before the
+first step; a failed start writes no checkpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from blayers import guides
+from blayers.sharding import ShardingError, assert_sharded, make_mesh
+from train import checkpoint as ckpt
+from train import data as data_lib
+from train import distributed
+from train.config import ConfigError, to_container
+from train.model import Columns, build_model
+from train.state import (
+    TrainState,
+    bytes_per_device,
+    format_plan,
+    init_fn,
+    make_optimizer,
+    sharding_plan,
+    state_shardings,
+    table_axis_multiple,
+)
+from train.step import make_step
+
+
+@dataclass
+class Setup:
+    """Everything derived from config + vocabulary sizes + mesh, shared by train and score."""
+
+    mesh: Mesh
+    columns: Columns
+    model: Callable[..., Any]
+    sites: dict[str, guides.LatentSite]
+    abstract: TrainState
+    shardings: TrainState
+    optimizer: Any
+    fingerprint: str
+    num_data: int
+
+
+def build_mesh(cfg: Any) -> Mesh:
+    try:
+        return make_mesh({"data": cfg.mesh.data, "model": cfg.mesh.model})
+    except ShardingError as err:
+        raise ConfigError(f"mesh: {err}") from None
+
+
+def batch_shardings(mesh: Mesh, has_target: bool = True) -> dict[str, NamedSharding]:
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    out = {"numeric": rows, "categorical": rows}
+    if has_target:
+        out["target"] = rows
+    return out
+
+
+def abstract_batch(batch_size: int, columns: Columns, has_target: bool = True) -> dict[str, Any]:
+    out = {
+        "numeric": jax.ShapeDtypeStruct((batch_size, len(columns.numeric)), jnp.float32),
+        "categorical": jax.ShapeDtypeStruct((batch_size, len(columns.categorical)), jnp.int32),
+    }
+    if has_target:
+        out["target"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+    return out
+
+
+def check_batch_size(cfg: Any, mesh: Mesh) -> None:
+    b, d = cfg.data.batch_size, mesh.shape["data"]
+    if b < 1:
+        raise ConfigError(f"data.batch_size={b} must be positive")
+    per_process = jax.process_count()
+    if b % (d * per_process) and b % d:
+        raise ConfigError(
+            f"data.batch_size={b} is not divisible by the {d} data-parallel devices "
+            f"(mesh.data); use a multiple of {d}, e.g. {(b // d + 1) * d}"
+        )
+    if b % per_process:
+        raise ConfigError(f"data.batch_size={b} does not divide over {per_process} processes")
+
+
+def make_setup(cfg: Any, table_sizes: Mapping[str, int], num_data: int, mesh: Mesh) -> Setup:
+    columns = Columns(tuple(cfg.data.numeric), tuple(cfg.data.categorical))
+    rules = [tuple(r) for r in cfg.sharding.rules]
+    pad = table_axis_multiple(mesh, rules)
+    model = build_model(cfg.model, columns, table_sizes, pad)
+    sites = guides.latent_sites(
+        model, abstract_batch(cfg.data.batch_size, columns), num_data=num_data
+    )
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    init = init_fn(sites, optimizer, cfg.train.seed, cfg.optim.guide_init_scale)
+    abstract = jax.eval_shape(init)
+    try:
+        shardings = state_shardings(abstract, sites, mesh, rules)
+    except ShardingError as err:
+        raise ConfigError(f"sharding.rules: {err}") from None
+    return Setup(
+        mesh,
+        columns,
+        model,
+        sites,
+        abstract,
+        shardings,
+        optimizer,
+        ckpt.fingerprint(sites, str(cfg.model.link)),
+        num_data,
+    )
+
+
+class _Stop:
+    """SIGTERM/SIGINT → finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the training job described by ``cfg``; returns a result summary."""
+    distributed.maybe_initialize(cfg.distributed)
+    run_dir = Path(cfg.run_dir)
+    mesh = build_mesh(cfg)
+    check_batch_size(cfg, mesh)
+    link = str(cfg.model.link)
+    store, vocabs = data_lib.prepare(cfg.data, run_dir, None if cfg.model.get("_target_") else link)
+    sizes = {c: v.size for c, v in vocabs.items()}
+    setup = make_setup(cfg, sizes, store.num_rows, mesh)
+    plan = sharding_plan(setup.abstract, setup.shardings, setup.sites)
+    if cfg.dry_run:
+        opt = bytes_per_device(setup.abstract.opt_state, setup.shardings.opt_state)
+        log(format_plan(plan, mesh, opt))
+        return {"dry_run": True, "plan": plan}
+
+    ckpt_dir = run_dir / "checkpoints"
+    start_state = None
+    if ckpt_dir.exists():
+        try:
+            latest, meta = ckpt.read_meta(ckpt_dir)
+        except ckpt.CheckpointError:
+            latest, meta = None, None
+        if latest is not None:
+            ckpt.check_compatible(meta, setup.fingerprint, setup.sites, ckpt_dir)
+            target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
+            start_state = ckpt.restore_state(ckpt_dir, latest, target)
+            log(f"resumed from step {latest} in {ckpt_dir}")
+    state = (
+        start_state
+        if start_state is not None
+        else jax.jit(
+            init_fn(setup.sites, setup.optimizer, cfg.train.seed, cfg.optim.guide_init_scale),
+            out_shardings=setup.shardings,
+        )()
+    )
+    assert_sharded(_flat_params(state.params), _flat_params(setup.shardings.params))
+
+    checkpointer = ckpt.Checkpointer(
+        ckpt_dir, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save
+    )
+    meta = {
+        "fingerprint": setup.fingerprint,
+        "structure": ckpt.structure(setup.sites),
+        "config": to_container(cfg),
+        "table_sizes": sizes,
+        "num_data": store.num_rows,
+        "columns": {
+            "numeric": list(setup.columns.numeric),
+            "categorical": list(setup.columns.categorical),
+        },
+    }
+    step_fn = make_step(
+        setup.model,
+        setup.sites,
+        setup.optimizer,
+        store.num_rows,
+        setup.shardings,
+        batch_shardings(mesh),
+    )
+    batches = data_lib.StepBatches(
+        store, cfg.data.batch_size, cfg.train.seed, jax.process_index(), jax.process_count()
+    )
+    first = int(state.step)
+    total = int(cfg.train.steps)
+    # fake CPU devices can deadlock on un-blocked collective loops (see DESIGN); block each step
+    block_every_step = jax.default_backend() == "cpu" and jax.device_count() > 1
+    metrics_path = run_dir / "metrics.jsonl"
+    last_loss = float("nan")
+    step = first
+    with (
+        _Stop() as stop,
+        open(metrics_path, "a") as metrics,
+        tqdm(
+            total=total,
+            initial=first,
+            disable=not cfg.train.progress or jax.process_index() != 0,
+            unit="step",
+            dynamic_ncols=True,
+        ) as bar,
+    ):
+        t_log, rows_since = time.perf_counter(), 0
+        for local in data_lib.iterate(batches, first, total, cfg.data.prefetch):
+            batch = distributed.global_batch(local, batch_shardings(mesh))
+            state, loss = step_fn(state, batch)
+            step += 1
+            rows_since += cfg.data.batch_size
+            if block_every_step:
+                loss.block_until_ready()
+            if step % cfg.train.log_every == 0 or step == total:
+                last_loss = float(loss)
+                if not np.isfinite(last_loss):
+                    raise FloatingPointError(
+                        f"loss became {last_loss} at step {step}; lower optim.lr or check data"
+                    )
+                now = time.perf_counter()
+                rate = rows_since / max(now - t_log, 1e-9)
+                t_log, rows_since = now, 0
+                elbo_row = -last_loss / store.num_rows
+                bar.set_postfix(elbo_per_row=f"{elbo_row:.4f}", ex_per_s=f"{rate:,.0f}")
+                if jax.process_index() == 0:
+                    metrics.write(
+                        json.dumps(
+                            {
+                                "step": step,
+                                "loss": last_loss,
+                                "elbo_per_row": elbo_row,
+                                "examples_per_s": rate,
+                                "time": time.time(),
+                            }
+                        )
+                        + "\n"
+                    )
+                    metrics.flush()
+            bar.update(1)
+            if step % cfg.checkpoint.every == 0 and step != total:
+                checkpointer.save(step, state, {**meta, "step": step})
+            if stop.requested:
+                log(f"stop requested: checkpointing step {step} and exiting")
+                break
+    checkpointer.save(step, state, {**meta, "step": step})
+    checkpointer.close()
+    result = {
+        "run_dir": str(run_dir),
+        "step": step,
+        "loss": last_loss,
+        "checkpoint": str(ckpt_dir / str(step)),
+        "metrics": str(metrics_path),
+        "stopped_early": step < total,
+    }
+    if jax.process_index() == 0:
+        (run_dir / "run.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _flat_params(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    return {f"{site}.{f}": v for site, fields in params.items() for f, v in fields.items()}

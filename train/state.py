@@ -1,0 +1,170 @@
+"""Train state, born sharded: ``eval_shape`` → shardings from logical rules → ``jit(init)``.
+
+The optimizer's moment trees mirror the guide parameters, so each moment leaf takes the
+sharding of the parameter it belongs to (matched by its ``(site, field)`` key path).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from blayers import guides
+from blayers.sharding import Rules, logical_to_spec, normalize_rules
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: steps completed
+    params: guides.Params
+    opt_state: Any
+    rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step)
+
+
+def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
+    """Optimizer from ``optim`` config; the schedule spans the run's total steps."""
+    lr, end = float(cfg.lr), float(cfg.lr) * float(cfg.end_lr_factor)
+    if cfg.schedule == "constant":
+        schedule: Any = lr
+    elif cfg.schedule == "cosine":
+        decay = max(total_steps, cfg.warmup_steps + 1)
+        schedule = optax.warmup_cosine_decay_schedule(
+            lr if cfg.warmup_steps == 0 else 0.0, lr, cfg.warmup_steps, decay, end
+        )
+    else:
+        raise ValueError(f"optim.schedule={cfg.schedule!r}: choose constant or cosine")
+    makers = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagrad": optax.adagrad}
+    if cfg.name not in makers:
+        raise ValueError(f"optim.name={cfg.name!r}: choose one of {sorted(makers)}")
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+    return optax.chain(*chain, makers[cfg.name](schedule))
+
+
+def table_axis_multiple(mesh: Mesh, rules: Rules | None) -> int:
+    """How many ways the ``categories`` axis is split: tables pad to a multiple of this."""
+    for logical, mesh_axes in normalize_rules(rules):
+        if logical != "categories" or mesh_axes is None:
+            continue
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        if all(a in mesh.shape for a in names):
+            return math.prod(mesh.shape[a] for a in names)
+    return 1
+
+
+def param_specs(
+    sites: Mapping[str, guides.LatentSite], mesh: Mesh, rules: Rules | None
+) -> dict[str, dict[str, PartitionSpec]]:
+    out = {}
+    for name, axes in guides.param_logical_axes(sites).items():
+        shape = sites[name].unconstrained_shape
+        spec = logical_to_spec(axes["loc"], shape, mesh, rules, what=name)
+        out[name] = {"loc": spec, "raw_scale": spec}
+    return out
+
+
+def _key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def state_shardings(
+    abstract: TrainState, sites: Mapping[str, guides.LatentSite], mesh: Mesh, rules: Rules | None
+) -> TrainState:
+    """NamedShardings for every leaf of the state."""
+    specs = param_specs(sites, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def for_leaf(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        names = _key_names(path)
+        if len(names) >= 2 and names[-2] in specs and names[-1] in specs[names[-2]]:
+            site = sites[names[-2]]
+            if tuple(np.shape(leaf)) == site.unconstrained_shape:
+                return NamedSharding(mesh, specs[names[-2]][names[-1]])
+        return replicated
+
+    params = {k: {f: NamedSharding(mesh, s) for f, s in v.items()} for k, v in specs.items()}
+    opt = jax.tree_util.tree_map_with_path(for_leaf, abstract.opt_state)
+    return TrainState(replicated, params, opt, replicated)
+
+
+def init_fn(
+    sites: Mapping[str, guides.LatentSite],
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    init_scale: float,
+) -> Any:
+    def init() -> TrainState:
+        params = guides.init_params(sites, init_scale)
+        return TrainState(
+            jnp.zeros((), jnp.int32), params, optimizer.init(params), jax.random.PRNGKey(seed)
+        )
+
+    return init
+
+
+@dataclass
+class PlanRow:
+    name: str
+    shape: tuple[int, ...]
+    logical_axes: Any
+    spec: PartitionSpec
+    bytes_per_device: int
+    total_bytes: int
+
+
+def sharding_plan(
+    abstract: TrainState, shardings: TrainState, sites: Mapping[str, guides.LatentSite]
+) -> list[PlanRow]:
+    """Every guide parameter with shape, logical axes, placement and bytes per device."""
+    rows = []
+    axes = guides.param_logical_axes(sites)
+    for site, fields in abstract.params.items():
+        for f, leaf in fields.items():
+            sh = shardings.params[site][f]
+            local = sh.shard_shape(leaf.shape)
+            itemsize = np.dtype(leaf.dtype).itemsize
+            rows.append(
+                PlanRow(
+                    f"{site}.{f}",
+                    tuple(leaf.shape),
+                    axes[site][f],
+                    sh.spec,
+                    int(math.prod(local) * itemsize),
+                    int(math.prod(leaf.shape) * itemsize),
+                )
+            )
+    return rows
+
+
+def format_plan(rows: list[PlanRow], mesh: Mesh, opt_bytes_per_device: int) -> str:
+    head = f"{'parameter':<48} {'shape':<18} {'logical axes':<34} {'mesh':<16} {'bytes/device':>13}"
+    lines = [f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices", head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.name:<48} {r.shape!s:<18} {r.logical_axes!s:<34} {r.spec!s:<16} "
+            f"{r.bytes_per_device:>13,}"
+        )
+    params = sum(r.bytes_per_device for r in rows)
+    lines.append(
+        f"guide parameters per device: {params:,} bytes "
+        f"(of {sum(r.total_bytes for r in rows):,} total)"
+    )
+    lines.append(f"optimizer state per device:  {opt_bytes_per_device:,} bytes")
+    return "\n".join(lines)
+
+
+def bytes_per_device(abstract: Any, shardings: Any) -> int:
+    leaves = jax.tree.leaves(abstract)
+    shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    return int(
+        sum(
+            math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+            for a, s in zip(leaves, shs, strict=True)
+        )
+    )
