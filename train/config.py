@@ -117,3 +117,15 @@ def from_container(data: dict[str, Any]) -> Any:
     cfg = OmegaConf.merge(OmegaConf.structured(Config), data)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+@dataclass
+class SummaryConfig:
+    run_dir: str = "runs/default"
+    step: int | None = None  # default: the latest checkpoint
+    draws: int = 1000
+    seed: int = 0
+
+
+def register_tools() -> None:
+    ConfigStore.instance().store(name="summary_schema", node=SummaryConfig)

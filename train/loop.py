@@ -3,6 +3,7 @@ first step; a failed start writes no checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -128,10 +129,8 @@ class _Stop:
 
     def __enter__(self) -> _Stop:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # signals only install on the main thread
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:

@@ -1,0 +1,83 @@
+"""Command-line entry points: ``blayers-train``, ``blayers-summary`` (Hydra)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from blayers.sharding import ShardingError
+from train import config as config_lib
+from train.checkpoint import CheckpointError
+from train.config import ConfigError
+from train.data import DataError
+
+CONFIG_DIR = os.environ.get(
+    "BLAYERS_CONFIG_DIR", str(Path(__file__).resolve().parent.parent / "configs")
+)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ShardingError, FileNotFoundError)
+
+config_lib.register()
+config_lib.register_tools()
+
+
+def _friendly(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Bad input → one clear line on stderr and exit status 2, not a traceback."""
+
+    def run(cfg: DictConfig) -> Any:
+        # Hydra's logging config sets the root to INFO; checkpoint libraries chat there
+        logging.getLogger().setLevel(logging.WARNING)
+        for name in ("absl", "orbax", "jax"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            return fn(cfg)
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+def run_train(cfg: DictConfig) -> dict[str, Any]:
+    from train import loop, synth
+
+    path = Path(cfg.data.path)
+    if cfg.data.generate_default and not path.exists():
+        print(f"generating the default dataset ({cfg.data.default_rows:,} rows) at {path}")
+        synth.generate(path, cfg.data.default_rows)
+    result = loop.train(cfg)
+    if not cfg.dry_run:
+        print(f"trained to step {result['step']}; checkpoint: {result['checkpoint']}; "
+              f"metrics: {result['metrics']}")
+    return result
+
+
+def run_summary(cfg: DictConfig) -> list[dict[str, Any]]:
+    from train import summary
+
+    rows = summary.summarize(Path(cfg.run_dir), cfg.step, cfg.draws, cfg.seed)
+    out = Path(cfg.run_dir) / "summary.csv"
+    summary.write_csv(rows, out)
+    print(summary.format_rows(rows))
+    print(f"wrote {out}")
+    return rows
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def train_main(cfg: DictConfig) -> None:
+    """Train (or resume) a model described by the config."""
+    _friendly(run_train)(cfg)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="summary", version_base="1.3")
+def summary_main(cfg: DictConfig) -> None:
+    """Print and write summary.csv for a run's global latent sites."""
+    _friendly(run_summary)(cfg)

@@ -1,0 +1,82 @@
+"""Posterior summaries of a run's global latent sites, from its latest checkpoint."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from numpyro.distributions import biject_to
+
+from blayers import axes as ax
+from train import checkpoint as ckpt
+from train.config import from_container
+from train.loop import Setup, build_mesh, make_setup
+
+QUANTILES = (0.05, 0.5, 0.95)
+FIELDS = ["site", "index", "mean", "std", "q05", "q50", "q95"]
+
+
+def restore_run(run_dir: Path, step: int | None = None) -> tuple[Setup, Any, dict[str, Any]]:
+    """Setup, restored state and metadata of a run, needing nothing but its directory."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    step, meta = ckpt.read_meta(ckpt_dir, step)
+    cfg = from_container(meta["config"])
+    setup = make_setup(cfg, meta["table_sizes"], int(meta["num_data"]), build_mesh(cfg))
+    ckpt.check_compatible(meta, setup.fingerprint, setup.sites, ckpt_dir)
+    target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
+    state = ckpt.restore_state(ckpt_dir, step, target)
+    return setup, state, {**meta, "step": step}
+
+
+def is_global(site: Any) -> bool:
+    return ax.CATEGORIES not in (site.logical_axes or ())
+
+
+def summarize(
+    run_dir: Path, step: int | None = None, draws: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """One row per element of each global site: mean, std and quantiles of guide draws."""
+    setup, state, _ = restore_run(run_dir, step)
+    key = jax.random.PRNGKey(seed)
+    rows = []
+    for name in sorted(setup.sites):
+        site = setup.sites[name]
+        if not is_global(site):
+            continue
+        key, sub = jax.random.split(key)
+        loc = np.asarray(state.params[name]["loc"])
+        scale = np.asarray(jax.nn.softplus(state.params[name]["raw_scale"]))
+        u = loc + scale * np.asarray(jax.random.normal(sub, (draws, *loc.shape)))
+        values = np.asarray(biject_to(site.support)(u)).reshape(draws, -1)
+        qs = np.quantile(values, QUANTILES, axis=0)
+        for j in range(values.shape[1]):
+            index = np.unravel_index(j, site.shape) if site.shape else ()
+            rows.append({
+                "site": name,
+                "index": ",".join(str(int(i)) for i in index),
+                "mean": float(values[:, j].mean()),
+                "std": float(values[:, j].std()),
+                "q05": float(qs[0, j]), "q50": float(qs[1, j]), "q95": float(qs[2, j]),
+            })
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    head = f"{'site':<40} {'index':<8} {'mean':>9} {'std':>8} {'q05':>9} {'q50':>9} {'q95':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['site']:<40} {r['index']:<8} {r['mean']:>9.4f} {r['std']:>8.4f} "
+                     f"{r['q05']:>9.4f} {r['q50']:>9.4f} {r['q95']:>9.4f}")
+    return "\n".join(lines)
