@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install example test lint clean
+.PHONY: install train example test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The main job on the embedded default data: generate (first run) -> train -> checkpoint ->
+# posterior summary. Rerunning resumes from the last checkpoint. Overrides: make train ARGS="..."
+RUN_DIR ?= runs/default
+train: $(STAMP)
+	$(BIN)/blayers-train run_dir=$(RUN_DIR) $(ARGS)
+	$(BIN)/blayers-summary run_dir=$(RUN_DIR)
+	@echo "results in $(RUN_DIR): checkpoints/, metrics.jsonl, summary.csv, vocab/"
 
 example: $(STAMP)
 	$(BIN)/python -m blayers.examples.regression

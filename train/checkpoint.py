@@ -47,6 +47,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Save ``step`` unless it is already on disk (a rerun that had nothing left to do)."""
+        if step in self.manager.all_steps():
+            return
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -70,7 +73,7 @@ def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, 
         raise CheckpointError(f"no checkpoints in {directory}: train the run first")
     manager = ocp.CheckpointManager(
         directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        options=ocp.CheckpointManagerOptions(create=False),
         item_names=("state", "meta"),
     )
     try:
@@ -97,7 +100,7 @@ def restore_state(directory: Path, step: int, target: Any) -> Any:
     shardings), whatever mesh wrote it."""
     manager = ocp.CheckpointManager(
         Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        options=ocp.CheckpointManagerOptions(create=False),
         item_names=("state", "meta"),
     )
     try:

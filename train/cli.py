@@ -27,8 +27,9 @@ config_lib.register()
 config_lib.register_tools()
 
 
-def _friendly(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Bad input → one clear line on stderr and exit status 2, not a traceback."""
+def _friendly(fn: Callable[[DictConfig], Any], schema: type) -> Callable[[DictConfig], Any]:
+    """Re-check the composed config against ``schema``, then run; bad input → one clear line
+    on stderr and exit status 2, not a traceback."""
 
     def run(cfg: DictConfig) -> Any:
         # Hydra's logging config sets the root to INFO; checkpoint libraries chat there
@@ -36,7 +37,7 @@ def _friendly(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         for name in ("absl", "orbax", "jax"):
             logging.getLogger(name).setLevel(logging.ERROR)
         try:
-            return fn(cfg)
+            return fn(config_lib.from_container(cfg, schema))
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
@@ -55,8 +56,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         synth.generate(path, cfg.data.default_rows)
     result = loop.train(cfg)
     if not cfg.dry_run:
-        print(f"trained to step {result['step']}; checkpoint: {result['checkpoint']}; "
-              f"metrics: {result['metrics']}")
+        print(
+            f"trained to step {result['step']}; checkpoint: {result['checkpoint']}; "
+            f"metrics: {result['metrics']}"
+        )
     return result
 
 
@@ -74,10 +77,10 @@ def run_summary(cfg: DictConfig) -> list[dict[str, Any]]:
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def train_main(cfg: DictConfig) -> None:
     """Train (or resume) a model described by the config."""
-    _friendly(run_train)(cfg)
+    _friendly(run_train, config_lib.Config)(cfg)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="summary", version_base="1.3")
 def summary_main(cfg: DictConfig) -> None:
     """Print and write summary.csv for a run's global latent sites."""
-    _friendly(run_summary)(cfg)
+    _friendly(run_summary, config_lib.SummaryConfig)(cfg)

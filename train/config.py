@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,9 @@ class OptimConfig:
     end_lr_factor: float = 0.05  # cosine decays to lr * end_lr_factor
     clip_norm: float | None = None
     guide_init_scale: float = 0.1
+    # horizon of the cosine schedule; None: train.steps. Fix it before extending a run's total
+    # if the extended run must follow the same learning-rate curve.
+    decay_steps: int | None = None
 
 
 @dataclass
@@ -67,6 +71,9 @@ class TrainLoopConfig:
     seed: int = 0
     log_every: int = 50
     progress: bool = True
+    # stop (checkpoint, exit cleanly) after this many steps of this invocation, as a preemption
+    # or SIGTERM does; rerunning continues towards train.steps
+    stop_after: int | None = None
 
 
 @dataclass
@@ -112,9 +119,17 @@ def to_container(cfg: Any) -> dict[str, Any]:
     )
 
 
-def from_container(data: dict[str, Any]) -> Any:
-    """A typed, read-only config from a plain dict (e.g. the one saved with a run)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), data)
+def from_container(data: Any, schema: type = Config) -> Any:
+    """A typed, read-only config from a plain dict or a composed config (e.g. the one saved
+    with a run). Keys the schema lacks are a ``ConfigError`` naming them — including keys a
+    command line force-added with Hydra's ``+key=`` syntax."""
+    if not isinstance(data, dict):
+        data = OmegaConf.to_container(data, resolve=True)
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), data)
+    except (ConfigKeyError, ValidationError) as err:
+        raise ConfigError(f"config key {err.full_key!r}: {err.msg}") from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -277,6 +277,8 @@ def prepare(
         data_cfg.target,
     )
     check_columns(dataset.schema, numeric, categorical, target)
+    if dataset.count_rows() == 0:  # from Parquet footers, no data read
+        raise DataError(f"the dataset at data.path {data_cfg.path!r} is empty (0 rows)")
     columns = [*numeric, *categorical, target]
     files = parquet_files(data_cfg.path)
     fingerprint = source_fingerprint(files, columns)

@@ -51,6 +51,7 @@ class Setup:
     optimizer: Any
     fingerprint: str
     num_data: int
+    pad_multiple: int
 
 
 def build_mesh(cfg: Any) -> Mesh:
@@ -92,10 +93,24 @@ def check_batch_size(cfg: Any, mesh: Mesh) -> None:
         raise ConfigError(f"data.batch_size={b} does not divide over {per_process} processes")
 
 
-def make_setup(cfg: Any, table_sizes: Mapping[str, int], num_data: int, mesh: Mesh) -> Setup:
+def make_setup(
+    cfg: Any,
+    table_sizes: Mapping[str, int],
+    num_data: int,
+    mesh: Mesh,
+    pad_multiple: int | None = None,
+) -> Setup:
+    """Model, sites, optimizer and state shardings. ``pad_multiple`` is the run's table padding
+    (fixed when the run starts, so it restores on other meshes); None: from this mesh."""
     columns = Columns(tuple(cfg.data.numeric), tuple(cfg.data.categorical))
     rules = [tuple(r) for r in cfg.sharding.rules]
-    pad = table_axis_multiple(mesh, rules)
+    split = table_axis_multiple(mesh, rules)
+    pad = split if pad_multiple is None else int(pad_multiple)
+    if pad % split:
+        raise ConfigError(
+            f"mesh: this run's tables are padded to multiples of {pad} rows, which cannot be "
+            f"split {split} ways; use a mesh.model that divides {pad}"
+        )
     model = build_model(cfg.model, columns, table_sizes, pad)
     sites = guides.latent_sites(
         model, abstract_batch(cfg.data.batch_size, columns), num_data=num_data
@@ -117,6 +132,7 @@ def make_setup(cfg: Any, table_sizes: Mapping[str, int], num_data: int, mesh: Me
         optimizer,
         ckpt.fingerprint(sites, str(cfg.model.link)),
         num_data,
+        pad,
     )
 
 
@@ -150,25 +166,23 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     link = str(cfg.model.link)
     store, vocabs = data_lib.prepare(cfg.data, run_dir, None if cfg.model.get("_target_") else link)
     sizes = {c: v.size for c, v in vocabs.items()}
-    setup = make_setup(cfg, sizes, store.num_rows, mesh)
+    ckpt_dir = run_dir / "checkpoints"
+    latest, saved = _latest_meta(ckpt_dir)
+    setup = make_setup(
+        cfg, sizes, store.num_rows, mesh, saved.get("table_pad_multiple") if saved else None
+    )
     plan = sharding_plan(setup.abstract, setup.shardings, setup.sites)
     if cfg.dry_run:
         opt = bytes_per_device(setup.abstract.opt_state, setup.shardings.opt_state)
         log(format_plan(plan, mesh, opt))
         return {"dry_run": True, "plan": plan}
 
-    ckpt_dir = run_dir / "checkpoints"
     start_state = None
-    if ckpt_dir.exists():
-        try:
-            latest, meta = ckpt.read_meta(ckpt_dir)
-        except ckpt.CheckpointError:
-            latest, meta = None, None
-        if latest is not None:
-            ckpt.check_compatible(meta, setup.fingerprint, setup.sites, ckpt_dir)
-            target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
-            start_state = ckpt.restore_state(ckpt_dir, latest, target)
-            log(f"resumed from step {latest} in {ckpt_dir}")
+    if latest is not None:
+        ckpt.check_compatible(saved, setup.fingerprint, setup.sites, ckpt_dir)
+        target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
+        start_state = ckpt.restore_state(ckpt_dir, latest, target)
+        log(f"resumed from step {latest} in {ckpt_dir}")
     state = (
         start_state
         if start_state is not None
@@ -187,6 +201,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         "structure": ckpt.structure(setup.sites),
         "config": to_container(cfg),
         "table_sizes": sizes,
+        "table_pad_multiple": setup.pad_multiple,
         "num_data": store.num_rows,
         "columns": {
             "numeric": list(setup.columns.numeric),
@@ -258,8 +273,10 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
             bar.update(1)
             if step % cfg.checkpoint.every == 0 and step != total:
                 checkpointer.save(step, state, {**meta, "step": step})
-            if stop.requested:
-                log(f"stop requested: checkpointing step {step} and exiting")
+            if cfg.train.stop_after is not None and step - first >= cfg.train.stop_after:
+                stop.requested = True
+            if stop.requested and step != total:
+                log(f"stopping at step {step} of {total}: checkpointing; rerun to continue")
                 break
     checkpointer.save(step, state, {**meta, "step": step})
     checkpointer.close()
@@ -274,6 +291,18 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     if jax.process_index() == 0:
         (run_dir / "run.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _latest_meta(ckpt_dir: Path) -> tuple[int | None, dict[str, Any] | None]:
+    """The newest complete checkpoint's metadata, or ``(None, None)`` for a fresh run."""
+    if not ckpt_dir.exists():
+        return None, None
+    try:
+        return ckpt.read_meta(ckpt_dir)
+    except ckpt.CheckpointError as err:
+        if "no complete checkpoint" in str(err):
+            return None, None
+        raise
 
 
 def _flat_params(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dists
 from hydra.utils import get_method
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from blayers import layers as L
 from blayers import links
@@ -259,7 +260,10 @@ def build_model(
 
 
 def _get(cfg: Any, key: str) -> Any:
-    return cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
+    value = cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def _user_model(target: str, columns: Columns, table_sizes: Mapping[str, int]) -> Model:

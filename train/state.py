@@ -34,7 +34,7 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
     if cfg.schedule == "constant":
         schedule: Any = lr
     elif cfg.schedule == "cosine":
-        decay = max(total_steps, cfg.warmup_steps + 1)
+        decay = max(cfg.decay_steps or total_steps, cfg.warmup_steps + 1)
         schedule = optax.warmup_cosine_decay_schedule(
             lr if cfg.warmup_steps == 0 else 0.0, lr, cfg.warmup_steps, decay, end
         )

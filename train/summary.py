@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from numpyro.distributions import biject_to
 
 from blayers import axes as ax
+from blayers.sharding import make_mesh
 from train import checkpoint as ckpt
-from train.config import from_container
+from train.config import ConfigError, from_container
 from train.loop import Setup, build_mesh, make_setup
+from train.state import table_axis_multiple
 
 QUANTILES = (0.05, 0.5, 0.95)
 FIELDS = ["site", "index", "mean", "std", "q05", "q50", "q95"]
+
+
+def restore_mesh(cfg: Any, pad_multiple: int) -> Mesh:
+    """The run's own mesh when it fits these devices; else tables split as far as the run's
+    padding allows, batch over the remaining devices."""
+    try:
+        mesh = build_mesh(cfg)
+        if pad_multiple % table_axis_multiple(mesh, [tuple(r) for r in cfg.sharding.rules]) == 0:
+            return mesh
+    except ConfigError:
+        pass
+    model = math.gcd(jax.device_count(), pad_multiple)
+    return make_mesh({"data": -1, "model": model})
 
 
 def restore_run(run_dir: Path, step: int | None = None) -> tuple[Setup, Any, dict[str, Any]]:
@@ -24,7 +41,8 @@ def restore_run(run_dir: Path, step: int | None = None) -> tuple[Setup, Any, dic
     ckpt_dir = Path(run_dir) / "checkpoints"
     step, meta = ckpt.read_meta(ckpt_dir, step)
     cfg = from_container(meta["config"])
-    setup = make_setup(cfg, meta["table_sizes"], int(meta["num_data"]), build_mesh(cfg))
+    pad = int(meta.get("table_pad_multiple", 1))
+    setup = make_setup(cfg, meta["table_sizes"], int(meta["num_data"]), restore_mesh(cfg, pad), pad)
     ckpt.check_compatible(meta, setup.fingerprint, setup.sites, ckpt_dir)
     target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
     state = ckpt.restore_state(ckpt_dir, step, target)
@@ -54,13 +72,17 @@ def summarize(
         qs = np.quantile(values, QUANTILES, axis=0)
         for j in range(values.shape[1]):
             index = np.unravel_index(j, site.shape) if site.shape else ()
-            rows.append({
-                "site": name,
-                "index": ",".join(str(int(i)) for i in index),
-                "mean": float(values[:, j].mean()),
-                "std": float(values[:, j].std()),
-                "q05": float(qs[0, j]), "q50": float(qs[1, j]), "q95": float(qs[2, j]),
-            })
+            rows.append(
+                {
+                    "site": name,
+                    "index": ",".join(str(int(i)) for i in index),
+                    "mean": float(values[:, j].mean()),
+                    "std": float(values[:, j].std()),
+                    "q05": float(qs[0, j]),
+                    "q50": float(qs[1, j]),
+                    "q95": float(qs[2, j]),
+                }
+            )
     return rows
 
 
@@ -77,6 +99,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     head = f"{'site':<40} {'index':<8} {'mean':>9} {'std':>8} {'q05':>9} {'q50':>9} {'q95':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['site']:<40} {r['index']:<8} {r['mean']:>9.4f} {r['std']:>8.4f} "
-                     f"{r['q05']:>9.4f} {r['q50']:>9.4f} {r['q95']:>9.4f}")
+        lines.append(
+            f"{r['site']:<40} {r['index']:<8} {r['mean']:>9.4f} {r['std']:>8.4f} "
+            f"{r['q05']:>9.4f} {r['q50']:>9.4f} {r['q95']:>9.4f}"
+        )
     return "\n".join(lines)

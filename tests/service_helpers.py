@@ -1,0 +1,85 @@
+"""Small configs and datasets for service tests, and a runner for other device counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from train import synth
+from train.config import Config
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_TERMS = [
+    {"layer": "InterceptLayer", "name": "bias"},
+    {"layer": "AdaptiveLayer", "name": "dense", "inputs": ["x1", "x2", "x3", "x4"]},
+    {"layer": "RandomEffectsLayer", "name": "user", "inputs": ["user"]},
+    {"layer": "RandomEffectsLayer", "name": "region", "inputs": ["region"]},
+    {"layer": "FMLayer", "name": "fm", "inputs": ["user", "item"], "low_rank_dim": 2},
+]
+
+
+def small_dataset(directory: Path, rows: int = 4000, seed: int = 0) -> Path:
+    path = directory / "train.parquet"
+    if not path.exists():
+        synth.generate(path, rows, seed)
+    return path
+
+
+def small_config(data_path: Path, run_dir: Path, **overrides: Any) -> Any:
+    cfg = OmegaConf.structured(Config)
+    cfg.run_dir = str(run_dir)
+    cfg.data.path = str(data_path)
+    cfg.data.numeric = ["x1", "x2", "x3", "x4"]
+    cfg.data.categorical = ["user", "item", "region"]
+    cfg.data.batch_size = 64
+    cfg.model.link = "logit"
+    cfg.model.terms = SMALL_TERMS
+    cfg.train.steps = 20
+    cfg.train.progress = False
+    cfg.train.log_every = 5
+    cfg.checkpoint.every = 10
+    cfg.checkpoint.async_save = False
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def load_params(run_dir: Path, step: int | None = None) -> dict[str, np.ndarray]:
+    """Guide params of a run's checkpoint as flat numpy arrays, read on this process."""
+    from train.summary import restore_run
+
+    _, state, _ = restore_run(run_dir, step)
+    return {
+        f"{s}.{f}": np.asarray(v) for s, fields in state.params.items() for f, v in fields.items()
+    }
+
+
+def run_with_devices(devices: int, code: str, timeout: int = 300) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter with ``devices`` fake CPU devices; it must print one
+    JSON line last. Returns that JSON."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices} "
+        "--xla_cpu_collective_call_terminate_timeout_seconds=120"
+    )
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=str(REPO),
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
