@@ -15,12 +15,15 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job on the embedded default data: generate (first run) -> train -> checkpoint ->
-# posterior summary. Rerunning resumes from the last checkpoint. Overrides: make train ARGS="..."
+# posterior summary -> score every row -> HTML report. Rerunning resumes from the last
+# checkpoint and skips finished score parts. Overrides: make train ARGS="train.steps=5000"
 RUN_DIR ?= runs/default
 train: $(STAMP)
 	$(BIN)/blayers-train run_dir=$(RUN_DIR) $(ARGS)
 	$(BIN)/blayers-summary run_dir=$(RUN_DIR)
-	@echo "results in $(RUN_DIR): checkpoints/, metrics.jsonl, summary.csv, vocab/"
+	$(BIN)/blayers-score run_dir=$(RUN_DIR)
+	$(BIN)/python -m train.report $(RUN_DIR)
+	@echo "results in $(RUN_DIR): checkpoints/ metrics.jsonl summary.csv scores/ report.html"
 
 example: $(STAMP)
 	$(BIN)/python -m blayers.examples.regression

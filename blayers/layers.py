@@ -732,6 +732,7 @@ class CategoricalFMLayer(_HierarchicalLayer):
         low_rank_dim: int,
         units: int = 1,
         activation: Activation = identity,
+        ids_are_rows: bool = False,
     ) -> jax.Array:
         """FM over the categorical fields in the columns of ``x``.
 
@@ -742,6 +743,9 @@ class CategoricalFMLayer(_HierarchicalLayer):
             low_rank_dim: Rank ``l`` of the factors.
             units: Number of outputs.
             activation: Applied to the output.
+            ids_are_rows: ``x`` already holds rows of one shared table of ``num_categories``
+                (an int) rows — e.g. fields drawing from one vocabulary, or rows gathered from
+                a larger table.
 
         Returns:
             ``(n, u)``.
@@ -750,18 +754,27 @@ class CategoricalFMLayer(_HierarchicalLayer):
         x = as_2d(x, what)
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise TypeError(f"{what}: category ids must be integers, got dtype {x.dtype}")
-        sizes = _field_offsets(num_categories, x.shape[1], what)
-        check_id_range(x, sizes[None, :], what)
-        offsets = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)[:-1]]), dtype=jnp.int32)
+        if ids_are_rows:
+            if np.ndim(num_categories) != 0:
+                raise ValueError(f"{what}: ids_are_rows needs one table size, not per field")
+            rows_total = int(num_categories)
+            check_id_range(x, rows_total, what)
+            rows = x.astype(jnp.int32)
+        else:
+            sizes = _field_offsets(num_categories, x.shape[1], what)
+            check_id_range(x, sizes[None, :], what)
+            offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            rows_total = int(sizes.sum())
+            rows = x.astype(jnp.int32) + jnp.asarray(offsets, dtype=jnp.int32)
         scale = self._scale(name)
         theta = self._coef(
             name,
             "theta",
-            (int(sizes.sum()), low_rank_dim, units),
+            (rows_total, low_rank_dim, units),
             (ax.CATEGORIES, ax.RANK, ax.UNITS),
             scale,
         )
-        v = theta[x.astype(jnp.int32) + offsets]  # (n, F, l, u)
+        v = theta[rows]  # (n, F, l, u)
         return activation(_fm2(v.sum(axis=1), (v**2).sum(axis=1)))
 
 

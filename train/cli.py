@@ -74,6 +74,16 @@ def run_summary(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def run_score(cfg: DictConfig) -> dict[str, Any]:
+    from train import score
+
+    if cfg.draws < 1:
+        raise ConfigError(f"draws={cfg.draws} must be >= 1")
+    if not all(0.0 <= q <= 1.0 for q in cfg.quantiles):
+        raise ConfigError(f"quantiles={list(cfg.quantiles)} must lie in [0, 1]")
+    return score.score(cfg)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def train_main(cfg: DictConfig) -> None:
     """Train (or resume) a model described by the config."""
@@ -84,3 +94,9 @@ def train_main(cfg: DictConfig) -> None:
 def summary_main(cfg: DictConfig) -> None:
     """Print and write summary.csv for a run's global latent sites."""
     _friendly(run_summary, config_lib.SummaryConfig)(cfg)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="score", version_base="1.3")
+def score_main(cfg: DictConfig) -> None:
+    """Score a Parquet dataset with a trained run's posterior; write Parquet parts."""
+    _friendly(run_score, config_lib.ScoreConfig)(cfg)

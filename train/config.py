@@ -142,5 +142,28 @@ class SummaryConfig:
     seed: int = 0
 
 
+@dataclass
+class ScoreDataConfig:
+    path: str = "data/default/train.parquet"
+    batch_size: int = 4096
+
+
+@dataclass
+class ScoreConfig:
+    run_dir: str = "runs/default"
+    step: int | None = None  # default: the latest checkpoint
+    output: str = "runs/default/scores"
+    data: ScoreDataConfig = field(default_factory=ScoreDataConfig)
+    passthrough: list[str] | None = None  # default: every non-feature column
+    draws: int = 100
+    seed: int = 0
+    quantiles: list[float] = field(default_factory=lambda: [0.05, 0.5, 0.95])
+    linear_predictor: bool = False  # also summarise the linear predictor (eta_*)
+    raw_draws: bool = False  # also write the S draws as a list column
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
 def register_tools() -> None:
-    ConfigStore.instance().store(name="summary_schema", node=SummaryConfig)
+    cs = ConfigStore.instance()
+    cs.store(name="summary_schema", node=SummaryConfig)
+    cs.store(name="score_schema", node=ScoreConfig)

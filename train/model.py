@@ -10,7 +10,14 @@ layer's constructor kwargs (``scale_dist``, ``coef_kwargs``, …) and call kwarg
   without it the embedding's dimensions are summed.
 
 ``FMLayer`` over categorical inputs becomes the embedding-backed ``CategoricalFMLayer`` (no
-one-hot). Table sizes come from the vocabulary, padded to the mesh's table axis.
+one-hot). Table sizes come from the vocabulary plus one out-of-vocabulary (OOV) row per field
+— never seen in training, so the ELBO's prior term alone shapes it and scoring maps unseen
+values there — padded to the mesh's table axis.
+
+Gathered mode: ``model(batch, num_data, gathered={term: local_ids})`` runs each gatherable table
+term on a small table of the ``K = n * F`` rows its batch touches (``local_ids`` index those
+rows). Scoring and the row-sparse step substitute the gathered rows' values, so no step ever
+draws or differentiates a whole table.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import numpyro
 import numpyro.distributions as dists
 from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -44,10 +53,12 @@ DENSE = {
 PAIR = {"InteractionLayer", "BilinearLayer", "LowRankInteractionLayer", "LowRankBilinearLayer"}
 TABLE = {"EmbeddingLayer", "RandomEffectsLayer", "RandomWalkLayer"}
 CATEGORICAL_FM = {"CategoricalFMLayer"}
+GATHERABLE = {"EmbeddingLayer", "RandomEffectsLayer", "CategoricalFMLayer"}
 TERM_KEYS = {"layer", "name", "inputs", "z_inputs", "slopes"}
 SUPPLIED = {"name", "x", "z", "num_categories", "self"}  # call args the builder fills in
 
 Model = Callable[..., Any]
+LINEAR_PREDICTOR = "linear_predictor"
 
 
 @dataclass(frozen=True)
@@ -68,8 +79,33 @@ class Term:
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     num_categories: tuple[int, ...] = ()
 
-    def __call__(self, numeric: jax.Array, categorical: jax.Array) -> jax.Array:
+    @property
+    def layer_name(self) -> str:
+        return type(self.layer).__name__
+
+    @property
+    def gatherable(self) -> bool:
+        return self.layer_name in GATHERABLE
+
+    @property
+    def table_site(self) -> str:
+        return f"{self.layer_name}_{self.name}_theta"
+
+    def rows(self, categorical: jax.Array) -> jax.Array:
+        """Global table rows ``(n, F)`` this term reads for each example."""
+        ids = categorical[:, list(self.categorical_idx)]
+        offsets = np.concatenate([[0], np.cumsum(self.num_categories)[:-1]])
+        return ids + jnp.asarray(offsets[: ids.shape[1]], dtype=ids.dtype)
+
+    def __call__(
+        self, numeric: jax.Array, categorical: jax.Array, local: jax.Array | None = None
+    ) -> jax.Array:
         kw = self.call_kwargs
+        if local is not None:  # gathered mode: a table of the n*F rows this batch touches
+            size = local.shape[0] * local.shape[1]
+            if self.kind == "categorical_fm":
+                return self.layer(self.name, local, size, ids_are_rows=True, **kw)
+            return self._table_out(numeric, self.layer(self.name, local[:, 0], size, **kw))
         if self.kind == "intercept":
             return self.layer(self.name, **kw)
         if self.kind == "dense":
@@ -82,7 +118,9 @@ class Term:
             ids = categorical[:, list(self.categorical_idx)]
             return self.layer(self.name, ids, list(self.num_categories), **kw)
         ids = categorical[:, self.categorical_idx[0]]
-        out = self.layer(self.name, ids, self.num_categories[0], **kw)
+        return self._table_out(numeric, self.layer(self.name, ids, self.num_categories[0], **kw))
+
+    def _table_out(self, numeric: jax.Array, out: jax.Array) -> jax.Array:
         if self.slopes_idx:
             return jnp.sum(out * numeric[:, list(self.slopes_idx)], axis=1, keepdims=True)
         return jnp.sum(out, axis=1, keepdims=True)
@@ -185,7 +223,7 @@ def build_term(
             call_kwargs=call_kw,
         )
     cat_idx = _indices(inputs, columns.categorical, "categorical", where)
-    sizes = tuple(table_sizes[c] for c in inputs)
+    sizes = tuple(table_sizes[c] + 1 for c in inputs)  # + the field's OOV row
     if layer_name in CATEGORICAL_FM:
         if len(inputs) < 2:
             raise ConfigError(f"{where}: an FM over categorical fields needs >= 2 inputs")
@@ -249,10 +287,16 @@ def build_model(
     if dupes:
         raise ConfigError(f"model.terms: duplicate (layer, name) pairs {sorted(dupes)}")
 
-    def model(batch: Mapping[str, jax.Array], num_data: int | None = None) -> jax.Array:
+    def model(
+        batch: Mapping[str, jax.Array],
+        num_data: int | None = None,
+        gathered: Mapping[str, jax.Array] | None = None,
+    ) -> jax.Array:
         numeric, categorical = batch["numeric"], batch["categorical"]
-        eta = sum(t(numeric, categorical) for t in terms)
+        gathered = gathered or {}
+        eta = sum(t(numeric, categorical, gathered.get(t.name)) for t in terms)
         eta = jnp.broadcast_to(eta, (numeric.shape[0], eta.shape[-1]))
+        numpyro.deterministic(LINEAR_PREDICTOR, eta)
         return link(eta, batch.get("target"), num_data=num_data, **link_kwargs)
 
     model.terms = terms  # type: ignore[attr-defined]
@@ -273,7 +317,11 @@ def _user_model(target: str, columns: Columns, table_sizes: Mapping[str, int]) -
         raise ConfigError(f"model._target_: cannot import {target!r} ({err})") from None
     sizes = dict(table_sizes)
 
-    def model(batch: Mapping[str, jax.Array], num_data: int | None = None) -> jax.Array:
+    def model(
+        batch: Mapping[str, jax.Array], num_data: int | None = None, gathered: Any = None
+    ) -> jax.Array:
+        if gathered:
+            raise ConfigError("model._target_ models cannot run on gathered table rows")
         cols = {c: batch["numeric"][:, j] for j, c in enumerate(columns.numeric)}
         cols.update({c: batch["categorical"][:, j] for j, c in enumerate(columns.categorical)})
         return fn(cols, batch.get("target"), num_data=num_data, num_categories=sizes)

@@ -1,0 +1,354 @@
+"""Batch scoring: stream Parquet through the model's posterior, write Parquet part files.
+
+Per batch, each table term's rows are gathered (``unique`` over the batch) and only those rows
+are drawn from the guide, S times; the model runs in gathered mode under each draw and the S
+values of the expected response ``E[y | θ]`` (and optionally the linear predictor) are reduced
+to mean / std / quantiles on device. Memory is bounded by one input part plus one batch of
+draws, whatever the number of rows.
+
+Parts are the input's Parquet row groups, in file order. Process ``p`` of ``P`` scores parts
+``k ≡ p (mod P)``; each part is written under a temporary name and renamed when complete, so a
+killed job leaves no partial part and a rerun skips finished ones. Every process runs the same
+number of device batches (padding with fully-masked batches), as collectives require.
+
+Unseen categories map to the field's OOV row, which training shaped by the prior alone: their
+effect is a draw from (approximately) the prior, and the manifest counts them per column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+from numpyro import handlers
+from numpyro.distributions import biject_to
+
+from blayers import guides
+from train import data as data_lib
+from train import vocab as vocab_lib
+from train.model import LINEAR_PREDICTOR
+from train.summary import restore_run
+
+MANIFEST = "_manifest.json"
+
+
+@dataclass(frozen=True)
+class Part:
+    index: int
+    file: str
+    row_group: int
+    rows: int
+
+
+def plan_parts(files: Sequence[str]) -> list[Part]:
+    """Every row group of every input file, in order (read from Parquet footers only)."""
+    parts = []
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        for g in range(meta.num_row_groups):
+            parts.append(Part(len(parts), f, g, meta.row_group(g).num_rows))
+    return parts
+
+
+def parts_for_process(parts: Sequence[Part], process: int, count: int) -> list[Part]:
+    return [p for p in parts if p.index % count == process]
+
+
+def batches_per_process(parts: Sequence[Part], count: int, batch_rows: int) -> int:
+    """Device batches the busiest process needs; every process runs this many."""
+    return max(
+        sum(-(-p.rows // batch_rows) for p in parts_for_process(parts, i, count))
+        for i in range(count)
+    )
+
+
+def response_mean(fn: Any) -> jax.Array:
+    """``E[y | θ]`` of an observation distribution (expected class for ordinal / categorical)."""
+    probs = getattr(fn, "probs", None)
+    if probs is not None and probs.ndim >= 2:
+        return jnp.sum(probs * jnp.arange(probs.shape[-1]), axis=-1)
+    return fn.mean
+
+
+def make_scorer(
+    setup: Any,
+    draws: int,
+    quantiles: Sequence[float],
+    with_eta: bool,
+    with_draws: bool,
+    batch_rows: int,
+) -> Any:
+    """Jitted ``score(params, key, batch) -> dict of (B, ...) summaries``."""
+    model, sites = setup.model, setup.sites
+    terms = {t.name: t for t in getattr(model, "terms", []) if t.gatherable}
+    table_sites = {t.table_site: t for t in terms.values()}
+    q = jnp.asarray(quantiles, jnp.float32)
+
+    def gather(categorical: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        uniq, local = {}, {}
+        for name, term in terms.items():
+            rows = term.rows(categorical)
+            u, inv = jnp.unique(rows.ravel(), size=rows.size, fill_value=0, return_inverse=True)
+            uniq[term.table_site], local[name] = u, inv.reshape(rows.shape).astype(jnp.int32)
+        return uniq, local
+
+    def one_draw(
+        key: jax.Array,
+        params: guides.Params,
+        uniq: Mapping[str, jax.Array],
+        batch: Mapping[str, jax.Array],
+        local: Mapping[str, jax.Array],
+    ) -> Any:
+        values = {}
+        keys = jax.random.split(key, len(sites) + 1)
+        for k, name in zip(keys[1:], sorted(sites), strict=True):
+            loc, raw = params[name]["loc"], params[name]["raw_scale"]
+            if name in uniq:
+                loc, raw = loc[uniq[name]], raw[uniq[name]]
+            u = loc + jax.nn.softplus(raw) * jax.random.normal(k, loc.shape, loc.dtype)
+            values[name] = biject_to(sites[name].support)(u)
+        seeded = handlers.seed(handlers.substitute(model, values), keys[0])
+        trace = handlers.trace(seeded).get_trace(batch, None, local)
+        eta = trace[LINEAR_PREDICTOR]["value"][:, 0] if LINEAR_PREDICTOR in trace else None
+        return response_mean(trace["obs"]["fn"]), eta
+
+    def summarize(x: jax.Array, prefix: str) -> dict[str, jax.Array]:
+        out = {f"{prefix}mean": x.mean(0), f"{prefix}std": x.std(0)}
+        qs = jnp.quantile(x, q, axis=0)
+        for i, level in enumerate(quantiles):
+            out[f"{prefix}q{round(level * 100):02d}"] = qs[i]
+        return out
+
+    def score(params: guides.Params, key: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
+        uniq, local = gather(batch["categorical"]) if terms else ({}, {})
+        keys = jax.random.split(key, draws)
+        mean, eta = jax.vmap(lambda k: one_draw(k, params, uniq, batch, local))(keys)
+        out = summarize(mean, "")
+        if with_eta and eta is not None:
+            out.update(summarize(eta, "eta_"))
+        if with_draws:
+            out["draws"] = mean.T
+        return out
+
+    rows_sharding = NamedSharding(setup.mesh, PartitionSpec("data"))
+    return jax.jit(score, out_shardings=rows_sharding), rows_sharding, list(table_sites)
+
+
+def _encode_part(
+    table: pa.Table, columns: Any, vocabs: Mapping[str, vocab_lib.Vocab]
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
+    numeric = (
+        data_lib.numeric_block(batch, columns.numeric)
+        if batch is not None
+        else np.zeros((0, len(columns.numeric)), np.float32)
+    )
+    cats, unseen = [], {}
+    for c in columns.categorical:
+        ids = vocabs[c].encode(table.column(c))
+        miss = ids == vocab_lib.UNSEEN
+        unseen[c] = int(miss.sum())
+        cats.append(np.where(miss, vocabs[c].size, ids).astype(np.int32))  # -> OOV row
+    categorical = np.stack(cats, 1) if cats else np.zeros((table.num_rows, 0), np.int32)
+    return {"numeric": numeric, "categorical": categorical}, unseen
+
+
+def score(cfg: Any, log: Any = print) -> dict[str, Any]:
+    """Run the scoring job described by ``cfg`` (see ``ScoreConfig``)."""
+    from train import distributed
+
+    distributed.maybe_initialize(cfg.distributed)
+    run_dir = Path(cfg.run_dir)
+    setup, state, meta = restore_run(run_dir, cfg.step)
+    columns = setup.columns
+    vocabs = vocab_lib.load_all(run_dir / "vocab", columns.categorical)
+    dataset = data_lib.open_dataset(cfg.data.path)
+    data_lib.check_columns(dataset.schema, columns.numeric, columns.categorical, None)
+    features = {*columns.numeric, *columns.categorical}
+    passthrough = (
+        list(cfg.passthrough)
+        if cfg.passthrough is not None
+        else [c for c in dataset.schema.names if c not in features]
+    )
+    missing = [c for c in passthrough if c not in dataset.schema.names]
+    if missing:
+        raise data_lib.DataError(f"passthrough column(s) {missing} are not in the data")
+    _validate_numeric(dataset, columns.numeric)
+
+    out_dir = Path(cfg.output)
+    files = data_lib.parquet_files(cfg.data.path)
+    parts = plan_parts(files)
+    process, count = jax.process_index(), jax.process_count()
+    mesh = setup.mesh
+    b = int(cfg.data.batch_size)
+    if b % mesh.shape["data"] or b % count:
+        raise data_lib.DataError(
+            f"data.batch_size={b} must divide over {mesh.shape['data']} data devices and "
+            f"{count} processes"
+        )
+    scorer, rows_sharding, _ = make_scorer(
+        setup,
+        int(cfg.draws),
+        list(cfg.quantiles),
+        bool(cfg.linear_predictor),
+        bool(cfg.raw_draws),
+        b,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mine = parts_for_process(parts, process, count)
+    local_b = b // count
+    total_batches = batches_per_process(parts, count, local_b)
+    base_key = jax.random.PRNGKey(int(cfg.seed))
+    done_batches, rows_written, unseen_total = 0, 0, dict.fromkeys(columns.categorical, 0)
+    part_records = []
+
+    def run_batch(local: Mapping[str, np.ndarray], key_index: int) -> dict[str, np.ndarray]:
+        shardings = {"numeric": rows_sharding, "categorical": rows_sharding}
+        batch = distributed.global_batch(local, shardings)
+        out = scorer(state.params, jax.random.fold_in(base_key, key_index), batch)
+        return {
+            k: np.asarray(
+                multihost_utils.global_array_to_host_local_array(v, mesh, PartitionSpec("data"))
+            )
+            for k, v in out.items()
+        }
+
+    for part in mine:
+        final = out_dir / f"part-{part.index:05d}.parquet"
+        table = pq.ParquetFile(part.file).read_row_group(
+            part.row_group, columns=sorted({*features, *passthrough})
+        )
+        encoded, unseen = _encode_part(table, columns, vocabs)
+        n = table.num_rows
+        n_batches = -(-n // local_b)
+        if final.exists():  # finished by an earlier run: keep collectives in step, skip I/O
+            for _ in range(n_batches):
+                run_batch(_padding_batch(columns, local_b), 0)
+            done_batches += n_batches
+            part_records.append({"part": part.index, "rows": n, "unseen": unseen, "skipped": True})
+            continue
+        pieces: dict[str, list[np.ndarray]] = {}
+        for i in range(n_batches):
+            lo, hi = i * local_b, min((i + 1) * local_b, n)
+            local = {k: _pad(v[lo:hi], local_b) for k, v in encoded.items()}
+            # the key depends on the part and batch only: same draws on any process count
+            out = run_batch(local, part.index * 1_000_003 + i)
+            for k, v in out.items():
+                pieces.setdefault(k, []).append(v[: hi - lo])  # padded rows masked out
+        done_batches += n_batches
+        result = table.select(passthrough)
+        for k in sorted(pieces, key=_column_order):
+            v = pieces[k]
+            arr = np.concatenate(v)
+            result = result.append_column(
+                k, pa.array(list(arr)) if arr.ndim == 2 else pa.array(arr)
+            )
+        if columns.categorical:
+            flags = np.zeros(n, np.int8)
+            for j, c in enumerate(columns.categorical):
+                flags += (encoded["categorical"][:, j] == vocabs[c].size).astype(np.int8)
+            result = result.append_column("unseen_categories", pa.array(flags))
+        tmp = out_dir / f".part-{part.index:05d}.parquet.tmp"
+        pq.write_table(result, tmp)
+        os.replace(tmp, final)
+        rows_written += n
+        for c, v in unseen.items():
+            unseen_total[c] += v
+        part_records.append({"part": part.index, "rows": n, "unseen": unseen, "skipped": False})
+    for _ in range(total_batches - done_batches):  # idle processes keep collectives in step
+        run_batch(_padding_batch(columns, local_b), 0)
+
+    manifest = {
+        "run_dir": str(run_dir),
+        "checkpoint_step": meta["step"],
+        "draws": int(cfg.draws),
+        "seed": int(cfg.seed),
+        "quantiles": list(cfg.quantiles),
+        "process": process,
+        "processes": count,
+        "parts": part_records,
+        "rows": sum(r["rows"] for r in part_records),
+        "unseen_rows_by_column": {
+            c: sum(r["unseen"][c] for r in part_records) for c in columns.categorical
+        },
+    }
+    _write_json(out_dir / f"_manifest-{process:05d}.json", manifest)
+    if count > 1:
+        multihost_utils.sync_global_devices("blayers-score-manifests")
+    if process == 0:
+        merged = _merge_manifests(out_dir, count, len(parts))
+        _write_json(out_dir / MANIFEST, merged)
+        log(
+            f"scored {merged['rows']:,} rows into {len(parts)} parts in {out_dir}; unseen "
+            f"categories by column: {merged['unseen_rows_by_column']}"
+        )
+    return manifest
+
+
+def _column_order(name: str) -> tuple[int, int, str]:
+    """mean, std, quantiles ascending; the linear predictor's after; raw draws last."""
+    group = 2 if name == "draws" else int(name.startswith("eta_"))
+    stat = name.removeprefix("eta_")
+    rank = {"mean": 0, "std": 1}.get(stat, 2)
+    return group, rank, stat
+
+
+def _pad(x: np.ndarray, rows: int) -> np.ndarray:
+    if len(x) == rows:
+        return x
+    pad = np.zeros((rows - len(x), *x.shape[1:]), x.dtype)
+    return np.concatenate([x, pad])
+
+
+def _padding_batch(columns: Any, rows: int) -> dict[str, np.ndarray]:
+    return {
+        "numeric": np.zeros((rows, len(columns.numeric)), np.float32),
+        "categorical": np.zeros((rows, len(columns.categorical)), np.int32),
+    }
+
+
+def _validate_numeric(dataset: Any, numeric: Sequence[str]) -> None:
+    """A pass over the numeric columns only, so bad values fail before any output exists."""
+    if not numeric:
+        return
+    for batch in dataset.to_batches(columns=list(numeric), batch_size=1 << 18):
+        data_lib.numeric_block(batch, numeric)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _merge_manifests(out_dir: Path, count: int, num_parts: int) -> dict[str, Any]:
+    manifests = [
+        json.loads((out_dir / f"_manifest-{i:05d}.json").read_text()) for i in range(count)
+    ]
+    parts = sorted((p for m in manifests for p in m["parts"]), key=lambda p: p["part"])
+    unseen: dict[str, int] = {}
+    for m in manifests:
+        for c, v in m["unseen_rows_by_column"].items():
+            unseen[c] = unseen.get(c, 0) + v
+    return {
+        **{
+            k: manifests[0][k] for k in ("run_dir", "checkpoint_step", "draws", "seed", "quantiles")
+        },
+        "processes": count,
+        "num_parts": num_parts,
+        "parts": parts,
+        "rows": sum(p["rows"] for p in parts),
+        "unseen_rows_by_column": unseen,
+        "files": [f"part-{p['part']:05d}.parquet" for p in parts],
+    }
