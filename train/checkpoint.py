@@ -28,8 +28,14 @@ def structure(sites: Mapping[str, guides.LatentSite]) -> dict[str, list[int]]:
     return {name: list(site.unconstrained_shape) for name, site in sorted(sites.items())}
 
 
-def fingerprint(sites: Mapping[str, guides.LatentSite], link: str) -> str:
-    payload = json.dumps({"sites": structure(sites), "link": link}, sort_keys=True)
+def fingerprint(
+    sites: Mapping[str, guides.LatentSite], link: str, sparse: list[str] | None = None
+) -> str:
+    """Identity of a model's parameter structure, its link and which tables train row-sparse
+    (their optimizer state differs)."""
+    payload = json.dumps(
+        {"sites": structure(sites), "link": link, "sparse": sparse or []}, sort_keys=True
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -25,12 +25,14 @@ from train import data as data_lib
 from train import distributed
 from train.config import ConfigError, to_container
 from train.model import Columns, build_model
+from train.sparse import SparseTable, make_sparse_step, row_counts
 from train.state import (
     TrainState,
     bytes_per_device,
     format_plan,
     init_fn,
     make_optimizer,
+    make_schedule,
     sharding_plan,
     state_shardings,
     table_axis_multiple,
@@ -52,6 +54,10 @@ class Setup:
     fingerprint: str
     num_data: int
     pad_multiple: int
+    sparse: dict[str, SparseTable]
+    schedule: Any
+    optimizer_name: str
+    init: Callable[[], TrainState]  # builds the state; jit it with out_shardings=shardings
 
 
 def build_mesh(cfg: Any) -> Mesh:
@@ -116,7 +122,19 @@ def make_setup(
         model, abstract_batch(cfg.data.batch_size, columns), num_data=num_data
     )
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    init = init_fn(sites, optimizer, cfg.train.seed, cfg.optim.guide_init_scale)
+    sparse = {
+        t.table_site: SparseTable(t.table_site, t, int(sum(t.num_categories)))
+        for t in getattr(model, "terms", [])
+        if t.sparse
+    }
+    init = init_fn(
+        sites,
+        optimizer,
+        cfg.train.seed,
+        cfg.optim.guide_init_scale,
+        frozenset(sparse),
+        cfg.optim.name,
+    )
     abstract = jax.eval_shape(init)
     try:
         shardings = state_shardings(abstract, sites, mesh, rules)
@@ -130,9 +148,13 @@ def make_setup(
         abstract,
         shardings,
         optimizer,
-        ckpt.fingerprint(sites, str(cfg.model.link)),
+        ckpt.fingerprint(sites, str(cfg.model.link), sorted(sparse)),
         num_data,
         pad,
+        sparse,
+        make_schedule(cfg.optim, cfg.train.steps),
+        str(cfg.optim.name),
+        init,
     )
 
 
@@ -186,10 +208,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     state = (
         start_state
         if start_state is not None
-        else jax.jit(
-            init_fn(setup.sites, setup.optimizer, cfg.train.seed, cfg.optim.guide_init_scale),
-            out_shardings=setup.shardings,
-        )()
+        else jax.jit(setup.init, out_shardings=setup.shardings)()
     )
     assert_sharded(_flat_params(state.params), _flat_params(setup.shardings.params))
 
@@ -208,14 +227,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
             "categorical": list(setup.columns.categorical),
         },
     }
-    step_fn = make_step(
-        setup.model,
-        setup.sites,
-        setup.optimizer,
-        store.num_rows,
-        setup.shardings,
-        batch_shardings(mesh),
-    )
+    step_fn = make_train_step(setup, {c: v.counts for c, v in vocabs.items()})
     batches = data_lib.StepBatches(
         store, cfg.data.batch_size, cfg.train.seed, jax.process_index(), jax.process_count()
     )
@@ -291,6 +303,35 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     if jax.process_index() == 0:
         (run_dir / "run.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def make_train_step(
+    setup: Setup, vocab_counts: Mapping[str, np.ndarray]
+) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, jax.Array]]:
+    """The dense step, or the row-sparse one when any table term is sparse."""
+    batch_sh = batch_shardings(setup.mesh)
+    if not setup.sparse:
+        return make_step(
+            setup.model, setup.sites, setup.optimizer, setup.num_data, setup.shardings, batch_sh
+        )
+    counts_sh = {s: setup.shardings.params[s]["loc"] for s in setup.sparse}
+    counts = {
+        s: jax.device_put(row_counts(t.term, vocab_counts, setup.columns), counts_sh[s])
+        for s, t in setup.sparse.items()
+    }
+    step = make_sparse_step(
+        setup.model,
+        setup.sites,
+        setup.sparse,
+        setup.optimizer,
+        setup.schedule,
+        setup.optimizer_name,
+        setup.num_data,
+        setup.shardings,
+        batch_sh,
+        counts_sh,
+    )
+    return lambda state, batch: step(state, batch, counts)
 
 
 def _latest_meta(ckpt_dir: Path) -> tuple[int | None, dict[str, Any] | None]:

@@ -54,7 +54,8 @@ PAIR = {"InteractionLayer", "BilinearLayer", "LowRankInteractionLayer", "LowRank
 TABLE = {"EmbeddingLayer", "RandomEffectsLayer", "RandomWalkLayer"}
 CATEGORICAL_FM = {"CategoricalFMLayer"}
 GATHERABLE = {"EmbeddingLayer", "RandomEffectsLayer", "CategoricalFMLayer"}
-TERM_KEYS = {"layer", "name", "inputs", "z_inputs", "slopes"}
+TERM_KEYS = {"layer", "name", "inputs", "z_inputs", "slopes", "sparse"}
+SPARSE_AUTO_ROWS = 10_000  # below this a dense table update is faster than gather/scatter
 SUPPLIED = {"name", "x", "z", "num_categories", "self"}  # call args the builder fills in
 
 Model = Callable[..., Any]
@@ -78,6 +79,7 @@ class Term:
     slopes_idx: tuple[int, ...] = ()
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     num_categories: tuple[int, ...] = ()
+    sparse: bool = False  # train this term's table with the row-sparse step
 
     @property
     def layer_name(self) -> str:
@@ -224,6 +226,20 @@ def build_term(
         )
     cat_idx = _indices(inputs, columns.categorical, "categorical", where)
     sizes = tuple(table_sizes[c] + 1 for c in inputs)  # + the field's OOV row
+    sparse_setting = spec.get("sparse", "auto")
+    if sparse_setting not in (True, False, "auto"):
+        raise ConfigError(f"{where}: sparse must be true, false or auto, got {sparse_setting!r}")
+    if sparse_setting is True and layer_name not in GATHERABLE:
+        raise ConfigError(
+            f"{where}: sparse: true needs a table term ({sorted(GATHERABLE)}); {layer_name} "
+            "reads all of its rows each step"
+        )
+
+    def wants_sparse(rows: int) -> bool:
+        if layer_name not in GATHERABLE:
+            return False
+        return sparse_setting is True or (sparse_setting == "auto" and rows >= SPARSE_AUTO_ROWS)
+
     if layer_name in CATEGORICAL_FM:
         if len(inputs) < 2:
             raise ConfigError(f"{where}: an FM over categorical fields needs >= 2 inputs")
@@ -235,6 +251,7 @@ def build_term(
             categorical_idx=cat_idx,
             call_kwargs=call_kw,
             num_categories=padded,
+            sparse=wants_sparse(sum(padded)),
         )
     if len(inputs) != 1:
         raise ConfigError(f"{where}: {layer_name} takes exactly one categorical input")
@@ -247,6 +264,7 @@ def build_term(
             raise ConfigError(f"{where}: embedding_dim must equal the number of slopes")
     if layer_name in {"EmbeddingLayer", "RandomWalkLayer"} and "embedding_dim" not in call_kw:
         raise ConfigError(f"{where}: {layer_name} needs 'embedding_dim'")
+    rows = pad_to_multiple(sizes[0], pad_multiple)
     return Term(
         layer,
         "table",
@@ -254,7 +272,8 @@ def build_term(
         categorical_idx=cat_idx,
         slopes_idx=numeric_idx(slopes),
         call_kwargs=call_kw,
-        num_categories=(pad_to_multiple(sizes[0], pad_multiple),),
+        num_categories=(rows,),
+        sparse=wants_sparse(rows),
     )
 
 

@@ -28,8 +28,8 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step)
 
 
-def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
-    """Optimizer from ``optim`` config; the schedule spans the run's total steps."""
+def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
+    """Learning rate by step from ``optim`` config (cosine horizon: decay_steps or the total)."""
     lr, end = float(cfg.lr), float(cfg.lr) * float(cfg.end_lr_factor)
     if cfg.schedule == "constant":
         schedule: Any = lr
@@ -40,6 +40,12 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
         )
     else:
         raise ValueError(f"optim.schedule={cfg.schedule!r}: choose constant or cosine")
+    return schedule if callable(schedule) else optax.constant_schedule(schedule)
+
+
+def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
+    """Optimizer from ``optim`` config; the schedule spans the run's total steps."""
+    schedule = make_schedule(cfg, total_steps)
     makers = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagrad": optax.adagrad}
     if cfg.name not in makers:
         raise ValueError(f"optim.name={cfg.name!r}: choose one of {sorted(makers)}")
@@ -81,11 +87,10 @@ def state_shardings(
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def for_leaf(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-        names = _key_names(path)
-        if len(names) >= 2 and names[-2] in specs and names[-1] in specs[names[-2]]:
-            site = sites[names[-2]]
-            if tuple(np.shape(leaf)) == site.unconstrained_shape:
-                return NamedSharding(mesh, specs[names[-2]][names[-1]])
+        # moments (dense optax trees or row-wise tables) sit under their site's name
+        for name in _key_names(path):
+            if name in specs and tuple(np.shape(leaf)) == sites[name].unconstrained_shape:
+                return NamedSharding(mesh, specs[name]["loc"])
         return replicated
 
     params = {k: {f: NamedSharding(mesh, s) for f, s in v.items()} for k, v in specs.items()}
@@ -98,12 +103,25 @@ def init_fn(
     optimizer: optax.GradientTransformation,
     seed: int,
     init_scale: float,
+    sparse_sites: frozenset[str] = frozenset(),
+    row_optimizer: str = "adam",
 ) -> Any:
+    """State initializer; with sparse tables, their moments are row-wise tables instead."""
+
     def init() -> TrainState:
         params = guides.init_params(sites, init_scale)
-        return TrainState(
-            jnp.zeros((), jnp.int32), params, optimizer.init(params), jax.random.PRNGKey(seed)
-        )
+        if not sparse_sites:
+            opt_state = optimizer.init(params)
+        else:
+            dense = {k: v for k, v in params.items() if k not in sparse_sites}
+            tables = {k: v for k, v in params.items() if k in sparse_sites}
+            names = ("m", "v") if row_optimizer == "adam" else ("v",)
+            rows = {
+                s: {f: {n: jnp.zeros_like(x) for n in names} for f, x in fields.items()}
+                for s, fields in tables.items()
+            }
+            opt_state = {"dense": optimizer.init(dense), "rows": rows}
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.PRNGKey(seed))
 
     return init
 

@@ -1,0 +1,173 @@
+"""Row-sparse SVI: same posterior as the dense path, untouched rows stay put, no all-gather of
+a table in the compiled step, and 1/8 of the table per device."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.service_helpers import load_params, small_config
+from train import data as data_lib
+from train import loop
+from train.sparse import batch_rows
+
+C = 60
+
+
+@pytest.fixture(scope="module")
+def gaussian_data(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    n = 6000
+    p = 1.0 / np.arange(1, C + 1) ** 0.8
+    group = rng.choice(C, size=n, p=p / p.sum())
+    effects = rng.normal(0, 0.8, C)
+    y = 0.5 + effects[group] + rng.normal(0, 0.5, n)
+    path = tmp_path_factory.mktemp("gauss") / "train.parquet"
+    pq.write_table(pa.table({"g": group, "x1": rng.normal(size=n), "y": y}), path)
+    return path
+
+
+def _config(path, run_dir, sparse, steps=4000):
+    cfg = small_config(
+        path,
+        run_dir,
+        **{
+            "data.numeric": ["x1"],
+            "data.categorical": ["g"],
+            "data.batch_size": 256,
+            "model.link": "gaussian",
+            "train.steps": steps,
+            "train.log_every": 500,
+            "checkpoint.every": 10_000,
+            "optim.lr": 0.05,
+            "optim.end_lr_factor": 0.01,
+        },
+    )
+    cfg.model.terms = [
+        {"layer": "InterceptLayer", "name": "bias"},
+        {"layer": "RandomEffectsLayer", "name": "g", "inputs": ["g"], "sparse": sparse},
+    ]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def fitted(gaussian_data, tmp_path_factory):
+    base = tmp_path_factory.mktemp("fits")
+    out = {}
+    for sparse in (False, True):
+        loop.train(_config(gaussian_data, base / str(sparse), sparse), log=lambda _: None)
+        out[sparse] = load_params(base / str(sparse))
+    return out
+
+
+def test_sparse_and_dense_reach_the_same_posterior(fitted):
+    dense, sparse = fitted[False], fitted[True]
+    site = "RandomEffectsLayer_g_theta"
+    seen = slice(0, C)  # vocabulary rows; row C is the OOV row
+    m_d, m_s = dense[f"{site}.loc"][seen], sparse[f"{site}.loc"][seen]
+    assert np.corrcoef(m_d, m_s)[0, 1] > 0.995
+    assert np.abs(m_d - m_s).max() < 0.08
+    sd_d = np.log1p(np.exp(dense[f"{site}.raw_scale"][seen]))
+    sd_s = np.log1p(np.exp(sparse[f"{site}.raw_scale"][seen]))
+    assert 0.8 < np.median(sd_s / sd_d) < 1.25
+    lam_d = np.log1p(np.exp(dense["RandomEffectsLayer_g_scale.loc"]))  # softplus^-1 space
+    lam_s = np.log1p(np.exp(sparse["RandomEffectsLayer_g_scale.loc"]))
+    assert abs(float(lam_s) / float(lam_d) - 1) < 0.1
+    np.testing.assert_allclose(
+        sparse["InterceptLayer_bias_beta.loc"], dense["InterceptLayer_bias_beta.loc"], atol=0.08
+    )
+
+
+def test_rows_never_seen_are_never_touched(fitted):
+    site = "RandomEffectsLayer_g_theta"
+    sparse = fitted[True]
+    untouched = slice(C, None)  # OOV + padding rows
+    assert np.all(sparse[f"{site}.loc"][untouched] == 0.0)
+    init_raw = np.log(np.expm1(0.1))
+    np.testing.assert_allclose(sparse[f"{site}.raw_scale"][untouched], init_raw, rtol=1e-6)
+
+
+def test_duplicate_ids_are_combined_with_frequency_weights():
+    import jax.numpy as jnp
+
+    from train.model import Columns, build_model
+    from train.sparse import SparseTable
+
+    model = build_model(
+        {
+            "link": "gaussian",
+            "terms": [
+                {"layer": "RandomEffectsLayer", "name": "g", "inputs": ["g"], "sparse": True}
+            ],
+        },
+        Columns((), ("g",)),
+        {"g": 7},
+    )
+    term = model.terms[0]
+    table = {term.table_site: SparseTable(term.table_site, term, 8)}
+    counts = {term.table_site: jnp.asarray([10.0, 4, 2, 1, 1, 1, 1, 0])}
+    cat = jnp.asarray([[1], [1], [0], [1], [3]], jnp.int32)
+    uniq, local, weights = batch_rows(cat, table, counts, num_data=100)
+    u, w = np.asarray(uniq[term.table_site]), np.asarray(weights[term.table_site])
+    assert u.tolist() == [0, 1, 3, 8, 8]  # fill ids point past the table (dropped on scatter)
+    np.testing.assert_allclose(w, [1 * 100 / 5 / 10, 3 * 100 / 5 / 4, 1 * 100 / 5 / 1, 0, 0])
+    assert np.asarray(local["g"])[:, 0].tolist() == [1, 1, 0, 1, 2]
+
+
+COLLECTIVE = re.compile(
+    r"= (?P<type>.+?) (?P<op>all-gather|all-reduce|all-to-all|collective-permute|"
+    r"reduce-scatter)(?:-start)?\("
+)
+
+
+def collective_sizes(hlo: str) -> list[tuple[str, int]]:
+    """(op, largest element count among its results) for every collective in an HLO text."""
+    out = []
+    for m in COLLECTIVE.finditer(hlo):
+        dims = re.findall(r"\[([\d,]*)\]", m.group("type"))
+        sizes = [int(np.prod([int(d) for d in ds.split(",") if d])) for ds in dims]
+        out.append((m.group("op"), max(sizes, default=1)))
+    return out
+
+
+def test_compiled_sparse_step_never_gathers_a_table(tmp_path):
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(0)
+    n = 40_000
+    path = tmp_path / "big.parquet"
+    pq.write_table(
+        pa.table({"g": rng.permutation(n), "x1": rng.normal(size=n), "y": rng.normal(size=n)}), path
+    )
+    cfg = _config(path, tmp_path / "run", True, steps=2)
+    cfg.mesh.data, cfg.mesh.model = 1, 8
+    store, vocabs = data_lib.prepare(cfg.data, tmp_path / "run", "gaussian")
+    sizes = {c: v.size for c, v in vocabs.items()}
+    setup = loop.make_setup(cfg, sizes, store.num_rows, loop.build_mesh(cfg))
+    site = "RandomEffectsLayer_g_theta"
+    rows = setup.sites[site].shape[0]
+    assert site in setup.sparse and rows % 8 == 0 and rows > n
+    state = jax.jit(setup.init, out_shardings=setup.shardings)()
+    table = state.params[site]["loc"]
+    assert {s.data.shape for s in table.addressable_shards} == {(rows // 8,)}  # 1/8 per device
+
+    step = loop.make_train_step(setup, {c: v.counts for c, v in vocabs.items()})
+    batch = {
+        k: jax.device_put(v, loop.batch_shardings(setup.mesh)[k])
+        for k, v in data_lib.StepBatches(store, 256, 0)(0).items()
+    }
+    hlo = jax.jit(lambda s, b: step(s, b)).lower(state, batch).compile().as_text()
+    collectives = collective_sizes(hlo)
+    assert collectives, "expected the sharded gather to communicate"
+    # only batch-sized traffic (<= 256 rows) crosses devices; a table shard is ~5,000 rows
+    assert max(size for _, size in collectives) <= 256, collectives
+    assert not [op for op, _ in collectives if op == "all-gather"]
+    new_state, loss = step(state, batch)
+    assert np.isfinite(float(loss))
+    assert {s.data.shape for s in new_state.params[site]["loc"].addressable_shards} == {
+        (rows // 8,)
+    }

@@ -1,0 +1,225 @@
+r"""Row-sparse SVI: a step whose cost does not grow with the number of table rows.
+
+For each sparse table, a step touches only the ``K ≤ B·F`` rows present in the batch:
+
+1. ``unique`` the batch's table rows (duplicates combined: their gradients sum once);
+2. gather those rows' guide parameters and draw them; the model runs in gathered mode;
+3. the prior and guide terms of row ``r`` are weighted by :math:`w_r = c_r N / (B n_r)`, with
+   :math:`c_r` its occurrences in the batch and :math:`n_r` in the training data (vocabulary
+   counts). Each example carries :math:`KL_r / n_r` of each row it contains, so over uniform
+   batches :math:`E[\sum_r w_r KL_r] = \sum_r KL_r`: an unbiased estimate of the full ELBO, whose
+   optimum is the dense one's;
+4. the gradient w.r.t. the gathered rows feeds a lazy row-wise Adam (or Adagrad) whose moments
+   are gathered and scattered with the rows, into donated buffers; fill ids (``unique``
+   padding) point past the table and are dropped.
+
+Rows never seen in training are never touched; scoring draws them from the prior given the
+posterior scale. Global (non-table) sites take the ordinary dense optax update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+from numpyro import handlers
+from numpyro.distributions import biject_to
+
+from blayers import guides
+from train.state import TrainState
+
+B1, B2, EPS = 0.9, 0.999, 1e-8
+ROW_OPTIMIZERS = ("adam", "adagrad")
+
+
+@dataclass(frozen=True)
+class SparseTable:
+    site: str
+    term: Any  # train.model.Term
+    rows: int
+
+
+def split_params(
+    params: guides.Params, sparse: Mapping[str, SparseTable]
+) -> tuple[guides.Params, guides.Params]:
+    dense = {k: v for k, v in params.items() if k not in sparse}
+    tables = {k: v for k, v in params.items() if k in sparse}
+    return dense, tables
+
+
+def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
+    return x.at[idx].get(mode="fill", fill_value=0)
+
+
+def _scatter(x: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
+    return x.at[idx].set(values, mode="drop")
+
+
+def weighted_log_joint(trace: Mapping[str, Any], row_weights: Mapping[str, jax.Array]) -> jax.Array:
+    """Log joint of a gathered-mode trace; table sites' rows weighted by ``row_weights``."""
+    total = jnp.zeros(())
+    for name, site in trace.items():
+        if site["type"] != "sample":
+            continue
+        fn, value = site["fn"], site["value"]
+        if name in row_weights:
+            base = fn.base_dist if hasattr(fn, "base_dist") else fn
+            lp = base.log_prob(value)
+            lp = jnp.broadcast_to(lp, value.shape).reshape(value.shape[0], -1).sum(1)
+            total = total + lp @ row_weights[name]
+        else:
+            lp = jnp.sum(fn.log_prob(value))
+            scale = site.get("scale")
+            total = total + (lp if scale is None else lp * scale)
+    return total
+
+
+def make_sparse_loss(
+    model: Callable[..., Any],
+    sites: Mapping[str, guides.LatentSite],
+    sparse: Mapping[str, SparseTable],
+    num_data: int,
+) -> Callable[..., jax.Array]:
+    """``loss(dense, gathered, key, batch, local, weights) -> -ELBO estimate``."""
+
+    def loss(
+        dense: guides.Params,
+        gathered: guides.Params,
+        key: jax.Array,
+        batch: Mapping[str, jax.Array],
+        local: Mapping[str, jax.Array],
+        weights: Mapping[str, jax.Array],
+    ) -> jax.Array:
+        names = sorted(sites)
+        keys = jax.random.split(key, len(names) + 1)
+        values, log_q = {}, jnp.zeros(())
+        for k, name in zip(keys[1:], names, strict=True):
+            p = gathered[name] if name in sparse else dense[name]
+            loc, scale = p["loc"], jax.nn.softplus(p["raw_scale"])
+            eps = jax.random.normal(k, loc.shape, loc.dtype)
+            u = loc + scale * eps
+            transform = biject_to(sites[name].support)
+            values[name] = transform(u)
+            lq = -0.5 * eps**2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
+            lq = lq - jnp.broadcast_to(transform.log_abs_det_jacobian(u, values[name]), u.shape)
+            if name in sparse:
+                log_q = log_q + lq.reshape(lq.shape[0], -1).sum(1) @ weights[name]
+            else:
+                log_q = log_q + lq.sum()
+        seeded = handlers.seed(handlers.substitute(model, values), keys[0])
+        trace = handlers.trace(seeded).get_trace(batch, num_data, local)
+        return log_q - weighted_log_joint(trace, weights)
+
+    return loss
+
+
+def batch_rows(
+    categorical: jax.Array,
+    sparse: Mapping[str, SparseTable],
+    counts: Mapping[str, jax.Array],
+    num_data: int,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array]]:
+    """Per sparse table: unique rows (fill = table size), local ids, and row weights."""
+    uniq, local, weights = {}, {}, {}
+    b = categorical.shape[0]
+    for site, table in sparse.items():
+        rows = table.term.rows(categorical)
+        k = rows.size
+        u, inv, c = jnp.unique(
+            rows.ravel(), size=k, fill_value=table.rows, return_inverse=True, return_counts=True
+        )
+        n_r = _gather(counts[site], u)
+        uniq[site] = u
+        local[table.term.name] = inv.reshape(rows.shape).astype(jnp.int32)
+        weights[site] = jnp.where(n_r > 0, c * (num_data / b) / jnp.maximum(n_r, 1.0), 0.0)
+    return uniq, local, weights
+
+
+def make_sparse_step(
+    model: Callable[..., Any],
+    sites: Mapping[str, guides.LatentSite],
+    sparse: Mapping[str, SparseTable],
+    dense_optimizer: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    row_optimizer: str,
+    num_data: int,
+    state_shardings: TrainState,
+    batch_shardings: Mapping[str, NamedSharding],
+    counts_shardings: Mapping[str, NamedSharding],
+) -> Callable[..., tuple[TrainState, jax.Array]]:
+    """``step(state, batch, counts) -> (state, loss)``; the state is donated and tables are
+    updated in place, row by row."""
+    if row_optimizer not in ROW_OPTIMIZERS:
+        raise ValueError(
+            f"optim.name={row_optimizer!r}: the row-sparse path supports "
+            f"{ROW_OPTIMIZERS}; use one, or set sparse: false on the table terms"
+        )
+    loss_fn = make_sparse_loss(model, sites, sparse, num_data)
+    replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
+
+    def step(
+        state: TrainState, batch: Mapping[str, jax.Array], counts: Mapping[str, jax.Array]
+    ) -> tuple[TrainState, jax.Array]:
+        key = jax.random.fold_in(state.rng, state.step)
+        dense, tables = split_params(state.params, sparse)
+        uniq, local, weights = batch_rows(batch["categorical"], sparse, counts, num_data)
+        gathered = {
+            s: {f: _gather(x, uniq[s]) for f, x in fields.items()} for s, fields in tables.items()
+        }
+        value, (g_dense, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+            dense, gathered, key, batch, local, weights
+        )
+        updates, dense_opt = dense_optimizer.update(g_dense, state.opt_state["dense"], dense)
+        dense = optax.apply_updates(dense, updates)
+
+        lr = schedule(state.step)
+        t = (state.step + 1).astype(jnp.float32)
+        new_tables, new_rows = {}, {}
+        for s, fields in tables.items():
+            new_tables[s], new_rows[s] = {}, {}
+            for f, table in fields.items():
+                g = g_rows[s][f]
+                moments = state.opt_state["rows"][s][f]
+                idx = uniq[s]
+                v = _gather(moments["v"], idx)
+                if row_optimizer == "adam":
+                    m = B1 * _gather(moments["m"], idx) + (1 - B1) * g
+                    v = B2 * v + (1 - B2) * g**2
+                    delta = (m / (1 - B1**t)) / (jnp.sqrt(v / (1 - B2**t)) + EPS)
+                    new_rows[s][f] = {
+                        "m": _scatter(moments["m"], idx, m),
+                        "v": _scatter(moments["v"], idx, v),
+                    }
+                else:  # adagrad
+                    v = v + g**2
+                    delta = g / (jnp.sqrt(v) + 1e-7)
+                    new_rows[s][f] = {"v": _scatter(moments["v"], idx, v)}
+                rows = gathered[s][f] - lr * delta
+                new_tables[s][f] = _scatter(table, idx, rows)
+        params = {**dense, **new_tables}
+        opt_state = {"dense": dense_opt, "rows": new_rows}
+        return TrainState(state.step + 1, params, opt_state, state.rng), value
+
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, dict(batch_shardings), dict(counts_shardings)),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def row_counts(term: Any, vocab_counts: Mapping[str, np.ndarray], columns: Any) -> np.ndarray:
+    """Training count of every row of a term's table (OOV and padding rows: 0)."""
+    out = np.zeros(int(sum(term.num_categories)), np.float32)
+    offset = 0
+    for idx, size in zip(term.categorical_idx, term.num_categories, strict=True):
+        counts = vocab_counts[columns.categorical[idx]]
+        out[offset : offset + len(counts)] = counts
+        offset += size
+    return out
