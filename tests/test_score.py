@@ -124,9 +124,19 @@ def test_unseen_categories_get_the_oov_row_and_are_counted(trained, tmp_path):
     table = table.set_column(table.schema.get_field_index("user"), "user", pa.array(user))
     pq.write_table(table, tmp_path / "new.parquet")
     out = tmp_path / "scores"
-    score_lib.score(score_cfg(trained / "run", tmp_path / "new.parquet", out), log=lambda _: None)
+    score_lib.score(
+        score_cfg(trained / "run", tmp_path / "new.parquet", out, linear_predictor=True, draws=200),
+        log=lambda _: None,
+    )
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["unseen_rows_by_column"] == {"user": 40, "item": 0, "region": 0}
+    scored_eta = pq.read_table(out)
+    users = table["user"].to_numpy()
+    values, counts = np.unique(users[40:], return_counts=True)
+    frequent = users == values[np.argmax(counts)]
+    # unseen users draw their effect from the prior: wider than a well-observed user's
+    eta_std = scored_eta["eta_std"].to_numpy()
+    assert frequent.any() and np.median(eta_std[:40]) > 1.5 * np.median(eta_std[frequent])
     scored = pq.read_table(out)
     flags = scored["unseen_categories"].to_numpy()
     assert flags[:40].tolist() == [1] * 40 and flags[40:].sum() == 0

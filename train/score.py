@@ -38,6 +38,7 @@ from blayers import guides
 from train import data as data_lib
 from train import vocab as vocab_lib
 from train.model import LINEAR_PREDICTOR
+from train.sparse import row_counts
 from train.summary import restore_run
 
 MANIFEST = "_manifest.json"
@@ -89,19 +90,25 @@ def make_scorer(
     with_draws: bool,
     batch_rows: int,
 ) -> Any:
-    """Jitted ``score(params, key, batch) -> dict of (B, ...) summaries``."""
+    """Jitted ``score(params, seen, key, batch) -> dict of (B, ...) summaries``.
+
+    ``seen[table_site]`` flags table rows that had training data; the others (OOV rows,
+    padding) are drawn from the layer's prior given the drawn scale, whatever path trained
+    the table."""
     model, sites = setup.model, setup.sites
     terms = {t.name: t for t in getattr(model, "terms", []) if t.gatherable}
     table_sites = {t.table_site: t for t in terms.values()}
+    table_index = {site: i for i, site in enumerate(sorted(table_sites))}
     q = jnp.asarray(quantiles, jnp.float32)
 
-    def gather(categorical: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-        uniq, local = {}, {}
+    def gather(categorical: jax.Array, seen: Mapping[str, jax.Array]) -> tuple[Any, Any, Any]:
+        uniq, local, unseen = {}, {}, {}
         for name, term in terms.items():
             rows = term.rows(categorical)
             u, inv = jnp.unique(rows.ravel(), size=rows.size, fill_value=0, return_inverse=True)
             uniq[term.table_site], local[name] = u, inv.reshape(rows.shape).astype(jnp.int32)
-        return uniq, local
+            unseen[term.table_site] = ~seen[term.table_site][u]
+        return uniq, local, unseen
 
     def one_draw(
         key: jax.Array,
@@ -109,16 +116,28 @@ def make_scorer(
         uniq: Mapping[str, jax.Array],
         batch: Mapping[str, jax.Array],
         local: Mapping[str, jax.Array],
+        unseen: Mapping[str, jax.Array],
     ) -> Any:
         values = {}
-        keys = jax.random.split(key, len(sites) + 1)
+        keys = jax.random.split(key, len(sites) + 2)
+        prior_key = keys[-1]
+        keys = keys[:-1]
         for k, name in zip(keys[1:], sorted(sites), strict=True):
             loc, raw = params[name]["loc"], params[name]["raw_scale"]
             if name in uniq:
                 loc, raw = loc[uniq[name]], raw[uniq[name]]
             u = loc + jax.nn.softplus(raw) * jax.random.normal(k, loc.shape, loc.dtype)
             values[name] = biject_to(sites[name].support)(u)
-        seeded = handlers.seed(handlers.substitute(model, values), keys[0])
+
+        def draw(msg: dict[str, Any]) -> jax.Array | None:
+            name = msg["name"]
+            if name not in unseen:
+                return values.get(name)
+            prior = msg["fn"].sample(jax.random.fold_in(prior_key, table_index[name]))
+            mask = unseen[name].reshape((-1,) + (1,) * (prior.ndim - 1))
+            return jnp.where(mask, prior, values[name])
+
+        seeded = handlers.seed(handlers.substitute(model, substitute_fn=draw), keys[0])
         trace = handlers.trace(seeded).get_trace(batch, None, local)
         eta = trace[LINEAR_PREDICTOR]["value"][:, 0] if LINEAR_PREDICTOR in trace else None
         return response_mean(trace["obs"]["fn"]), eta
@@ -130,10 +149,15 @@ def make_scorer(
             out[f"{prefix}q{round(level * 100):02d}"] = qs[i]
         return out
 
-    def score(params: guides.Params, key: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
-        uniq, local = gather(batch["categorical"]) if terms else ({}, {})
+    def score(
+        params: guides.Params,
+        seen: Mapping[str, jax.Array],
+        key: jax.Array,
+        batch: Mapping[str, jax.Array],
+    ) -> Any:
+        uniq, local, unseen = gather(batch["categorical"], seen) if terms else ({}, {}, {})
         keys = jax.random.split(key, draws)
-        mean, eta = jax.vmap(lambda k: one_draw(k, params, uniq, batch, local))(keys)
+        mean, eta = jax.vmap(lambda k: one_draw(k, params, uniq, batch, local, unseen))(keys)
         out = summarize(mean, "")
         if with_eta and eta is not None:
             out.update(summarize(eta, "eta_"))
@@ -205,6 +229,14 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         bool(cfg.raw_draws),
         b,
     )
+    seen = {
+        t.table_site: jax.device_put(
+            row_counts(t, {c: v.counts for c, v in vocabs.items()}, columns) > 0,
+            setup.shardings.params[t.table_site]["loc"],
+        )
+        for t in getattr(setup.model, "terms", [])
+        if t.gatherable
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = parts_for_process(parts, process, count)
     local_b = b // count
@@ -216,7 +248,7 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
     def run_batch(local: Mapping[str, np.ndarray], key_index: int) -> dict[str, np.ndarray]:
         shardings = {"numeric": rows_sharding, "categorical": rows_sharding}
         batch = distributed.global_batch(local, shardings)
-        out = scorer(state.params, jax.random.fold_in(base_key, key_index), batch)
+        out = scorer(state.params, seen, jax.random.fold_in(base_key, key_index), batch)
         return {
             k: np.asarray(
                 multihost_utils.global_array_to_host_local_array(v, mesh, PartitionSpec("data"))
