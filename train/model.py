@@ -55,7 +55,7 @@ TABLE = {"EmbeddingLayer", "RandomEffectsLayer", "RandomWalkLayer"}
 CATEGORICAL_FM = {"CategoricalFMLayer"}
 GATHERABLE = {"EmbeddingLayer", "RandomEffectsLayer", "CategoricalFMLayer"}
 TERM_KEYS = {"layer", "name", "inputs", "z_inputs", "slopes", "sparse"}
-SPARSE_AUTO_ROWS = 10_000  # below this a dense table update is faster than gather/scatter
+SPARSE_AUTO_ROWS = 100_000  # dense is cheap below this and converges rare rows in fewer epochs
 SUPPLIED = {"name", "x", "z", "num_categories", "self"}  # call args the builder fills in
 
 Model = Callable[..., Any]

@@ -1,0 +1,378 @@
+"""Training throughput and peak memory vs table size, side by side with the peers.
+
+    python benchmarks/train_throughput.py                       # full table (several minutes)
+    python benchmarks/train_throughput.py --cats 1000,1000000 --terms random_effects
+
+Model: intercept + AdaptiveLayer over 32 dense features + one categorical term with ``c``
+categories (RandomEffectsLayer, EmbeddingLayer dim 8, or an FM over (g, h) with rank 8) +
+gaussian link, batch 4096, Zipf-distributed ids. Paths:
+
+- ``sparse``   this project, row-sparse step (``sparse: true``)
+- ``dense``    this project, dense step (``sparse: false``)
+- ``numpyro``  hand-written NumPyro: ``plate(subsample_size)``, ``AutoNormal``, optax Adam, jit
+- ``upstream`` upstream ``blayers`` from PyPI, ``Batched_Trace_ELBO`` (own venv, since it is
+  also called ``blayers``; ``--skip-upstream`` leaves it out)
+
+Modes: ``step`` (batches already on device, as the peers run) and ``e2e`` (this project only:
+Parquet → grain data stage → step). Each configuration runs in its own process so its peak RSS
+(``ru_maxrss``) is its own; compile time is excluded; throughput is the median of repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CACHE = HERE / ".cache"
+UPSTREAM_VENV = CACHE / "venv-upstream"
+BATCH, DENSE_D, EMBED_DIM, N_DATA = 4096, 32, 8, 10_000_000
+
+
+# ------------------------------------------------------------------ workers (one per process)
+
+
+def _zipf_ids(rng, n, c):
+    import numpy as np
+
+    ranks = rng.zipf(1.2, size=n)
+    return ((ranks - 1) % c).astype(np.int32)
+
+
+def _batches(c, count=8, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        out.append(
+            {
+                "x": rng.normal(size=(BATCH, DENSE_D)).astype(np.float32),
+                "g": _zipf_ids(rng, BATCH, c),
+                "h": rng.integers(0, 1000, BATCH).astype(np.int32),
+                "y": rng.normal(size=BATCH).astype(np.float32),
+            }
+        )
+    return out
+
+
+def _time_steps(run_step, steps, repeats):
+    run_step(0)  # compile
+    first = time.perf_counter()
+    run_step(1)
+    one = time.perf_counter() - first
+    if one > 2.0:  # a slow path: keep the benchmark bounded
+        steps, repeats = 2, 1
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(steps):
+            run_step(i)
+        times.append((time.perf_counter() - t) / steps)
+    return statistics.median(times)
+
+
+def _ours_setup(c, term, sparse):
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from train.config import Config
+    from train.loop import build_mesh, make_setup, make_train_step
+
+    cfg = OmegaConf.structured(Config)
+    cfg.data.numeric = [f"x{j}" for j in range(DENSE_D)]
+    cfg.data.categorical = ["g", "h"]
+    cfg.data.batch_size = BATCH
+    cfg.model.link = "gaussian"
+    table = {
+        "random_effects": {"layer": "RandomEffectsLayer", "name": "g", "inputs": ["g"]},
+        "embedding": {
+            "layer": "EmbeddingLayer",
+            "name": "g",
+            "inputs": ["g"],
+            "embedding_dim": EMBED_DIM,
+        },
+        "fm": {"layer": "FMLayer", "name": "fm", "inputs": ["g", "h"], "low_rank_dim": EMBED_DIM},
+    }[term]
+    cfg.model.terms = [
+        {"layer": "InterceptLayer", "name": "bias"},
+        {"layer": "AdaptiveLayer", "name": "dense", "inputs": cfg.data.numeric},
+        {**table, "sparse": sparse},
+    ]
+    cfg.mesh.data, cfg.mesh.model = 1, 1
+    sizes = {"g": c - 1, "h": 999}  # + one OOV row each
+    setup = make_setup(cfg, sizes, N_DATA, build_mesh(cfg))
+    counts = {
+        "g": (N_DATA / np.arange(1, c) ** 1.2).astype(np.int64) + 1,
+        "h": np.full(999, N_DATA // 999),
+    }
+    return cfg, setup, make_train_step(setup, counts)
+
+
+def worker_ours(c, term, sparse, mode, steps, repeats):
+    import jax
+    import numpy as np
+
+    from train.loop import batch_shardings
+
+    cfg, setup, step = _ours_setup(c, term, sparse)
+    state = jax.jit(setup.init, out_shardings=setup.shardings)()
+    if mode == "step":
+        sh = batch_shardings(setup.mesh)
+        batches = [
+            {
+                k: jax.device_put(v, sh[k])
+                for k, v in {
+                    "numeric": b["x"],
+                    "categorical": np.stack([b["g"], b["h"]], 1),
+                    "target": b["y"],
+                }.items()
+            }
+            for b in _batches(c)
+        ]
+        holder = {"state": state}
+
+        def run(i):
+            holder["state"], loss = step(holder["state"], batches[i % len(batches)])
+            loss.block_until_ready()
+
+        return _time_steps(run, steps, repeats)
+    return _e2e(cfg, setup, step, state, c, steps, repeats)
+
+
+def _e2e(cfg, setup, step, state, c, steps, repeats):
+    """Parquet -> prepare (Arrow, once, cached) -> grain batches -> global arrays -> step."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from omegaconf import OmegaConf
+
+    from train import data as data_lib
+    from train import distributed
+    from train.loop import batch_shardings
+
+    rows = 2_000_000
+    parquet = CACHE / f"e2e_{c}.parquet"
+    if not parquet.exists():
+        CACHE.mkdir(exist_ok=True)
+        rng = np.random.default_rng(0)
+        cols = {f"x{j}": rng.normal(size=rows).astype(np.float32) for j in range(DENSE_D)}
+        cols["g"] = _zipf_ids(rng, rows, c)
+        cols["h"] = rng.integers(0, 1000, rows).astype(np.int32)
+        cols["y"] = rng.normal(size=rows).astype(np.float32)
+        pq.write_table(pa.table(cols), parquet, row_group_size=1 << 18)
+    data_cfg = OmegaConf.merge(cfg.data, {"path": str(parquet), "target": "y"})
+    store, _ = data_lib.prepare(data_cfg, CACHE / f"e2e_run_{c}", "gaussian")
+    batches = data_lib.StepBatches(store, BATCH, 0)
+    sh = batch_shardings(setup.mesh)
+    holder = {"state": state}
+    total = 3 + steps * (repeats + 1)
+    it = data_lib.iterate(batches, 0, total, cfg.data.prefetch)
+
+    def run(_i):
+        batch = distributed.global_batch(next(it), sh)
+        holder["state"], loss = step(holder["state"], batch)
+        loss.block_until_ready()
+
+    return _time_steps(run, steps, repeats)
+
+
+def worker_numpyro(c, term, steps, repeats):
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    import optax
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer.autoguide import AutoNormal
+
+    def model(x, g, h, y=None):
+        b0 = numpyro.sample("b0", dist.Normal(0, 1))
+        lam = numpyro.sample("lam", dist.HalfNormal(1.0))
+        beta = numpyro.sample("beta", dist.Normal(0, lam).expand([DENSE_D]).to_event(1))
+        s = numpyro.sample("s", dist.HalfNormal(1.0))
+        if term == "random_effects":
+            theta = numpyro.sample("theta", dist.Normal(0, s).expand([c]).to_event(1))
+            effect = theta[g]
+        elif term == "embedding":
+            theta = numpyro.sample("theta", dist.Normal(0, s).expand([c, EMBED_DIM]).to_event(2))
+            effect = theta[g].sum(1)
+        else:
+            theta = numpyro.sample(
+                "theta", dist.Normal(0, s).expand([c + 1000, EMBED_DIM]).to_event(2)
+            )
+            v1, v2 = theta[g], theta[h + c]
+            effect = (v1 * v2).sum(1)
+        sigma = numpyro.sample("sigma", dist.Exponential(1.0))
+        mu = b0 + x @ beta + effect
+        with numpyro.plate("data", N_DATA, subsample_size=x.shape[0]):
+            numpyro.sample("obs", dist.Normal(mu, sigma), obs=y)
+
+    batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in _batches(c)]
+    svi = SVI(model, AutoNormal(model), optax.adam(1e-2), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(0), **batches[0])
+    update = jax.jit(svi.update)
+    holder = {"state": state}
+
+    def run(i):
+        holder["state"], loss = update(holder["state"], **batches[i % len(batches)])
+        loss.block_until_ready()
+
+    return _time_steps(run, steps, repeats)
+
+
+UPSTREAM_WORKER = """
+import json, sys, time, statistics
+import jax, jax.numpy as jnp, numpy as np, optax
+from numpyro.infer import SVI
+from numpyro.infer.autoguide import AutoNormal
+from blayers.layers import AdaptiveLayer, InterceptLayer, RandomEffectsLayer, EmbeddingLayer
+from blayers.links import gaussian_link
+from blayers.infer import Batched_Trace_ELBO
+c, term, steps, repeats, B, D, M, N = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
+                                       int(sys.argv[4]), 4096, 32, 8, 10_000_000)
+def model(x, g, y=None):
+    mu = InterceptLayer()("b", ) + AdaptiveLayer()("x", x)
+    if term == "random_effects":
+        mu = mu + RandomEffectsLayer()("g", g, c)
+    else:
+        mu = mu + EmbeddingLayer()("g", g, c, M).sum(axis=1, keepdims=True)
+    return gaussian_link(mu, y)
+rng = np.random.default_rng(0)
+batches = [dict(x=jnp.asarray(rng.normal(size=(B, D)), jnp.float32),
+                g=jnp.asarray((rng.zipf(1.2, size=B) - 1) % c, jnp.int32),
+                y=jnp.asarray(rng.normal(size=B), jnp.float32)) for _ in range(8)]
+svi = SVI(model, AutoNormal(model), optax.adam(1e-2), Batched_Trace_ELBO(N, batch_size=B))
+state = svi.init(jax.random.PRNGKey(0), **batches[0])
+update = jax.jit(svi.update)
+def run(i):
+    global state
+    state, loss = update(state, **batches[i % 8]); loss.block_until_ready()
+run(0); t = time.perf_counter(); run(1); one = time.perf_counter() - t
+if one > 2.0: steps, repeats = 2, 1
+times = []
+for _ in range(repeats):
+    t = time.perf_counter()
+    for i in range(steps): run(i)
+    times.append((time.perf_counter() - t) / steps)
+import resource
+print(json.dumps({"s_per_step": statistics.median(times),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def ensure_upstream_venv() -> Path | None:
+    python = UPSTREAM_VENV / "bin" / "python"
+    if python.exists():
+        return python
+    CACHE.mkdir(exist_ok=True)
+    print("creating a venv with upstream blayers from PyPI (first run only) ...", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(UPSTREAM_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "blayers"], check=True)
+    except subprocess.CalledProcessError as err:
+        print(f"upstream blayers unavailable: {err}", flush=True)
+        return None
+    return python
+
+
+def run_config(path, c, term, mode, steps, repeats) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    if path == "upstream":
+        python = ensure_upstream_venv()
+        if python is None or term == "fm":
+            return {"error": "n/a"}
+        cmd = [str(python), "-c", UPSTREAM_WORKER, str(c), term, str(steps), str(repeats)]
+    else:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            path,
+            str(c),
+            term,
+            mode,
+            str(steps),
+            str(repeats),
+        ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
+        return {"error": tail[0][:60]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cats", default="1000,100000,1000000,10000000")
+    parser.add_argument("--terms", default="random_effects,embedding,fm")
+    parser.add_argument("--modes", default="step,e2e")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-upstream", action="store_true")
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        path, c, term, mode, steps, repeats = args.worker
+        c, steps, repeats = int(c), int(steps), int(repeats)
+        if path in ("sparse", "dense"):
+            sec = worker_ours(c, term, path == "sparse", mode, steps, repeats)
+        else:
+            sec = worker_numpyro(c, term, steps, repeats)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"s_per_step": sec, "peak_rss_mb": rss}))
+        return
+
+    cats = [int(float(x)) for x in args.cats.split(",")]
+    paths = ["sparse", "dense", "numpyro"] + ([] if args.skip_upstream else ["upstream"])
+    header = (
+        f"{'term':<15}{'c':>10} {'mode':<5}"
+        + "".join(f"{p + ' ex/s':>15}" for p in paths)
+        + "".join(f"{'sparse/' + p:>15}" for p in paths[1:])
+        + f"{'sparse RSS MB':>15}{'dense RSS MB':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for term in args.terms.split(","):
+        for c in cats:
+            for mode in args.modes.split(","):
+                row = {}
+                for p in paths:
+                    if mode == "e2e" and p not in ("sparse", "dense"):
+                        row[p] = {"error": "-"}
+                        continue
+                    row[p] = run_config(p, c, term, mode, args.steps, args.repeats)
+                rate = {
+                    p: BATCH / r["s_per_step"] if "s_per_step" in r else None
+                    for p, r in row.items()
+                }
+                cells = "".join(
+                    f"{rate[p]:>15,.0f}" if rate[p] else f"{row[p]['error']:>15}" for p in paths
+                )
+                ratios = "".join(
+                    f"{rate['sparse'] / rate[p]:>14.1f}x"
+                    if rate[p] and rate["sparse"]
+                    else f"{'-':>15}"
+                    for p in paths[1:]
+                )
+                rss = "".join(
+                    f"{row[p]['peak_rss_mb']:>15,.0f}" if "peak_rss_mb" in row[p] else f"{'-':>15}"
+                    for p in ("sparse", "dense")
+                )
+                print(f"{term:<15}{c:>10} {mode:<5}{cells}{ratios}{rss}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
