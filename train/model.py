@@ -68,6 +68,13 @@ class Columns:
     categorical: tuple[str, ...]
 
 
+def _columns(matrix: jax.Array, idx: tuple[int, ...]) -> jax.Array:
+    """Columns ``idx`` of ``matrix``: a slice (no gather) when they are contiguous."""
+    if idx and list(idx) == list(range(idx[0], idx[0] + len(idx))):
+        return matrix[:, idx[0] : idx[0] + len(idx)]
+    return matrix[:, list(idx)]
+
+
 @dataclass
 class Term:
     layer: L.BLayer
@@ -111,10 +118,10 @@ class Term:
         if self.kind == "intercept":
             return self.layer(self.name, **kw)
         if self.kind == "dense":
-            return self.layer(self.name, numeric[:, list(self.numeric_idx)], **kw)
+            return self.layer(self.name, _columns(numeric, self.numeric_idx), **kw)
         if self.kind == "pair":
-            x = numeric[:, list(self.numeric_idx)]
-            z = numeric[:, list(self.z_idx)]
+            x = _columns(numeric, self.numeric_idx)
+            z = _columns(numeric, self.z_idx)
             return self.layer(self.name, x, z, **kw)
         if self.kind == "categorical_fm":
             ids = categorical[:, list(self.categorical_idx)]
@@ -124,7 +131,7 @@ class Term:
 
     def _table_out(self, numeric: jax.Array, out: jax.Array) -> jax.Array:
         if self.slopes_idx:
-            return jnp.sum(out * numeric[:, list(self.slopes_idx)], axis=1, keepdims=True)
+            return jnp.sum(out * _columns(numeric, self.slopes_idx), axis=1, keepdims=True)
         return jnp.sum(out, axis=1, keepdims=True)
 
 

@@ -1,0 +1,197 @@
+"""Scoring throughput and peak memory vs number of rows, beside NumPyro's ``Predictive``.
+
+    python benchmarks/score_memory.py                     # 1M and 10M rows, S=100 (~10 min)
+    python benchmarks/score_memory.py --rows 200000 --draws 20
+
+A small run of the default model (intercept + dense + three random effects + an FM over
+user x item) is trained once into ``benchmarks/.cache``. Each scorer runs in its own process
+and reports its own peak RSS (``ru_maxrss``):
+
+- ``blayers-score``: streamed, gathered table rows, summaries reduced on device;
+- ``Predictive``: NumPyro's ``Predictive`` over the same guide (same parameters, wrapped as a
+  NumPyro guide), on all rows at once as it is normally used, returning the linear predictor;
+  its address space is capped (``--peer-mem-gb``) so an out-of-memory shows as a failure
+  instead of taking the machine down.
+
+Upstream ``blayers`` has no separate predict path beyond ``Predictive``; it is not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CACHE = HERE / ".cache" / "score"
+
+
+def ensure_run() -> Path:
+    run = CACHE / "run"
+    if (run / "checkpoints").exists():
+        return run
+    from omegaconf import OmegaConf
+
+    from train import loop, synth
+    from train.config import Config
+
+    data = CACHE / "train.parquet"
+    synth.generate(data, 200_000, seed=0)
+    cfg = OmegaConf.structured(Config)
+    cfg.run_dir, cfg.data.path = str(run), str(data)
+    cfg.data.numeric, cfg.data.categorical = ["x1", "x2", "x3", "x4"], ["user", "item", "region"]
+    cfg.model.link = "logit"
+    cfg.model.terms = [
+        {"layer": "InterceptLayer", "name": "bias"},
+        {"layer": "AdaptiveLayer", "name": "dense", "inputs": ["x1", "x2", "x3", "x4"]},
+        {"layer": "RandomEffectsLayer", "name": "user", "inputs": ["user"]},
+        {"layer": "RandomEffectsLayer", "name": "item", "inputs": ["item"]},
+        {"layer": "RandomEffectsLayer", "name": "region", "inputs": ["region"]},
+        {"layer": "FMLayer", "name": "fm", "inputs": ["user", "item"], "low_rank_dim": 4},
+    ]
+    cfg.train.steps, cfg.train.progress, cfg.mesh.data, cfg.mesh.model = 300, False, 1, 1
+    loop.train(cfg, log=lambda _: None)
+    return run
+
+
+def ensure_rows(rows: int) -> Path:
+    from train import synth
+
+    path = CACHE / f"score_{rows}.parquet"
+    if not path.exists():
+        synth.generate(path, rows, seed=1)
+    return path
+
+
+def worker_ours(run: str, data: str, draws: int) -> dict:
+    from omegaconf import OmegaConf
+
+    from train import score
+    from train.config import ScoreConfig
+
+    out = CACHE / f"out_{Path(data).stem}"
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = OmegaConf.structured(ScoreConfig)
+    cfg.run_dir, cfg.output, cfg.data.path, cfg.draws = run, str(out), data, draws
+    t = time.perf_counter()
+    manifest = score.score(cfg, log=lambda _: None)
+    return {"seconds": time.perf_counter() - t, "rows": manifest["rows"]}
+
+
+def worker_predictive(run: str, data: str, draws: int, mem_gb: float) -> dict:
+    limit = int(mem_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import jax
+    import numpy as np
+    import numpyro
+    import numpyro.distributions as dist
+    import pyarrow.parquet as pq
+    from numpyro.distributions import biject_to
+    from numpyro.infer import Predictive
+
+    from train import vocab as vocab_lib
+    from train.summary import restore_run
+
+    setup, state, _ = restore_run(Path(run))
+    params = jax.tree.map(np.asarray, state.params)
+
+    def guide(batch, num_data=None):
+        for name, site in setup.sites.items():
+            loc, raw = params[name]["loc"], params[name]["raw_scale"]
+            base = dist.Normal(loc, np.log1p(np.exp(raw))).to_event(np.ndim(loc))
+            numpyro.sample(name, dist.TransformedDistribution(base, biject_to(site.support)))
+
+    t = time.perf_counter()
+    table = pq.read_table(data)
+    vocabs = vocab_lib.load_all(Path(run) / "vocab", setup.columns.categorical)
+    numeric = np.stack([table[c].to_numpy().astype(np.float32) for c in setup.columns.numeric], 1)
+    cats = []
+    for c in setup.columns.categorical:
+        ids = vocabs[c].encode(table[c])
+        cats.append(np.where(ids < 0, vocabs[c].size, ids).astype(np.int32))
+    batch = {"numeric": numeric, "categorical": np.stack(cats, 1)}
+    pred = Predictive(
+        setup.model, guide=guide, num_samples=draws, return_sites=["linear_predictor"]
+    )
+    eta = pred(jax.random.PRNGKey(0), batch)["linear_predictor"][..., 0]
+    p = 1 / (1 + np.exp(-np.asarray(eta)))
+    summary = np.stack([p.mean(0), p.std(0), *np.quantile(p, [0.05, 0.5, 0.95], axis=0)], 1)
+    assert summary.shape[0] == table.num_rows
+    return {"seconds": time.perf_counter() - t, "rows": table.num_rows}
+
+
+def run_worker(kind: str, run: Path, data: Path, draws: int, mem_gb: float) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, __file__, "--worker", kind, str(run), str(data), str(draws), str(mem_gb)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        reason = next(
+            (ln for ln in reversed(lines) if "Error" in ln or "error" in ln),
+            lines[-1] if lines else "failed",
+        )
+        return {"error": reason.strip()[:70]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", default="1000000,10000000")
+    parser.add_argument("--draws", type=int, default=100)
+    parser.add_argument("--peer-mem-gb", type=float, default=16.0)
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, run, data, draws, mem_gb = args.worker
+        result = (
+            worker_ours(run, data, int(draws))
+            if kind == "ours"
+            else worker_predictive(run, data, int(draws), float(mem_gb))
+        )
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    run = ensure_run()
+    kinds = ["ours"] + ([] if args.skip_peer else ["predictive"])
+    head = (
+        f"{'rows':>11} {'draws':>5}"
+        + "".join(f"{k + ' rows/s':>18}{k + ' RSS MB':>17}" for k in kinds)
+        + ("  ours/predictive rows/s" if len(kinds) > 1 else "")
+    )
+    print(head)
+    print("-" * len(head))
+    for rows in (int(float(r)) for r in args.rows.split(",")):
+        data = ensure_rows(rows)
+        res = {k: run_worker(k, run, data, args.draws, args.peer_mem_gb) for k in kinds}
+        cells = ""
+        for k in kinds:
+            r = res[k]
+            if "error" in r:
+                cells += f"{'failed':>18}{'-':>17}"
+            else:
+                cells += f"{r['rows'] / r['seconds']:>18,.0f}{r['peak_rss_mb']:>17,.0f}"
+        ratio = ""
+        if len(kinds) > 1 and all("error" not in res[k] for k in kinds):
+            ratio = f"{(res['ours']['rows'] / res['ours']['seconds']) / (res['predictive']['rows'] / res['predictive']['seconds']):>24.2f}x"  # noqa: E501
+        print(f"{rows:>11,} {args.draws:>5}{cells}{ratio}", flush=True)
+        for k in kinds:
+            if "error" in res[k]:
+                print(f"    {k}: {res[k]['error']}")
+
+
+if __name__ == "__main__":
+    main()
