@@ -51,6 +51,14 @@ def test_summary_config_loads():
     assert cfg.run_dir == "/x" and cfg.draws == 1000
 
 
+def test_score_config_loads_typed():
+    cfg = _compose(["run_dir=/x", "draws=7"], name="score")
+    assert cfg.output == "/x/scores" and cfg.draws == 7 and list(cfg.quantiles) == [0.05, 0.5, 0.95]
+    config_lib.from_container(cfg, config_lib.ScoreConfig)
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        _compose(["drawz=7"], name="score")
+
+
 def test_every_yaml_is_covered():
     top = {p.stem for p in Path(CONFIG_DIR).glob("*.yaml")}
     assert top <= {"config", "summary", "score"}, top

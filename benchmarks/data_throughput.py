@@ -1,0 +1,73 @@
+"""Data-stage throughput: Parquet → vocabulary + encode (once per run), then grain batches.
+
+    python benchmarks/data_throughput.py [--rows 2000000] [--batch 4096]
+
+Prints rows/s of the one-off prepare pass and of batch production (sorted gathers from the
+memory-mapped Arrow file) at 1 and 2 prefetch threads. Compare the batch rate with a training
+step's examples/s (benchmarks/train_throughput.py) to see that the data stage is not the
+bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import OmegaConf
+
+from train import data as data_lib
+from train.config import DataConfig
+
+CACHE = Path(__file__).resolve().parent / ".cache" / "data"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--batches", type=int, default=400)
+    args = parser.parse_args()
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"rows_{args.rows}.parquet"
+    numeric = [f"x{j}" for j in range(32)]
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        cols = {c: rng.normal(size=args.rows).astype(np.float32) for c in numeric}
+        cols["g"] = (rng.zipf(1.2, args.rows) % 1_000_000).astype(np.int64)
+        cols["h"] = rng.integers(0, 1000, args.rows)
+        cols["y"] = rng.normal(size=args.rows).astype(np.float32)
+        pq.write_table(pa.table(cols), path, row_group_size=1 << 18)
+    cfg = OmegaConf.structured(
+        DataConfig(path=str(path), numeric=numeric, categorical=["g", "h"], target="y")
+    )
+    run = CACHE / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    t = time.perf_counter()
+    store, vocabs = data_lib.prepare(cfg, run, "gaussian")
+    prep = time.perf_counter() - t
+    print(f"{'stage':<34}{'rows/s':>14}")
+    print("-" * 48)
+    print(
+        f"{'prepare (vocab + validate + encode)':<34}{args.rows / prep:>14,.0f}"
+        f"   ({prep:.1f} s, vocab g={vocabs['g'].size:,})"
+    )
+    batches = data_lib.StepBatches(store, args.batch, 0)
+    for threads in (1, 2):
+        it = data_lib.iterate(batches, 0, args.batches + 5, threads)
+        for _ in range(5):
+            next(it)
+        t = time.perf_counter()
+        for _ in range(args.batches):
+            next(it)
+        rate = args.batches * args.batch / (time.perf_counter() - t)
+        print(f"{f'batches, {threads} prefetch thread(s)':<34}{rate:>14,.0f}")
+
+
+if __name__ == "__main__":
+    main()
