@@ -121,22 +121,22 @@ def worker_ours(c, term, sparse, mode, steps, repeats):
     import jax
     import numpy as np
 
-    from train.loop import batch_shardings
-
     cfg, setup, step = _ours_setup(c, term, sparse)
     state = jax.jit(setup.init, out_shardings=setup.shardings)()
     if mode == "step":
-        sh = batch_shardings(setup.mesh)
-        batches = [
-            {
-                k: jax.device_put(v, sh[k])
-                for k, v in {
+        # batches in memory, as the peers get them; host-side dedup is part of preparing them
+        local = [
+            step.prepare(
+                {
                     "numeric": b["x"],
                     "categorical": np.stack([b["g"], b["h"]], 1),
                     "target": b["y"],
-                }.items()
-            }
+                }
+            )
             for b in _batches(c)
+        ]
+        batches = [
+            {k: jax.device_put(v, step.batch_shardings[k]) for k, v in b.items()} for b in local
         ]
         holder = {"state": state}
 
@@ -148,16 +148,11 @@ def worker_ours(c, term, sparse, mode, steps, repeats):
     return _e2e(cfg, setup, step, state, c, steps, repeats)
 
 
-def _e2e(cfg, setup, step, state, c, steps, repeats):
-    """Parquet -> prepare (Arrow, once, cached) -> grain batches -> global arrays -> step."""
+def e2e_dataset(c):
+    """Parquet of 2M rows, generated once (in the parent, so no worker's RSS includes it)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from omegaconf import OmegaConf
-
-    from train import data as data_lib
-    from train import distributed
-    from train.loop import batch_shardings
 
     rows = 2_000_000
     parquet = CACHE / f"e2e_{c}.parquet"
@@ -169,17 +164,36 @@ def _e2e(cfg, setup, step, state, c, steps, repeats):
         cols["h"] = rng.integers(0, 1000, rows).astype(np.int32)
         cols["y"] = rng.normal(size=rows).astype(np.float32)
         pq.write_table(pa.table(cols), parquet, row_group_size=1 << 18)
+    from omegaconf import OmegaConf
+
+    from train import data as data_lib
+    from train.config import DataConfig
+
+    numeric = [f"x{j}" for j in range(DENSE_D)]
+    data_cfg = OmegaConf.structured(
+        DataConfig(path=str(parquet), numeric=numeric, categorical=["g", "h"], target="y")
+    )
+    data_lib.prepare(data_cfg, CACHE / f"e2e_run_{c}", "gaussian")  # cached for the workers
+    return parquet
+
+
+def _e2e(cfg, setup, step, state, c, steps, repeats):
+    """Parquet -> prepare (vocab, encode, shuffle; cached) -> grain batches -> step."""
+    from omegaconf import OmegaConf
+
+    from train import data as data_lib
+    from train.loop import device_batches
+
+    parquet = e2e_dataset(c)
     data_cfg = OmegaConf.merge(cfg.data, {"path": str(parquet), "target": "y"})
     store, _ = data_lib.prepare(data_cfg, CACHE / f"e2e_run_{c}", "gaussian")
-    batches = data_lib.StepBatches(store, BATCH, 0)
-    sh = batch_shardings(setup.mesh)
     holder = {"state": state}
     total = 3 + steps * (repeats + 1)
-    it = data_lib.iterate(batches, 0, total, cfg.data.prefetch)
+    cfg = OmegaConf.merge(cfg, {"data": {"batch_size": BATCH}, "train": {"seed": 0}})
+    it = device_batches(store, cfg, step, 0, total)
 
     def run(_i):
-        batch = distributed.global_batch(next(it), sh)
-        holder["state"], loss = step(holder["state"], batch)
+        holder["state"], loss = step(holder["state"], next(it))
         loss.block_until_ready()
 
     return _time_steps(run, steps, repeats)
@@ -236,7 +250,7 @@ from numpyro.infer import SVI
 from numpyro.infer.autoguide import AutoNormal
 from blayers.layers import AdaptiveLayer, InterceptLayer, RandomEffectsLayer, EmbeddingLayer
 from blayers.links import gaussian_link
-from blayers.infer import Batched_Trace_ELBO
+from blayers.vi_infer import Batched_Trace_ELBO
 c, term, steps, repeats, B, D, M, N = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
                                        int(sys.argv[4]), 4096, 32, 8, 10_000_000)
 def model(x, g, y=None):
@@ -321,6 +335,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-upstream", action="store_true")
+    parser.add_argument("--paths", default="sparse,dense,numpyro,upstream")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -336,7 +351,7 @@ def main() -> None:
         return
 
     cats = [int(float(x)) for x in args.cats.split(",")]
-    paths = ["sparse", "dense", "numpyro"] + ([] if args.skip_upstream else ["upstream"])
+    paths = [p for p in args.paths.split(",") if not (args.skip_upstream and p == "upstream")]
     header = (
         f"{'term':<15}{'c':>10} {'mode':<5}"
         + "".join(f"{p + ' ex/s':>15}" for p in paths)
@@ -348,6 +363,8 @@ def main() -> None:
     for term in args.terms.split(","):
         for c in cats:
             for mode in args.modes.split(","):
+                if mode == "e2e":
+                    e2e_dataset(c)
                 row = {}
                 for p in paths:
                     if mode == "e2e" and p not in ("sparse", "dense"):
@@ -363,12 +380,15 @@ def main() -> None:
                 )
                 ratios = "".join(
                     f"{rate['sparse'] / rate[p]:>14.1f}x"
-                    if rate[p] and rate["sparse"]
+                    if rate[p] and rate.get("sparse")
                     else f"{'-':>15}"
-                    for p in paths[1:]
+                    for p in paths
+                    if p != "sparse"
                 )
                 rss = "".join(
-                    f"{row[p]['peak_rss_mb']:>15,.0f}" if "peak_rss_mb" in row[p] else f"{'-':>15}"
+                    f"{row[p]['peak_rss_mb']:>15,.0f}"
+                    if "peak_rss_mb" in row.get(p, {})
+                    else f"{'-':>15}"
                     for p in ("sparse", "dense")
                 )
                 print(f"{term:<15}{c:>10} {mode:<5}{cells}{ratios}{rss}", flush=True)

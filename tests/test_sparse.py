@@ -14,7 +14,7 @@ import pytest
 from tests.service_helpers import load_params, small_config
 from train import data as data_lib
 from train import loop
-from train.sparse import batch_rows
+from train.sparse import batch_rows, host_rows
 
 C = 60
 
@@ -112,11 +112,14 @@ def test_duplicate_ids_are_combined_with_frequency_weights():
     table = {term.table_site: SparseTable(term.table_site, term, 8)}
     counts = {term.table_site: jnp.asarray([10.0, 4, 2, 1, 1, 1, 1, 0])}
     cat = jnp.asarray([[1], [1], [0], [1], [3]], jnp.int32)
-    uniq, local, weights = batch_rows(cat, table, counts, num_data=100)
-    u, w = np.asarray(uniq[term.table_site]), np.asarray(weights[term.table_site])
-    assert u.tolist() == [0, 1, 3, 8, 8]  # fill ids point past the table (dropped on scatter)
-    np.testing.assert_allclose(w, [1 * 100 / 5 / 10, 3 * 100 / 5 / 4, 1 * 100 / 5 / 1, 0, 0])
-    assert np.asarray(local["g"])[:, 0].tolist() == [1, 1, 0, 1, 2]
+    expected_w = [1 * 100 / 5 / 10, 3 * 100 / 5 / 4, 1 * 100 / 5 / 1, 0, 0]
+    host = {k: jnp.asarray(v) for k, v in host_rows(np.asarray(cat), table).items()}
+    for batch in ({"categorical": cat}, {"categorical": cat, **host}):  # device, host dedup
+        uniq, local, weights = batch_rows(batch, table, counts, num_data=100)
+        u, w = np.asarray(uniq[term.table_site]), np.asarray(weights[term.table_site])
+        assert u.tolist() == [0, 1, 3, 8, 8]  # fill ids point past the table (dropped)
+        np.testing.assert_allclose(w, expected_w)
+        assert np.asarray(local["g"])[:, 0].tolist() == [1, 1, 0, 1, 2]
 
 
 COLLECTIVE = re.compile(
@@ -156,10 +159,8 @@ def test_compiled_sparse_step_never_gathers_a_table(tmp_path):
     assert {s.data.shape for s in table.addressable_shards} == {(rows // 8,)}  # 1/8 per device
 
     step = loop.make_train_step(setup, {c: v.counts for c, v in vocabs.items()})
-    batch = {
-        k: jax.device_put(v, loop.batch_shardings(setup.mesh)[k])
-        for k, v in data_lib.StepBatches(store, 256, 0)(0).items()
-    }
+    local = step.prepare(data_lib.StepBatches(store, 256, 0)(0))
+    batch = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in local.items()}
     hlo = jax.jit(lambda s, b: step(s, b)).lower(state, batch).compile().as_text()
     collectives = collective_sizes(hlo)
     assert collectives, "expected the sharded gather to communicate"

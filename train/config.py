@@ -27,6 +27,8 @@ class DataConfig:
     categorical: list[str] = field(default_factory=list)
     batch_size: int = 4096
     prefetch: int = 2  # batches prepared ahead by background threads
+    # rows per contiguous block of the (once-shuffled) store; 1 = per-row shuffle each epoch
+    shuffle_block: int = 256
     generate_default: bool = False  # write the embedded default dataset to `path` if missing
     default_rows: int = 1_000_000
 

@@ -18,7 +18,7 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -118,7 +118,11 @@ def numeric_block(batch: pa.RecordBatch, columns: Sequence[str]) -> np.ndarray:
 
 @dataclass
 class Store:
-    """Memory-mapped encoded rows: ``numeric (N, d)``, ``categorical (N, F)``, ``target (N,)``."""
+    """Memory-mapped encoded rows: ``numeric (N, d)``, ``categorical (N, F)``, ``target (N,)``.
+
+    Features are stored row-major (one fixed-size list per row and kind), so a batch is two
+    row gathers, whatever the number of feature columns.
+    """
 
     numeric_columns: list[str]
     categorical_columns: list[str]
@@ -132,10 +136,17 @@ class Store:
         source = pa.memory_map(str(path), "r")
         table = pa.ipc.open_file(source).read_all()
         meta = json.loads(table.schema.metadata[b"blayers"])
-        chunks = {
-            name: [c.to_numpy(zero_copy_only=True) for c in table.column(name).chunks]
-            for name in table.column_names
-        }
+        widths = {NUMERIC: len(meta["numeric"]), CATEGORICAL: len(meta["categorical"])}
+        chunks = {}
+        for name in table.column_names:
+            parts = []
+            for chunk in table.column(name).chunks:
+                if name in widths:  # fixed-size list: zero-copy (rows, width) view
+                    flat = chunk.flatten().to_numpy(zero_copy_only=True)
+                    parts.append(flat.reshape(len(chunk), widths[name]))
+                else:
+                    parts.append(chunk.to_numpy(zero_copy_only=True))
+            chunks[name] = parts
         lengths = [len(c) for c in next(iter(chunks.values()))] if chunks else [0]
         return cls(
             meta["numeric"],
@@ -146,33 +157,39 @@ class Store:
             meta["has_target"],
         )
 
+    def column(self, name: str) -> np.ndarray:
+        """A whole stored block (``numeric``, ``categorical`` or ``target``), concatenated."""
+        return np.concatenate(self._chunks[name])
+
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Gather ``rows`` (sorted for locality) into one batch of numpy arrays."""
         rows = np.asarray(rows, np.int64)
         chunk_of = np.searchsorted(self._offsets, rows, side="right") - 1
         local = rows - self._offsets[chunk_of]
+        single = chunk_of[0] == chunk_of[-1] if len(rows) else True
 
-        def gather(name: str, dtype: Any) -> np.ndarray:
-            out = np.empty(len(rows), dtype)
+        def gather(name: str, width: int | None, dtype: Any) -> np.ndarray:
+            if name not in self._chunks:
+                return np.zeros((len(rows), width or 0), dtype)
+            parts = self._chunks[name]
+            if single:
+                return parts[int(chunk_of[0]) if len(rows) else 0][local]
+            out = np.empty((len(rows), width) if width is not None else len(rows), dtype)
             for c in np.unique(chunk_of):
                 sel = chunk_of == c
-                out[sel] = self._chunks[name][c][local[sel]]
+                out[sel] = parts[c][local[sel]]
             return out
 
-        n = len(rows)
         batch = {
-            "numeric": np.stack([gather(f"num:{c}", np.float32) for c in self.numeric_columns], 1)
-            if self.numeric_columns
-            else np.zeros((n, 0), np.float32),
-            "categorical": np.stack(
-                [gather(f"cat:{c}", np.int32) for c in self.categorical_columns], 1
-            )
-            if self.categorical_columns
-            else np.zeros((n, 0), np.int32),
+            "numeric": gather(NUMERIC, len(self.numeric_columns), np.float32),
+            "categorical": gather(CATEGORICAL, len(self.categorical_columns), np.int32),
         }
         if self.has_target:
-            batch["target"] = gather("target", np.float32)
+            batch["target"] = gather(TARGET, None, np.float32)
         return batch
+
+
+NUMERIC, CATEGORICAL, TARGET = "numeric", "categorical", "target"
 
 
 def _encode_batch(
@@ -184,17 +201,24 @@ def _encode_batch(
     link: str | None,
 ) -> dict[str, np.ndarray]:
     cols: dict[str, np.ndarray] = {}
-    block = numeric_block(batch, numeric)
-    for j, col in enumerate(numeric):
-        cols[f"num:{col}"] = block[:, j]
-    for col in categorical:
-        cols[f"cat:{col}"] = vocabs[col].encode(batch.column(col))
+    if numeric:
+        cols[NUMERIC] = numeric_block(batch, numeric)
+    if categorical:
+        cols[CATEGORICAL] = np.stack(
+            [vocabs[col].encode(batch.column(col)) for col in categorical], axis=1
+        )
     if target is not None:
         y = numeric_block(batch, [target])[:, 0]
         if link is not None:
             links.check_target(link, y, column=target)
-        cols["target"] = y
+        cols[TARGET] = y
     return cols
+
+
+def _arrow_block(values: np.ndarray) -> pa.Array:
+    if values.ndim == 1:
+        return pa.array(values)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
 
 
 def write_store(
@@ -216,10 +240,13 @@ def write_store(
         "categorical": list(categorical),
         "has_target": target is not None,
     }
-    fields = [pa.field(f"num:{c}", pa.float32()) for c in numeric]
-    fields += [pa.field(f"cat:{c}", pa.int32()) for c in categorical]
+    fields = []
+    if numeric:
+        fields.append(pa.field(NUMERIC, pa.list_(pa.float32(), len(numeric))))
+    if categorical:
+        fields.append(pa.field(CATEGORICAL, pa.list_(pa.int32(), len(categorical))))
     if target is not None:
-        fields.append(pa.field("target", pa.float32()))
+        fields.append(pa.field(TARGET, pa.float32()))
     schema = pa.schema(fields, metadata={"blayers": json.dumps(meta)})
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,8 +257,10 @@ def write_store(
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
 
             def flush() -> None:
-                cols = {f.name: np.concatenate([p[f.name] for p in pending]) for f in fields}
-                writer.write_batch(pa.record_batch([cols[f.name] for f in fields], schema=schema))
+                arrays = [
+                    _arrow_block(np.concatenate([p[f.name] for p in pending])) for f in fields
+                ]
+                writer.write_batch(pa.record_batch(arrays, schema=schema))
                 pending.clear()
 
             for batch in batches:
@@ -253,8 +282,34 @@ def write_store(
     return rows
 
 
+def shuffle_store(src: Path, dst: Path, seed: int) -> None:
+    """Rewrite the encoded rows of ``src`` into ``dst`` in one global random order, a chunk of
+    output at a time (random reads from the memory-mapped source; atomic rename)."""
+    store = Store.open(src)
+    schema = pa.ipc.open_file(pa.memory_map(str(src), "r")).schema
+    perm = np.random.default_rng(seed).permutation(store.num_rows)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for lo in range(0, store.num_rows, CHUNK_ROWS):
+                rows = perm[lo : lo + CHUNK_ROWS]
+                order = np.argsort(rows)
+                sorted_batch = store.take(rows[order])  # sequential-ish reads
+                inverse = np.empty_like(order)
+                inverse[order] = np.arange(len(order))
+                arrays = [_arrow_block(sorted_batch[f.name][inverse]) for f in schema]
+                writer.write_batch(pa.record_batch(arrays, schema=schema))
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+STORE_FORMAT = 3  # bump when the encoded layout changes, so old files are rebuilt
+
+
 def source_fingerprint(files: Sequence[str], columns: Sequence[str]) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"format {STORE_FORMAT}".encode())
     for f in files:
         st = os.stat(f)
         h.update(f"{os.path.abspath(f)}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -300,9 +355,15 @@ def prepare(
         return Store.open(store_path), vocabs
 
     batches = dataset.to_batches(columns=columns, batch_size=read_batch_rows)
-    write_store(batches, store_path, numeric, categorical, target, vocabs, link)
+    unshuffled = store_path.with_name(f".{store_path.name}.input-order")
+    write_store(batches, unshuffled, numeric, categorical, target, vocabs, link)
+    try:
+        shuffle_store(unshuffled, store_path, seed=0)
+    finally:
+        unshuffled.unlink(missing_ok=True)
     store = Store.open(store_path)
-    unseen = {c: int((_column(store, f"cat:{c}") < 0).sum()) for c in categorical}
+    ids = store.column(CATEGORICAL) if categorical else np.zeros((0, 0), np.int32)
+    unseen = {c: int((ids[:, j] < 0).sum()) for j, c in enumerate(categorical)}
     bad = {c: n for c, n in unseen.items() if n}
     if bad:
         store_path.unlink()
@@ -318,17 +379,20 @@ def prepare(
     return store, vocabs
 
 
-def _column(store: Store, name: str) -> np.ndarray:
-    return np.concatenate(store._chunks[name]) if store._chunks[name] else np.zeros(0)
-
-
 # --------------------------------------------------------------------------------------------
 # batches as a pure function of the step
 # --------------------------------------------------------------------------------------------
 
 
 class StepBatches:
-    """The local share of the global batch at step ``s``, a pure function of ``(seed, s)``."""
+    """The local share of the global batch at step ``s``, a pure function of ``(seed, s)``.
+
+    The encoded store is shuffled once when it is written, so contiguous blocks of it are
+    random samples. Each epoch permutes the ``ceil(N / block)`` blocks (the last wraps around to
+    the start); step ``s`` takes the next ``B / block`` blocks. Reads are sequential within a
+    block, which is what makes batches cheap to gather from a memory-mapped file; ``block=1``
+    is a plain per-row shuffle.
+    """
 
     def __init__(
         self,
@@ -337,35 +401,47 @@ class StepBatches:
         seed: int,
         process_index: int = 0,
         process_count: int = 1,
+        transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+        block: int = 1,
     ) -> None:
+        """``transform`` runs on each local batch in the pipeline's threads (e.g. the sparse
+        tables' host-side deduplication)."""
         if global_batch % process_count:
             raise DataError(
                 f"data.batch_size={global_batch} does not divide over {process_count} processes"
             )
+        self.local = global_batch // process_count
+        block = max(1, min(int(block), self.local, store.num_rows))
+        while self.local % block:  # the largest block size that tiles each process's share
+            block -= 1
         self.store = store
         self.global_batch = global_batch
         self.seed = seed
-        self.local = global_batch // process_count
+        self.block = block
+        self.num_blocks = -(-store.num_rows // block)
         self.start = process_index * self.local
+        self.transform = transform
 
     @lru_cache(maxsize=2)  # noqa: B019 - two epochs live at an epoch boundary; bounded
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.store.num_rows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
 
     def rows(self, step: int) -> np.ndarray:
         """Global row indices of this process's share of step ``step``'s batch (sorted)."""
-        n = self.store.num_rows
-        first = step * self.global_batch + self.start
-        positions = np.arange(first, first + self.local, dtype=np.int64)
-        epochs, within = np.divmod(positions, n)
-        out = np.empty(self.local, np.int64)
+        per_step = self.global_batch // self.block
+        first = step * per_step + self.start // self.block
+        positions = np.arange(first, first + self.local // self.block, dtype=np.int64)
+        epochs, within = np.divmod(positions, self.num_blocks)
+        blocks = np.empty(len(positions), np.int64)
         for e in np.unique(epochs):
             sel = epochs == e
-            out[sel] = self._permutation(int(e))[within[sel]]
-        return np.sort(out)
+            blocks[sel] = self._permutation(int(e))[within[sel]]
+        rows = (blocks[:, None] * self.block + np.arange(self.block)).ravel()
+        return np.sort(rows % self.store.num_rows)
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        return self.store.take(self.rows(step))
+        batch = self.store.take(self.rows(step))
+        return self.transform(batch) if self.transform is not None else batch
 
 
 def iterate(batches: StepBatches, start: int, stop: int, prefetch: int) -> Iterator[Any]:

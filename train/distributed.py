@@ -49,6 +49,11 @@ def global_batch(
     local: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding]
 ) -> dict[str, jax.Array]:
     """Assemble this process's rows into global arrays sharded on the ``data`` axis."""
+    if jax.process_count() == 1:  # one transfer for the whole batch
+        return jax.device_put(
+            {k: np.asarray(v) for k, v in local.items() if k in shardings},
+            {k: shardings[k] for k in local if k in shardings},
+        )
     return {
         k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
         for k, v in local.items()

@@ -7,7 +7,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,15 @@ from train import data as data_lib
 from train import distributed
 from train.config import ConfigError, to_container
 from train.model import Columns, build_model
-from train.sparse import SparseTable, make_sparse_step, row_counts
+from train.sparse import (
+    COUNT,
+    LOCAL,
+    UNIQ,
+    SparseTable,
+    host_rows,
+    make_sparse_step,
+    row_counts,
+)
 from train.state import (
     TrainState,
     bytes_per_device,
@@ -228,9 +236,6 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         },
     }
     step_fn = make_train_step(setup, {c: v.counts for c, v in vocabs.items()})
-    batches = data_lib.StepBatches(
-        store, cfg.data.batch_size, cfg.train.seed, jax.process_index(), jax.process_count()
-    )
     first = int(state.step)
     total = int(cfg.train.steps)
     # fake CPU devices can deadlock on un-blocked collective loops (see DESIGN); block each step
@@ -250,8 +255,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         ) as bar,
     ):
         t_log, rows_since = time.perf_counter(), 0
-        for local in data_lib.iterate(batches, first, total, cfg.data.prefetch):
-            batch = distributed.global_batch(local, batch_shardings(mesh))
+        for batch in device_batches(store, cfg, step_fn, first, total):
             state, loss = step_fn(state, batch)
             step += 1
             rows_since += cfg.data.batch_size
@@ -305,15 +309,58 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     return result
 
 
-def make_train_step(
-    setup: Setup, vocab_counts: Mapping[str, np.ndarray]
-) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, jax.Array]]:
-    """The dense step, or the row-sparse one when any table term is sparse."""
+@dataclass
+class TrainStep:
+    """A compiled step plus what feeds it: host-side batch preparation and batch shardings."""
+
+    step: Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, jax.Array]]
+    prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    batch_shardings: dict[str, NamedSharding]
+
+    def __call__(self, state: TrainState, batch: Mapping[str, jax.Array]) -> Any:
+        return self.step(state, batch)
+
+
+def device_batches(
+    store: data_lib.Store, cfg: Any, step_fn: TrainStep, first: int, total: int
+) -> Iterator[dict[str, jax.Array]]:
+    """Global device batches for steps ``first..total-1``. Gathering, host-side preparation and
+    the transfer to devices all run in the data pipeline's threads, so the main thread only
+    dispatches steps."""
+
+    def to_device(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return distributed.global_batch(step_fn.prepare(local), step_fn.batch_shardings)
+
+    batches = data_lib.StepBatches(
+        store,
+        cfg.data.batch_size,
+        cfg.train.seed,
+        jax.process_index(),
+        jax.process_count(),
+        transform=to_device,
+        block=cfg.data.shuffle_block,
+    )
+    return data_lib.iterate(batches, first, total, cfg.data.prefetch)
+
+
+def make_train_step(setup: Setup, vocab_counts: Mapping[str, np.ndarray]) -> TrainStep:
+    """The dense step, or the row-sparse one when any table term is sparse. With one process
+    the sparse tables' rows are deduplicated on the host, in the data pipeline's threads; with
+    several, each process holds only part of the batch, so the step deduplicates on device."""
     batch_sh = batch_shardings(setup.mesh)
     if not setup.sparse:
-        return make_step(
+        step = make_step(
             setup.model, setup.sites, setup.optimizer, setup.num_data, setup.shardings, batch_sh
         )
+        return TrainStep(step, lambda b: b, batch_sh)
+    host_dedup = jax.process_count() == 1
+    if host_dedup:
+        replicated = NamedSharding(setup.mesh, PartitionSpec())
+        rows = batch_sh["categorical"]
+        for site in setup.sparse:
+            batch_sh[UNIQ + site] = replicated
+            batch_sh[COUNT + site] = replicated
+            batch_sh[LOCAL + site] = rows
     counts_sh = {s: setup.shardings.params[s]["loc"] for s in setup.sparse}
     counts = {
         s: jax.device_put(row_counts(t.term, vocab_counts, setup.columns), counts_sh[s])
@@ -331,7 +378,11 @@ def make_train_step(
         batch_sh,
         counts_sh,
     )
-    return lambda state, batch: step(state, batch, counts)
+
+    def prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**batch, **host_rows(batch["categorical"], setup.sparse)} if host_dedup else batch
+
+    return TrainStep(lambda state, batch: step(state, batch, counts), prepare, batch_sh)
 
 
 def _latest_meta(ckpt_dir: Path) -> tuple[int | None, dict[str, Any] | None]:

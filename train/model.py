@@ -100,11 +100,15 @@ class Term:
     def table_site(self) -> str:
         return f"{self.layer_name}_{self.name}_theta"
 
+    @property
+    def row_offsets(self) -> np.ndarray:
+        """First table row of each input field."""
+        return np.concatenate([[0], np.cumsum(self.num_categories)[:-1]]).astype(np.int32)
+
     def rows(self, categorical: jax.Array) -> jax.Array:
         """Global table rows ``(n, F)`` this term reads for each example."""
         ids = categorical[:, list(self.categorical_idx)]
-        offsets = np.concatenate([[0], np.cumsum(self.num_categories)[:-1]])
-        return ids + jnp.asarray(offsets[: ids.shape[1]], dtype=ids.dtype)
+        return ids + jnp.asarray(self.row_offsets, dtype=ids.dtype)
 
     def __call__(
         self, numeric: jax.Array, categorical: jax.Array, local: jax.Array | None = None

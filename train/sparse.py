@@ -119,24 +119,57 @@ def make_sparse_loss(
     return loss
 
 
+UNIQ, COUNT, LOCAL = "uniq:", "count:", "local:"
+
+
+def host_rows(categorical: np.ndarray, sparse: Mapping[str, SparseTable]) -> dict[str, np.ndarray]:
+    """Deduplicate each sparse table's rows of a batch on the host (numpy, in the data
+    pipeline's threads): ``uniq:{site}`` (fill = table size), ``count:{site}`` and
+    ``local:{site}`` arrays that :func:`batch_rows` uses instead of a device-side ``unique``."""
+    out = {}
+    for site, table in sparse.items():
+        term = table.term
+        rows = categorical[:, list(term.categorical_idx)] + term.row_offsets[None, :]
+        k = rows.size
+        u, inv, c = np.unique(rows.ravel(), return_inverse=True, return_counts=True)
+        uniq = np.full(k, table.rows, np.int32)
+        uniq[: len(u)] = u
+        counts = np.zeros(k, np.float32)
+        counts[: len(u)] = c
+        out[UNIQ + site] = uniq
+        out[COUNT + site] = counts
+        out[LOCAL + site] = inv.reshape(rows.shape).astype(np.int32)
+    return out
+
+
 def batch_rows(
-    categorical: jax.Array,
+    batch: Mapping[str, jax.Array],
     sparse: Mapping[str, SparseTable],
     counts: Mapping[str, jax.Array],
     num_data: int,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array]]:
-    """Per sparse table: unique rows (fill = table size), local ids, and row weights."""
+    """Per sparse table: unique rows (fill = table size), local ids, and row weights — from the
+    host's deduplication when the batch carries it, else by ``unique`` on device."""
     uniq, local, weights = {}, {}, {}
+    categorical = batch["categorical"]
     b = categorical.shape[0]
     for site, table in sparse.items():
-        rows = table.term.rows(categorical)
-        k = rows.size
-        u, inv, c = jnp.unique(
-            rows.ravel(), size=k, fill_value=table.rows, return_inverse=True, return_counts=True
-        )
+        if UNIQ + site in batch:
+            u, c = batch[UNIQ + site], batch[COUNT + site]
+            inv = batch[LOCAL + site]
+        else:
+            rows = table.term.rows(categorical)
+            u, inv, c = jnp.unique(
+                rows.ravel(),
+                size=rows.size,
+                fill_value=table.rows,
+                return_inverse=True,
+                return_counts=True,
+            )
+            inv = inv.reshape(rows.shape)
         n_r = _gather(counts[site], u)
         uniq[site] = u
-        local[table.term.name] = inv.reshape(rows.shape).astype(jnp.int32)
+        local[table.term.name] = inv.astype(jnp.int32)
         weights[site] = jnp.where(n_r > 0, c * (num_data / b) / jnp.maximum(n_r, 1.0), 0.0)
     return uniq, local, weights
 
@@ -168,7 +201,7 @@ def make_sparse_step(
     ) -> tuple[TrainState, jax.Array]:
         key = jax.random.fold_in(state.rng, state.step)
         dense, tables = split_params(state.params, sparse)
-        uniq, local, weights = batch_rows(batch["categorical"], sparse, counts, num_data)
+        uniq, local, weights = batch_rows(batch, sparse, counts, num_data)
         gathered = {
             s: {f: _gather(x, uniq[s]) for f, x in fields.items()} for s, fields in tables.items()
         }
