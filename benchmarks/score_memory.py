@@ -5,7 +5,7 @@
 
 A small run of the default model (intercept + dense + three random effects + an FM over
 user x item) is trained once into ``benchmarks/.cache``. Each scorer runs in its own process
-and reports its own peak RSS (``ru_maxrss``):
+and reports its own peak RSS (``VmHWM``):
 
 - ``blayers-score``: streamed, gathered table rows, summaries reduced on device;
 - ``Predictive``: NumPyro's ``Predictive`` over the same guide (same parameters, wrapped as a
@@ -28,6 +28,17 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), which — unlike ru_maxrss — starts afresh at
+    exec, so a worker does not inherit its parent's high-water mark."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 REPO = HERE.parent
 CACHE = HERE / ".cache" / "score"
 
@@ -160,7 +171,7 @@ def main() -> None:
             if kind == "ours"
             else worker_predictive(run, data, int(draws), float(mem_gb))
         )
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
 

@@ -15,7 +15,7 @@ gaussian link, batch 4096, Zipf-distributed ids. Paths:
 
 Modes: ``step`` (batches already on device, as the peers run) and ``e2e`` (this project only:
 Parquet → grain data stage → step). Each configuration runs in its own process so its peak RSS
-(``ru_maxrss``) is its own; compile time is excluded; throughput is the median of repeats.
+(``VmHWM``) is its own; compile time is excluded; throughput is the median of repeats.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,17 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), which — unlike ru_maxrss — starts afresh at
+    exec, so a worker does not inherit its parent's high-water mark."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 REPO = HERE.parent
 CACHE = HERE / ".cache"
 UPSTREAM_VENV = CACHE / "venv-upstream"
@@ -253,7 +263,7 @@ from blayers.links import gaussian_link
 from blayers.vi_infer import Batched_Trace_ELBO
 c, term, steps, repeats, B, D, M, N = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
                                        int(sys.argv[4]), 4096, 32, 8, 10_000_000)
-def model(x, g, y=None):
+def model(x, g, y=None):  # upstream layers return (n, 1): y is passed as (n, 1) to match
     mu = InterceptLayer()("b", ) + AdaptiveLayer()("x", x)
     if term == "random_effects":
         mu = mu + RandomEffectsLayer()("g", g, c)
@@ -263,7 +273,7 @@ def model(x, g, y=None):
 rng = np.random.default_rng(0)
 batches = [dict(x=jnp.asarray(rng.normal(size=(B, D)), jnp.float32),
                 g=jnp.asarray((rng.zipf(1.2, size=B) - 1) % c, jnp.int32),
-                y=jnp.asarray(rng.normal(size=B), jnp.float32)) for _ in range(8)]
+                y=jnp.asarray(rng.normal(size=(B, 1)), jnp.float32)) for _ in range(8)]
 svi = SVI(model, AutoNormal(model), optax.adam(1e-2), Batched_Trace_ELBO(N, batch_size=B))
 state = svi.init(jax.random.PRNGKey(0), **batches[0])
 update = jax.jit(svi.update)
@@ -277,9 +287,10 @@ for _ in range(repeats):
     t = time.perf_counter()
     for i in range(steps): run(i)
     times.append((time.perf_counter() - t) / steps)
-import resource
+from pathlib import Path
+hwm = [l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:")]
 print(json.dumps({"s_per_step": statistics.median(times),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": int(hwm[0].split()[1]) / 1024}))
 """
 
 
@@ -306,6 +317,7 @@ def run_config(path, c, term, mode, steps, repeats) -> dict:
         if python is None or term == "fm":
             return {"error": "n/a"}
         cmd = [str(python), "-c", UPSTREAM_WORKER, str(c), term, str(steps), str(repeats)]
+        env.pop("PYTHONPATH", None)  # upstream is also called blayers: keep ours off its path
     else:
         cmd = [
             sys.executable,
@@ -318,7 +330,9 @@ def run_config(path, c, term, mode, steps, repeats) -> dict:
             str(steps),
             str(repeats),
         ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=str(CACHE)
+    )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
         return {"error": tail[0][:60]}
@@ -346,7 +360,7 @@ def main() -> None:
             sec = worker_ours(c, term, path == "sparse", mode, steps, repeats)
         else:
             sec = worker_numpyro(c, term, steps, repeats)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss = peak_rss_mb()
         print(json.dumps({"s_per_step": sec, "peak_rss_mb": rss}))
         return
 

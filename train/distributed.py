@@ -27,22 +27,44 @@ def wants_distributed(cfg: Any, env: Mapping[str, str] | None = None) -> bool:
     return int(env.get("SLURM_NTASKS", "1") or 1) > 1
 
 
-def maybe_initialize(cfg: Any) -> bool:
-    """Start the distributed runtime if this job spans processes; idempotent."""
+def maybe_initialize(cfg: Any, env: Mapping[str, str] | None = None) -> bool:
+    """Start the distributed runtime if this job spans processes; idempotent.
+
+    Coordinator, process count and id come from config, else from ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` (set by ``launch/local.py`` and the cluster
+    recipes), else from JAX's own cluster detection (SLURM, Kubernetes, MPI, Cloud TPU).
+    """
     global _initialized
-    if _initialized or not wants_distributed(cfg):
+    env = os.environ if env is None else env
+    if _initialized or not wants_distributed(cfg, env):
         return _initialized
-    kwargs: dict[str, Any] = {}
-    if cfg.coordinator:
-        kwargs["coordinator_address"] = cfg.coordinator
-    if cfg.num_processes is not None:
-        kwargs["num_processes"] = cfg.num_processes
-    if cfg.process_id is not None:
-        kwargs["process_id"] = cfg.process_id
-    kwargs["heartbeat_timeout_seconds"] = cfg.heartbeat_timeout_s
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(**initialize_kwargs(cfg, env))
     _initialized = True
     return True
+
+
+def initialize_kwargs(cfg: Any, env: Mapping[str, str]) -> dict[str, Any]:
+    """Arguments for ``jax.distributed.initialize`` from config, then environment."""
+    kwargs: dict[str, Any] = {}
+    coordinator = cfg.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    num = cfg.num_processes if cfg.num_processes is not None else env.get("JAX_NUM_PROCESSES")
+    pid = cfg.process_id if cfg.process_id is not None else env.get("JAX_PROCESS_ID")
+    if coordinator:
+        kwargs["coordinator_address"] = coordinator
+    if num is not None:
+        kwargs["num_processes"] = int(num)
+    if pid is not None:
+        kwargs["process_id"] = int(pid)
+    kwargs["heartbeat_timeout_seconds"] = int(cfg.heartbeat_timeout_s)
+    return kwargs
+
+
+def barrier(name: str) -> None:
+    """All processes reach this point before any goes on (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def global_batch(

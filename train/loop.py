@@ -194,7 +194,12 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     mesh = build_mesh(cfg)
     check_batch_size(cfg, mesh)
     link = str(cfg.model.link)
-    store, vocabs = data_lib.prepare(cfg.data, run_dir, None if cfg.model.get("_target_") else link)
+    link_check = None if cfg.model.get("_target_") else link
+    if jax.process_index() == 0:  # one writer for the run's vocabulary and encoded store
+        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check)
+    distributed.barrier("blayers-data-prepared")
+    if jax.process_index() != 0:
+        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check)
     sizes = {c: v.size for c, v in vocabs.items()}
     ckpt_dir = run_dir / "checkpoints"
     latest, saved = _latest_meta(ckpt_dir)
