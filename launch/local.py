@@ -67,14 +67,16 @@ def launch(
 ) -> int:
     """Run ``command`` in ``processes`` processes; returns the job's exit status."""
     port = free_port()
-    procs = []
+    procs, pumps = [], []
     for pid in range(processes):
         env = process_env(dict(os.environ), port, processes, pid, cpu_devices)
         proc = subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        threading.Thread(target=_pump, args=(proc.stdout, f"[{pid}] "), daemon=True).start()
+        pump = threading.Thread(target=_pump, args=(proc.stdout, f"[{pid}] "), daemon=True)
+        pump.start()
         procs.append(proc)
+        pumps.append(pump)
     start = time.monotonic()
     status = 0
     failed_at: float | None = None
@@ -97,8 +99,10 @@ def launch(
             status = status or 124
             break
         time.sleep(0.1)
-    for p in procs:
+    for p, pump in zip(procs, pumps, strict=True):
         p.wait()
+        pump.join(timeout=5)
+        p.stdout.close()
         if status == 0 and p.returncode != 0:
             status = p.returncode
     return status

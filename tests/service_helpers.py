@@ -40,6 +40,7 @@ def small_config(data_path: Path, run_dir: Path, **overrides: Any) -> Any:
     cfg.data.numeric = ["x1", "x2", "x3", "x4"]
     cfg.data.categorical = ["user", "item", "region"]
     cfg.data.batch_size = 64
+    cfg.data.shuffle_block = 8
     cfg.model.link = "logit"
     cfg.model.terms = SMALL_TERMS
     cfg.train.steps = 20

@@ -411,9 +411,17 @@ class StepBatches:
                 f"data.batch_size={global_batch} does not divide over {process_count} processes"
             )
         self.local = global_batch // process_count
-        block = max(1, min(int(block), self.local, store.num_rows))
-        while self.local % block:  # the largest block size that tiles each process's share
+        # the block depends on the global batch only, so the batch at step s is the same for
+        # any number of processes (resume stays exact when the process count changes)
+        block = max(1, min(int(block), global_batch, store.num_rows))
+        while global_batch % block:
             block -= 1
+        if self.local % block:
+            raise DataError(
+                f"data.shuffle_block={block} does not divide the {self.local} rows each of "
+                f"{process_count} processes reads; set data.shuffle_block to a divisor of "
+                f"{self.local}"
+            )
         self.store = store
         self.global_batch = global_batch
         self.seed = seed
