@@ -774,8 +774,14 @@ class CategoricalFMLayer(_HierarchicalLayer):
             (ax.CATEGORIES, ax.RANK, ax.UNITS),
             scale,
         )
-        v = theta[rows]  # (n, F, l, u)
-        return activation(_fm2(v.sum(axis=1), (v**2).sum(axis=1)))
+        # One 1-D row gather per field from a flat (C, l*u) view: XLA:CPU is several times
+        # faster at this than at one (n, F) gather of (l, u) slices, forward and backward.
+        flat = theta.reshape(rows_total, low_rank_dim * units)
+        fields = [flat[rows[:, f]] for f in range(rows.shape[1])]
+        shape = (rows.shape[0], low_rank_dim, units)
+        first = sum(fields[1:], fields[0]).reshape(shape)
+        second = sum((v * v for v in fields[1:]), fields[0] * fields[0]).reshape(shape)
+        return activation(_fm2(first, second))
 
 
 # --------------------------------------------------------------------------------------------
