@@ -354,7 +354,7 @@ def _validate_numeric(dataset: Any, numeric: Sequence[str]) -> None:
     """A pass over the numeric columns only, so bad values fail before any output exists."""
     if not numeric:
         return
-    for batch in dataset.to_batches(columns=list(numeric), batch_size=1 << 18):
+    for batch in data_lib.scan(dataset, numeric):
         data_lib.numeric_block(batch, numeric)
 
 
