@@ -58,6 +58,19 @@ def _pump(stream, prefix: str) -> None:
         sys.stdout.flush()
 
 
+def describe(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def _say(message: str) -> None:
+    print(f"launch: {message}", file=sys.stderr, flush=True)
+
+
 def launch(
     command: list[str],
     processes: int,
@@ -81,12 +94,17 @@ def launch(
     status = 0
     failed_at: float | None = None
     while any(p.poll() is None for p in procs):
-        for p in procs:
+        for pid, p in enumerate(procs):
             if p.poll() not in (None, 0) and status == 0:
                 status, failed_at = p.returncode, time.monotonic()
+                _say(
+                    f"process {pid} {describe(p.returncode)}; the others get {grace:g} s "
+                    "to stop on their own before they are terminated"
+                )
         late = failed_at is not None and time.monotonic() - failed_at > grace
         overdue = timeout is not None and time.monotonic() - start > timeout
         if late or overdue:
+            _say("timed out" if overdue else "grace period over: terminating the other processes")
             for p in procs:
                 if p.poll() is None:
                     p.send_signal(signal.SIGTERM)
@@ -98,13 +116,24 @@ def launch(
                     p.kill()
             status = status or 124
             break
-        time.sleep(0.1)
+        try:
+            time.sleep(0.1)
+        except KeyboardInterrupt:
+            # Ctrl-C reached every process of the job too: they checkpoint and exit, and the
+            # launcher stays to relay their output and status
+            _say("interrupted: the processes are checkpointing and will exit")
     for p, pump in zip(procs, pumps, strict=True):
         p.wait()
         pump.join(timeout=5)
         p.stdout.close()
         if status == 0 and p.returncode != 0:
             status = p.returncode
+    if status != 0:
+        states = ", ".join(f"process {i} {describe(p.returncode)}" for i, p in enumerate(procs))
+        _say(
+            f"job failed ({states}). Rerunning the same command resumes from the last "
+            "complete checkpoint."
+        )
     return status
 
 

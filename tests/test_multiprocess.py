@@ -22,7 +22,7 @@ def dataset(tmp_path_factory):
     return small_dataset(tmp_path_factory.mktemp("mp"), rows=3000)
 
 
-def _launch(*args: str, timeout: float = 400) -> int:
+def _launch(*args: str, timeout: float = 400, grace: float = 20) -> int:
     env_before = dict(os.environ)
     os.environ["PYTHONPATH"] = str(REPO)
     try:
@@ -30,7 +30,7 @@ def _launch(*args: str, timeout: float = 400) -> int:
             [sys.executable, "-m", "tests.mp_worker", *map(str, args)],
             processes=2,
             cpu_devices=4,
-            grace=20,
+            grace=grace,
             timeout=timeout,
         )
     finally:
@@ -78,3 +78,34 @@ def test_a_dead_process_fails_the_job_in_bounded_time(tmp_path):
         "sys.exit(3) if os.environ['JAX_PROCESS_ID'] == '1' else time.sleep(600)\n"
     )
     assert launch([sys.executable, "-c", code], processes=2, grace=2, timeout=60) == 3
+
+
+def test_a_killed_process_ends_the_job_and_the_rerun_resumes_exactly(dataset, tmp_path, capfd):
+    run = tmp_path / "mp"
+    # process 1 is SIGKILLed on reaching step 30; the launcher would wait 10 minutes, so the
+    # job ending before its 300 s timeout (status 124) is JAX's heartbeat bound at work
+    status = _launch(
+        "die-at",
+        30,
+        dataset,
+        run,
+        "train.steps=40",
+        "distributed.heartbeat_timeout_s=10",
+        grace=600,
+        timeout=300,
+    )
+    assert status == -9
+    assert "process 1 was killed by SIGKILL" in capfd.readouterr().err
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
+        10,
+        20,
+    ]
+    assert _launch("train", dataset, run, "train.steps=40") == 0
+    assert "[0] resumed from step 20" in capfd.readouterr().out
+    reference = small_config(
+        dataset, tmp_path / "single", **{"mesh.data": 2, "mesh.model": 4, "train.steps": 40}
+    )
+    loop.train(reference, log=lambda _: None)
+    a, b = load_params(run), load_params(tmp_path / "single")
+    for k in a:
+        assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)

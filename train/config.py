@@ -91,7 +91,10 @@ class DistributedConfig:
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    # a process that stops sending heartbeats this long fails the whole job (bounded hang)
     heartbeat_timeout_s: int = 100
+    # how long processes wait for each other at start-up before failing
+    init_timeout_s: int = 300
 
 
 @dataclass

@@ -1,14 +1,25 @@
 """Multi-process runtime: ``jax.distributed`` when the job spans processes, and global batches.
 
-Single-process jobs never touch the distributed runtime. A job is multi-process when
-``distributed.enabled`` is true, or (left unset) when the environment says so: an explicit
-``JAX_COORDINATOR_ADDRESS``, or a SLURM step with more than one task.
+Single-process jobs never touch the distributed runtime. Where a multi-process job learns its
+place, field by field (the first source that has the field wins):
+
+1. config: ``distributed.coordinator`` / ``num_processes`` / ``process_id``;
+2. ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (``launch/local.py``,
+   the Kubernetes manifest);
+3. a SLURM job step (``srun``): ``SLURM_STEP_NUM_TASKS``, ``SLURM_PROCID`` and the first host of
+   ``SLURM_STEP_NODELIST`` on a port derived from ``SLURM_JOB_ID``;
+4. a Kubernetes Indexed Job: ``JOB_COMPLETION_INDEX`` as the process id;
+5. whatever is still unset is left to JAX's own cluster detection (Cloud TPU, MPI, ...), which
+   is only reached with ``distributed.enabled=true``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -16,24 +27,153 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 _initialized = False
+# Far from common service ports; + SLURM_JOB_ID % span keeps jobs sharing a node apart.
+SLURM_PORT_BASE = 20000
+SLURM_PORT_SPAN = 20000
+
+
+@dataclass(frozen=True)
+class Placement:
+    """This process's place in the job, and where each field came from."""
+
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
+    sources: tuple[str, ...]
+
+    @property
+    def multi_process(self) -> bool:
+        if self.num_processes is not None:
+            return self.num_processes > 1
+        return self.coordinator is not None
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list (``gpu[01-03,07],cpu5``) as host names, in order."""
+    hosts: list[str] = []
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", nodelist):
+        expanded = [""]
+        for literal, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            choices = [literal]
+            if ranges:
+                choices = [literal + r for r in _expand_ranges(ranges, nodelist)]
+            expanded = [e + c for e in expanded for c in choices]
+        hosts.extend(h for h in expanded if h)
+    if not hosts:
+        raise ValueError(f"empty SLURM node list {nodelist!r}")
+    return hosts
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    out: list[str] = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"cannot read SLURM node list {nodelist!r} (range {part!r})")
+        width = len(lo)
+        out.extend(str(i).zfill(width) for i in range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _slurm(env: Mapping[str, str]) -> dict[str, Any]:
+    """Placement from a SLURM job step. Only inside ``srun`` (``SLURM_STEP_NUM_TASKS``): the
+    batch script itself also sees ``SLURM_NTASKS`` but is a single process."""
+    tasks = _int(env, "SLURM_STEP_NUM_TASKS")
+    if tasks is None or tasks <= 1:
+        return {}
+    found: dict[str, Any] = {"num_processes": tasks, "process_id": _int(env, "SLURM_PROCID")}
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if nodes:
+        port = _int(env, "BLAYERS_COORDINATOR_PORT")
+        if port is None:
+            port = SLURM_PORT_BASE + (_int(env, "SLURM_JOB_ID") or 0) % SLURM_PORT_SPAN
+        found["coordinator"] = f"{expand_hostlist(nodes)[0]}:{port}"
+    return found
+
+
+def _kubernetes(env: Mapping[str, str]) -> dict[str, Any]:
+    index = _int(env, "JOB_COMPLETION_INDEX")
+    return {} if index is None else {"process_id": index}
+
+
+def resolve_placement(cfg: Any, env: Mapping[str, str] | None = None) -> Placement:
+    """Merge config and environment into this process's placement (see the module doc)."""
+    env = os.environ if env is None else env
+    layers = [
+        (
+            "config",
+            {
+                "coordinator": cfg.coordinator,
+                "num_processes": cfg.num_processes,
+                "process_id": cfg.process_id,
+            },
+        ),
+        (
+            "JAX_* environment",
+            {
+                "coordinator": env.get("JAX_COORDINATOR_ADDRESS") or None,
+                "num_processes": _int(env, "JAX_NUM_PROCESSES"),
+                "process_id": _int(env, "JAX_PROCESS_ID"),
+            },
+        ),
+        ("SLURM", _slurm(env)),
+        ("Kubernetes Indexed Job", _kubernetes(env)),
+    ]
+    chosen: dict[str, Any] = {}
+    sources: list[str] = []
+    for field_name in ("coordinator", "num_processes", "process_id"):
+        for source, values in layers:
+            if values.get(field_name) is not None:
+                chosen[field_name] = values[field_name]
+                sources.append(f"{field_name} from {source}")
+                break
+    placement = Placement(
+        chosen.get("coordinator"),
+        chosen.get("num_processes"),
+        chosen.get("process_id"),
+        tuple(sources),
+    )
+    _check(placement)
+    return placement
+
+
+def _check(p: Placement) -> None:
+    where = "; ".join(p.sources)
+    if p.num_processes is not None and p.num_processes < 1:
+        raise ValueError(f"num_processes={p.num_processes} must be >= 1 ({where})")
+    pid, num = p.process_id, p.num_processes
+    if pid is not None and num is not None and not 0 <= pid < num:
+        raise ValueError(
+            f"process_id={pid} is outside [0, {num}) ({where}); check JAX_PROCESS_ID / "
+            "SLURM_PROCID / JOB_COMPLETION_INDEX against the process count"
+        )
+    if p.coordinator is not None and not re.fullmatch(r"\[?[^\s\[\]]+\]?:\d+", p.coordinator):
+        raise ValueError(
+            f"coordinator address {p.coordinator!r} must be host:port ({where}), "
+            "e.g. JAX_COORDINATOR_ADDRESS=node001:20001"
+        )
 
 
 def wants_distributed(cfg: Any, env: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if env is None else env
+    """Multi-process when config says so, or (unset) when the environment places this process
+    in a job of more than one process."""
     if cfg.enabled is not None:
         return bool(cfg.enabled)
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        return True
-    return int(env.get("SLURM_NTASKS", "1") or 1) > 1
+    return resolve_placement(cfg, env).multi_process
 
 
 def maybe_initialize(cfg: Any, env: Mapping[str, str] | None = None) -> bool:
-    """Start the distributed runtime if this job spans processes; idempotent.
-
-    Coordinator, process count and id come from config, else from ``JAX_COORDINATOR_ADDRESS``,
-    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` (set by ``launch/local.py`` and the cluster
-    recipes), else from JAX's own cluster detection (SLURM, Kubernetes, MPI, Cloud TPU).
-    """
+    """Start the distributed runtime if this job spans processes; idempotent."""
     global _initialized
     env = os.environ if env is None else env
     if _initialized or not wants_distributed(cfg, env):
@@ -44,19 +184,40 @@ def maybe_initialize(cfg: Any, env: Mapping[str, str] | None = None) -> bool:
 
 
 def initialize_kwargs(cfg: Any, env: Mapping[str, str]) -> dict[str, Any]:
-    """Arguments for ``jax.distributed.initialize`` from config, then environment."""
-    kwargs: dict[str, Any] = {}
-    coordinator = cfg.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
-    num = cfg.num_processes if cfg.num_processes is not None else env.get("JAX_NUM_PROCESSES")
-    pid = cfg.process_id if cfg.process_id is not None else env.get("JAX_PROCESS_ID")
-    if coordinator:
-        kwargs["coordinator_address"] = coordinator
-    if num is not None:
-        kwargs["num_processes"] = int(num)
-    if pid is not None:
-        kwargs["process_id"] = int(pid)
-    kwargs["heartbeat_timeout_seconds"] = int(cfg.heartbeat_timeout_s)
+    """Arguments for ``jax.distributed.initialize``; unset fields are left to JAX's detection."""
+    for key in ("heartbeat_timeout_s", "init_timeout_s"):
+        if int(cfg[key]) < 1:
+            raise ValueError(f"distributed.{key}={cfg[key]} must be at least 1 second")
+    placement = resolve_placement(cfg, env)
+    kwargs: dict[str, Any] = {
+        "heartbeat_timeout_seconds": int(cfg.heartbeat_timeout_s),
+        "initialization_timeout": int(cfg.init_timeout_s),
+    }
+    if placement.coordinator is not None:
+        kwargs["coordinator_address"] = placement.coordinator
+    if placement.num_processes is not None:
+        kwargs["num_processes"] = placement.num_processes
+    if placement.process_id is not None:
+        kwargs["process_id"] = placement.process_id
     return kwargs
+
+
+@contextmanager
+def explain_peer_failure(what: str) -> Iterator[None]:
+    """Turn a broken cross-process collective into a message that says what to do."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as err:
+        if jax.process_count() == 1:
+            raise
+        first_line = str(err).strip().splitlines()[0]
+        raise RuntimeError(
+            f"{what} stopped on process {jax.process_index()} of {jax.process_count()}: a "
+            f"collective with another process failed ({first_line}). Another process most "
+            "likely died; its log has the cause. The remaining processes exit within "
+            "distributed.heartbeat_timeout_s. Rerun the same command on every process to resume "
+            "from the last complete checkpoint."
+        ) from err
 
 
 def barrier(name: str) -> None:

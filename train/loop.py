@@ -249,6 +249,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     last_loss = float("nan")
     step = first
     with (
+        distributed.explain_peer_failure("training"),
         _Stop() as stop,
         open(metrics_path, "a") as metrics,
         tqdm(

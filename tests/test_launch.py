@@ -1,0 +1,301 @@
+"""Cluster recipes: placement from SLURM / Kubernetes / JAX variables, the SLURM script under a
+stand-in srun, the Kubernetes manifests, the image's pinned versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import stat
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from packaging.requirements import Requirement
+
+from tests.service_helpers import REPO
+from train import distributed
+from train.config import DistributedConfig
+
+LAUNCH = REPO / "launch"
+
+
+def cfg(**values):
+    c = OmegaConf.structured(DistributedConfig)
+    for k, v in values.items():
+        c[k] = v
+    return c
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("node7", ["node7"]),
+        ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+        ("a[8-10],b-x5,c[1-2]d", ["a8", "a9", "a10", "b-x5", "c1d", "c2d"]),
+        ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ],
+)
+def test_slurm_hostlists_expand_like_scontrol(nodelist, hosts):
+    assert distributed.expand_hostlist(nodelist) == hosts
+
+
+def test_bad_hostlist_names_it():
+    with pytest.raises(ValueError, match=r"gpu\[a-b\]"):
+        distributed.expand_hostlist("gpu[a-b]")
+
+
+SLURM_STEP = {
+    "SLURM_JOB_ID": "123456",
+    "SLURM_NTASKS": "4",
+    "SLURM_STEP_NUM_TASKS": "4",
+    "SLURM_PROCID": "3",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+    "SLURM_STEP_NODELIST": "gpu[07-08]",
+}
+
+
+def test_slurm_step_places_the_process():
+    p = distributed.resolve_placement(cfg(), SLURM_STEP)
+    assert (p.coordinator, p.num_processes, p.process_id) == ("gpu07:23456", 4, 3)
+    assert p.multi_process and distributed.wants_distributed(cfg(), SLURM_STEP)
+    port = {**SLURM_STEP, "BLAYERS_COORDINATOR_PORT": "9999"}
+    assert distributed.resolve_placement(cfg(), port).coordinator == "gpu07:9999"
+    kwargs = distributed.initialize_kwargs(cfg(heartbeat_timeout_s=30), SLURM_STEP)
+    assert kwargs == {
+        "coordinator_address": "gpu07:23456",
+        "num_processes": 4,
+        "process_id": 3,
+        "heartbeat_timeout_seconds": 30,
+        "initialization_timeout": 300,
+    }
+
+
+def test_slurm_batch_script_itself_and_plain_runs_stay_single_process():
+    batch_shell = {k: v for k, v in SLURM_STEP.items() if not k.startswith("SLURM_STEP")}
+    assert not distributed.wants_distributed(cfg(), batch_shell)
+    assert not distributed.wants_distributed(cfg(), {})
+    one_task = {**SLURM_STEP, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}
+    assert not distributed.resolve_placement(cfg(), one_task).multi_process  # srun -n 1
+    assert not distributed.wants_distributed(cfg(), {"JAX_NUM_PROCESSES": "1"})
+    assert distributed.wants_distributed(cfg(enabled=True), {})  # e.g. Cloud TPU detection
+    assert not distributed.wants_distributed(cfg(enabled=False), SLURM_STEP)
+
+
+def test_kubernetes_indexed_job_places_the_process():
+    env = {
+        "JAX_COORDINATOR_ADDRESS": "blayers-train-0.blayers-train:8476",
+        "JAX_NUM_PROCESSES": "2",
+        "JOB_COMPLETION_INDEX": "1",
+    }
+    p = distributed.resolve_placement(cfg(), env)
+    assert (p.coordinator, p.num_processes, p.process_id) == (
+        "blayers-train-0.blayers-train:8476",
+        2,
+        1,
+    )
+    assert "process_id from Kubernetes Indexed Job" in p.sources
+
+
+def test_config_beats_jax_variables_beat_slurm():
+    env = {**SLURM_STEP, "JAX_PROCESS_ID": "1", "JAX_COORDINATOR_ADDRESS": "head:1234"}
+    p = distributed.resolve_placement(cfg(num_processes=8), env)
+    assert (p.coordinator, p.num_processes, p.process_id) == ("head:1234", 8, 1)
+    assert p.sources == (
+        "coordinator from JAX_* environment",
+        "num_processes from config",
+        "process_id from JAX_* environment",
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({**SLURM_STEP, "SLURM_PROCID": "4"}, r"process_id=4 is outside \[0, 4\).*SLURM"),
+        ({**SLURM_STEP, "SLURM_PROCID": "three"}, r"SLURM_PROCID='three' is not an integer"),
+        ({"JAX_COORDINATOR_ADDRESS": "head"}, r"'head' must be host:port"),
+        ({"JAX_NUM_PROCESSES": "0"}, r"num_processes=0 must be >= 1"),
+    ],
+)
+def test_bad_placement_is_named(env, message):
+    with pytest.raises(ValueError, match=message):
+        distributed.resolve_placement(cfg(), env)
+
+
+def test_timeouts_must_be_positive():
+    with pytest.raises(ValueError, match=r"distributed.heartbeat_timeout_s=0 must be at least"):
+        distributed.initialize_kwargs(cfg(heartbeat_timeout_s=0), SLURM_STEP)
+
+
+FAKE_SRUN = """#!{python}
+# Stand-in for srun: starts SLURM_NTASKS copies of the command as one job step.
+import os, subprocess, sys
+args = sys.argv[1:]
+while args and args[0].startswith("--"):
+    args.pop(0)
+n = int(os.environ["SLURM_NTASKS"])
+with open(os.environ["FAKE_SRUN_LOG"], "w") as log:
+    log.write(" ".join(sys.argv[1:]))
+procs = [
+    subprocess.Popen(args, env={{**os.environ, "SLURM_PROCID": str(i),
+        "SLURM_STEP_NUM_TASKS": str(n), "SLURM_STEP_NODELIST": os.environ["SLURM_JOB_NODELIST"]}})
+    for i in range(n)
+]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+PROBE = """
+import json, jax, numpy as np
+from jax.experimental import multihost_utils
+from train import distributed
+from train.config import DistributedConfig
+from omegaconf import OmegaConf
+assert distributed.maybe_initialize(OmegaConf.structured(DistributedConfig))
+total = multihost_utils.process_allgather(np.array([jax.process_index()]))
+print(json.dumps({"index": jax.process_index(), "count": jax.process_count(),
+                  "devices": jax.device_count(), "gathered": total.ravel().tolist()}))
+"""
+
+
+def test_slurm_script_starts_a_real_two_process_job(tmp_path):
+    srun = tmp_path / "bin" / "srun"
+    srun.parent.mkdir()
+    srun.write_text(FAKE_SRUN.format(python=sys.executable))
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PATH": f"{srun.parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "SLURM_JOB_ID": "77",
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NODELIST": "localhost",
+        "BLAYERS_COORDINATOR_PORT": str(port),
+        "BLAYERS_CMD": f"{sys.executable} -c",
+        "FAKE_SRUN_LOG": str(tmp_path / "srun.log"),
+    }
+    out = subprocess.run(
+        ["bash", str(LAUNCH / "slurm.sbatch"), PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    reports = sorted(
+        (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")),
+        key=lambda r: r["index"],
+    )
+    assert reports == [{"index": i, "count": 2, "devices": 4, "gathered": [0, 1]} for i in range(2)]
+    assert (tmp_path / "srun.log").read_text().startswith("--kill-on-bad-exit=1 --wait=300 ")
+
+
+def test_slurm_script_directives_fit_together():
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
+    assert directives["signal"] == "TERM@180" and "requeue" in directives
+    assert subprocess.run(["bash", "-n", str(LAUNCH / "slurm.sbatch")]).returncode == 0
+
+
+def _k8s(name):
+    return {d["kind"]: d for d in yaml.safe_load_all((LAUNCH / "k8s" / name).read_text()) if d}
+
+
+@pytest.mark.parametrize(
+    ("name", "accelerator"),
+    [
+        ("train-gpu.yaml", "nvidia.com/gpu"),
+        ("train-tpu.yaml", "google.com/tpu"),
+    ],
+)
+def test_kubernetes_manifests_wire_pods_to_the_coordinator(name, accelerator):
+    docs = _k8s(name)
+    service, job = docs["Service"], docs["Job"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"]
+    assert pod["subdomain"] == service["metadata"]["name"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # what Kubernetes adds in pod 1 of the Indexed Job
+    placement = distributed.resolve_placement(cfg(), {**env, "JOB_COMPLETION_INDEX": "1"})
+    port = service["spec"]["ports"][0]["port"]
+    assert placement.coordinator == (
+        f"{job['metadata']['name']}-0.{service['metadata']['name']}:{port}"
+    )
+    assert placement.num_processes == spec["completions"] and placement.process_id == 1
+    assert accelerator in container["resources"]["limits"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["runs"] == "/runs" and "persistentVolumeClaim" in volumes["runs"]
+    run_dir = next(a for a in container["args"] if a.startswith("run_dir="))
+    assert run_dir.startswith("run_dir=/runs/")
+    assert pod["terminationGracePeriodSeconds"] >= 60  # time to checkpoint on SIGTERM
+
+
+def test_shared_run_volume_is_read_write_many():
+    claim = _k8s("train-gpu.yaml")["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    tpu_claim = _k8s("train-tpu.yaml")["Job"]["spec"]["template"]["spec"]["volumes"][0]
+    assert tpu_claim["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+def test_pinned_versions_satisfy_the_declared_ranges():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.lower().replace("_", "-")] = version
+    extras = project["optional-dependencies"]
+    for spec in project["dependencies"] + extras["dev"] + extras["cuda"] + extras["tpu"]:
+        req = Requirement(spec)
+        assert req.name in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[req.name]), f"{req.name}=={pins[req.name]} vs {req}"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for target in ("runtime", "tpu", "test"):
+        assert re.search(rf"^FROM \S+ AS {target}$", dockerfile, re.M)
+    assert dockerfile.count("-c constraints.txt") == 2
+
+
+def _tpu(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TPU_NAME": "slice", "ZONE": "us-central2-b", "DRY_RUN": "1"}
+    return subprocess.run(
+        ["bash", str(LAUNCH / "tpu.sh"), *args], env=env, capture_output=True, text=True
+    )
+
+
+def test_tpu_recipe_starts_one_process_per_host_with_the_users_overrides():
+    out = _tpu("train", "run_dir=/mnt/runs/exp 1", "optim.lr=0.01")
+    assert out.returncode == 0, out.stderr
+    argv = shlex.split(out.stdout)
+    assert argv[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
+    assert "--worker=all" in argv
+    remote = shlex.split(argv[argv.index("--command") + 1])
+    start = remote.index(".venv/bin/blayers-train")
+    assert remote[start + 1 : start + 4] == [
+        "distributed.enabled=true",
+        "run_dir=/mnt/runs/exp 1",
+        "optim.lr=0.01",
+    ]
+    stop = shlex.split(_tpu("stop").stdout)
+    assert "pkill -TERM" in stop[stop.index("--command") + 1]
+    assert _tpu("bogus").returncode == 2
+    missing = subprocess.run(
+        ["bash", str(LAUNCH / "tpu.sh"), "train"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TPU_NAME": ""},
+    )
+    assert missing.returncode != 0 and "TPU_NAME" in missing.stderr
