@@ -119,7 +119,8 @@ def test_duplicate_ids_are_combined_with_frequency_weights():
         u, w = np.asarray(uniq[term.table_site]), np.asarray(weights[term.table_site])
         assert u.tolist() == [0, 1, 3, 8, 8]  # fill ids point past the table (dropped)
         np.testing.assert_allclose(w, expected_w)
-        assert np.asarray(local["g"])[:, 0].tolist() == [1, 1, 0, 1, 2]
+        ids, rows = local["g"]
+        assert np.asarray(ids)[:, 0].tolist() == [1, 1, 0, 1, 2] and rows == 5
 
 
 COLLECTIVE = re.compile(
@@ -172,3 +173,26 @@ def test_compiled_sparse_step_never_gathers_a_table(tmp_path):
     assert {s.data.shape for s in new_state.params[site]["loc"].addressable_shards} == {
         (rows // 8,)
     }
+
+
+def test_unique_row_arrays_take_few_static_lengths():
+    from train.sparse import row_capacity
+
+    lengths = [row_capacity(found, 4096) for found in range(1, 4097)]
+    assert all(length >= found for found, length in enumerate(lengths, 1))
+    assert max(lengths) == 4096 and lengths == sorted(lengths)
+    assert len(set(lengths)) <= 13  # compilations of the step, whatever the batch holds
+    # waste above the rows found stays under 50% past the smallest length
+    assert all(length <= max(64, 1.5 * found) for found, length in enumerate(lengths, 1))
+    assert row_capacity(400, 501) == 501  # a small table never needs more than its rows
+
+
+@pytest.mark.parametrize("values", [[5], [3, 3, 3], [9, 1, 9, 4, 1, 0], list(range(50, 0, -1))])
+def test_host_unique_matches_numpy(values):
+    from train.sparse import _unique
+
+    x = np.asarray(values, np.int64)
+    for got, want in zip(
+        _unique(x), np.unique(x, return_inverse=True, return_counts=True), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)

@@ -330,12 +330,12 @@ class TrainStep:
 def device_batches(
     store: data_lib.Store, cfg: Any, step_fn: TrainStep, first: int, total: int
 ) -> Iterator[dict[str, jax.Array]]:
-    """Global device batches for steps ``first..total-1``. Gathering, host-side preparation and
-    the transfer to devices all run in the data pipeline's threads, so the main thread only
-    dispatches steps."""
+    """Global batches for steps ``first..total-1``. Gathering and host-side preparation (and,
+    with several processes, assembling the global arrays) run in the data pipeline's threads,
+    so the main thread only dispatches steps."""
 
     def to_device(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return distributed.global_batch(step_fn.prepare(local), step_fn.batch_shardings)
+        return distributed.step_inputs(step_fn.prepare(local), step_fn.batch_shardings)
 
     batches = data_lib.StepBatches(
         store,

@@ -16,7 +16,8 @@ values there — padded to the mesh's table axis.
 
 Gathered mode: ``model(batch, num_data, gathered={term: local_ids})`` runs each gatherable table
 term on a small table of the ``K = n * F`` rows its batch touches (``local_ids`` index those
-rows). Scoring and the row-sparse step substitute the gathered rows' values, so no step ever
+rows); ``GatheredRows(local_ids, K)`` sets a smaller ``K`` when fewer distinct rows occur.
+Scoring and the row-sparse step substitute the gathered rows' values, so no step ever
 draws or differentiates a whole table.
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,13 @@ def _columns(matrix: jax.Array, idx: tuple[int, ...]) -> jax.Array:
     return matrix[:, list(idx)]
 
 
+class GatheredRows(NamedTuple):
+    """A term's local ids ``(n, F)`` into a gathered table of ``rows`` rows."""
+
+    local: jax.Array
+    rows: int
+
+
 @dataclass
 class Term:
     layer: L.BLayer
@@ -111,11 +119,17 @@ class Term:
         return ids + jnp.asarray(self.row_offsets, dtype=ids.dtype)
 
     def __call__(
-        self, numeric: jax.Array, categorical: jax.Array, local: jax.Array | None = None
+        self,
+        numeric: jax.Array,
+        categorical: jax.Array,
+        local: jax.Array | GatheredRows | None = None,
     ) -> jax.Array:
         kw = self.call_kwargs
-        if local is not None:  # gathered mode: a table of the n*F rows this batch touches
-            size = local.shape[0] * local.shape[1]
+        if local is not None:  # gathered mode: a table of the rows this batch touches
+            if isinstance(local, GatheredRows):
+                local, size = local
+            else:
+                size = local.shape[0] * local.shape[1]
             if self.kind == "categorical_fm":
                 return self.layer(self.name, local, size, ids_are_rows=True, **kw)
             return self._table_out(numeric, self.layer(self.name, local[:, 0], size, **kw))
