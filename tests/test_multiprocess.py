@@ -95,7 +95,11 @@ def test_a_killed_process_ends_the_job_and_the_rerun_resumes_exactly(dataset, tm
         timeout=300,
     )
     assert status == -9
-    assert "process 1 was killed by SIGKILL" in capfd.readouterr().err
+    output = capfd.readouterr()
+    assert "process 1 was killed by SIGKILL" in output.err
+    # the survivor says what happened and what to do
+    assert "training stopped on process 0 of 2" in output.out
+    assert "resume from the last complete checkpoint" in output.out
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
         10,
         20,

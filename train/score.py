@@ -247,14 +247,15 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
 
     def run_batch(local: Mapping[str, np.ndarray], key_index: int) -> dict[str, np.ndarray]:
         shardings = {"numeric": rows_sharding, "categorical": rows_sharding}
-        batch = distributed.global_batch(local, shardings)
-        out = scorer(state.params, seen, jax.random.fold_in(base_key, key_index), batch)
-        return {
-            k: np.asarray(
-                multihost_utils.global_array_to_host_local_array(v, mesh, PartitionSpec("data"))
-            )
-            for k, v in out.items()
-        }
+        with distributed.explain_peer_failure("scoring"):
+            batch = distributed.global_batch(local, shardings)
+            out = scorer(state.params, seen, jax.random.fold_in(base_key, key_index), batch)
+            return {
+                k: np.asarray(
+                    multihost_utils.global_array_to_host_local_array(v, mesh, PartitionSpec("data"))
+                )
+                for k, v in out.items()
+            }
 
     for part in mine:
         final = out_dir / f"part-{part.index:05d}.parquet"
