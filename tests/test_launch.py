@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import stat
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from packaging.requirements import Requirement
 
+from launch.local import free_port
 from tests.service_helpers import REPO
 from train import distributed
 from train.config import DistributedConfig
@@ -167,9 +167,7 @@ def test_slurm_script_starts_a_real_two_process_job(tmp_path):
     srun.parent.mkdir()
     srun.write_text(FAKE_SRUN.format(python=sys.executable))
     srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "PATH": f"{srun.parent}:{os.environ['PATH']}",
