@@ -70,7 +70,7 @@ def test_process_shares_partition_the_global_batch(prepared, block):
             data_lib.StepBatches(store, 64, 1, p, 4, block=block).rows(step) for p in range(4)
         ]
         assert all(len(s) == 16 for s in shares)
-        np.testing.assert_array_equal(np.sort(np.concatenate(shares)), whole.rows(step))
+        np.testing.assert_array_equal(np.sort(np.concatenate(shares)), np.sort(whole.rows(step)))
 
 
 def test_an_epoch_covers_every_row(prepared):
@@ -102,17 +102,56 @@ def test_directory_and_glob_inputs(tmp_path):
         data_lib.parquet_files(str(tmp_path / "nope*.parquet"))
 
 
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory, prepared):
+    """The same rows stored in chunks of 300 (the default is 2^22 rows per chunk)."""
+    base = tmp_path_factory.mktemp("chunked")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(data_lib, "CHUNK_ROWS", 300)
+    try:
+        table = prepared[0]
+        pq.write_table(table, base / "a.parquet", row_group_size=300)
+        cfg = OmegaConf.structured(
+            DataConfig(
+                path=str(base / "a.parquet"), numeric=["row", "x"], categorical=["city"], target="y"
+            )
+        )
+        store, _ = data_lib.prepare(cfg, base / "run", "logit")
+    finally:
+        patch.undo()
+    assert store._offsets.tolist() == [0, 300, 600, 900, 1000]
+    return store
+
+
+@pytest.mark.parametrize("batch_size,block", [(64, 1), (64, 4), (60, 20), (64, 32), (64, 64)])
+def test_block_batches_hold_exactly_their_rows_across_chunks_and_the_wrap(
+    chunked, batch_size, block
+):
+    # 300-row chunks: 4 and 20 divide them (whole-block copies), 32 and 64 straddle them; the
+    # last block of the 1000 rows wraps around to row 0 unless the block divides 1000
+    batches = data_lib.StepBatches(chunked, batch_size, seed=5, block=block)
+    assert batches.block == block
+    steps_per_epoch = -(-batches.num_blocks * block // batch_size)
+    for step in range(2 * steps_per_epoch + 1):
+        rows = batches.rows(step)
+        batch = batches(step)
+        np.testing.assert_array_equal(batch["numeric"], chunked.column("numeric")[rows])
+        np.testing.assert_array_equal(batch["categorical"], chunked.column("categorical")[rows])
+        np.testing.assert_array_equal(batch["target"], chunked.column("target")[rows])
+        assert all(v.ctypes.data % data_lib.ALIGN == 0 for v in batch.values())
+
+
 @pytest.mark.parametrize(
     "rows",
     [
-        np.arange(280, 340),  # one run across a chunk boundary (chunks of 300 rows)
+        np.arange(280, 340),  # one run across a chunk boundary
         np.r_[np.arange(0, 40), np.arange(100, 140), np.arange(970, 1000)],  # runs: slices
         np.r_[np.arange(0, 40), np.arange(100, 140), np.arange(970, 1000)][::3],  # gathers
         np.array([5, 5, 5, 6, 7, 7]),  # repeated rows (the wrapped block)
     ],
 )
-def test_take_returns_exactly_the_rows_in_aligned_buffers(prepared, rows):
-    _, store, _ = prepared
+def test_take_returns_exactly_the_rows_in_aligned_buffers(chunked, rows):
+    store = chunked
     batch = store.take(rows)
     np.testing.assert_array_equal(batch["numeric"], store.column("numeric")[rows])
     np.testing.assert_array_equal(batch["categorical"], store.column("categorical")[rows])

@@ -114,13 +114,50 @@ def test_duplicate_ids_are_combined_with_frequency_weights():
     cat = jnp.asarray([[1], [1], [0], [1], [3]], jnp.int32)
     expected_w = [1 * 100 / 5 / 10, 3 * 100 / 5 / 4, 1 * 100 / 5 / 1, 0, 0]
     host = {k: jnp.asarray(v) for k, v in host_rows(np.asarray(cat), table).items()}
-    for batch in ({"categorical": cat}, {"categorical": cat, **host}):  # device, host dedup
+    # fill ids point past the table (dropped); the host's are distinct, so the row arrays are
+    # sorted and unique as the step's gathers and scatters are told
+    for batch, fills in (({"categorical": cat}, [8, 8]), ({"categorical": cat, **host}, [8, 9])):
         uniq, local, weights = batch_rows(batch, table, counts, num_data=100)
         u, w = np.asarray(uniq[term.table_site]), np.asarray(weights[term.table_site])
-        assert u.tolist() == [0, 1, 3, 8, 8]  # fill ids point past the table (dropped)
+        assert u.tolist() == [0, 1, 3, *fills]
         np.testing.assert_allclose(w, expected_w)
         ids, rows = local["g"]
         assert np.asarray(ids)[:, 0].tolist() == [1, 1, 0, 1, 2] and rows == 5
+
+
+@pytest.mark.parametrize("lookup", [True, False])
+def test_host_dedup_matches_numpy_unique_over_several_fields(lookup, monkeypatch):
+    from train import sparse as sparse_lib
+    from train.model import Columns, build_model
+    from train.sparse import COUNT, LOCAL, UNIQ, SparseTable
+
+    if not lookup:  # tables too large for a scratch fall back to searchsorted
+        monkeypatch.setattr(sparse_lib, "SCRATCH_MAX_ROWS", 0)
+    model = build_model(
+        {
+            "link": "gaussian",
+            "terms": [
+                {"layer": "FMLayer", "name": "fm", "inputs": ["a", "b"], "sparse": True},
+            ],
+        },
+        Columns((), ("a", "b")),
+        {"a": 40, "b": 300},
+    )
+    term = model.terms[0]
+    rows = int(sum(term.num_categories))
+    table = {term.table_site: SparseTable(term.table_site, term, rows)}
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # the scratch is reused across batches: stale entries must not leak
+        cat = np.stack([rng.integers(0, 41, 500), rng.zipf(1.5, 500) % 301], 1).astype(np.int32)
+        got = host_rows(cat, table)
+        flat = (cat + term.row_offsets[None, :]).ravel()
+        u, inv, c = np.unique(flat, return_inverse=True, return_counts=True)
+        site = term.table_site
+        k = len(got[UNIQ + site])
+        assert k >= len(u) and got[UNIQ + site][: len(u)].tolist() == u.tolist()
+        assert got[UNIQ + site][len(u) :].tolist() == list(range(rows, rows + k - len(u)))
+        assert got[COUNT + site].tolist() == [*c.tolist(), *[0] * (k - len(u))]
+        np.testing.assert_array_equal(got[LOCAL + site], inv.reshape(cat.shape))
 
 
 COLLECTIVE = re.compile(

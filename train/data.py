@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -175,61 +177,108 @@ class Store:
         """A whole stored block (``numeric``, ``categorical`` or ``target``), concatenated."""
         return np.concatenate(self._chunks[name])
 
+    def _widths(self) -> dict[str, int | None]:
+        widths: dict[str, int | None] = {
+            NUMERIC: len(self.numeric_columns),
+            CATEGORICAL: len(self.categorical_columns),
+        }
+        if self.has_target:
+            widths[TARGET] = None
+        return widths
+
+    def _empty_batch(self, n: int) -> dict[str, np.ndarray]:
+        shapes = {k: (n,) if w is None else (n, w) for k, w in self._widths().items()}
+        arrays = aligned_arrays([(s, DTYPES[k]) for k, s in shapes.items()])
+        return dict(zip(shapes, arrays, strict=True))
+
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Gather ``rows`` (sorted for locality) into one batch of numpy arrays."""
         rows = np.asarray(rows, np.int64)
+        out = self._empty_batch(len(rows))
+        if not len(rows):
+            return out
         chunk_of = np.searchsorted(self._offsets, rows, side="right") - 1
         local = rows - self._offsets[chunk_of]
-        single = chunk_of[0] == chunk_of[-1] if len(rows) else True
-        # runs of consecutive rows within one chunk (shuffle blocks) are copied as slices,
-        # several times cheaper than a row gather when runs are long
+        single = chunk_of[0] == chunk_of[-1]
+        # runs of consecutive rows within one chunk are copied as slices, several times
+        # cheaper than a row gather when runs are long
         breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(chunk_of) != 0)) + 1
         runs = (
             list(zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist(), strict=True))
-            if len(rows) and len(breaks) < len(rows) // MIN_RUN
+            if len(breaks) < len(rows) // MIN_RUN
             else None
         )
-
-        def gather(name: str, width: int | None, dtype: Any) -> np.ndarray:
+        for name, dst in out.items():
             if name not in self._chunks:
-                return np.zeros((len(rows), width or 0), dtype)
+                dst[:] = 0
+                continue
             parts = self._chunks[name]
-            out = aligned_empty((len(rows), width) if width is not None else (len(rows),), dtype)
             if runs is not None:
                 for lo, hi in runs:
                     first = int(local[lo])
-                    out[lo:hi] = parts[int(chunk_of[lo])][first : first + hi - lo]
-                return out
-            if single:
-                np.take(parts[int(chunk_of[0]) if len(rows) else 0], local, axis=0, out=out)
-                return out
-            for c in np.unique(chunk_of):
-                sel = chunk_of == c
-                out[sel] = parts[c][local[sel]]
-            return out
+                    dst[lo:hi] = parts[int(chunk_of[lo])][first : first + hi - lo]
+            elif single:
+                # mode="clip": with the default "raise" numpy gathers into a temporary first
+                np.take(parts[int(chunk_of[0])], local, axis=0, out=dst, mode="clip")
+            else:
+                for c in np.unique(chunk_of):
+                    sel = chunk_of == c
+                    dst[sel] = parts[c][local[sel]]
+        return out
 
-        batch = {
-            "numeric": gather(NUMERIC, len(self.numeric_columns), np.float32),
-            "categorical": gather(CATEGORICAL, len(self.categorical_columns), np.int32),
-        }
-        if self.has_target:
-            batch["target"] = gather(TARGET, None, np.float32)
-        return batch
+    def take_blocks(self, blocks: np.ndarray, block: int) -> dict[str, np.ndarray]:
+        """Rows ``b·block … b·block + block - 1`` of each of ``blocks`` (ascending), in that
+        order; a block running past the last row wraps around to the first.
+
+        Blocks lying whole in one stored chunk are copied by a single ``np.take`` over a
+        ``(blocks, block, width)`` view of that chunk, with no Python loop over blocks: the
+        per-batch cost of the data stage is then mostly the bytes it copies.
+        """
+        blocks = np.asarray(blocks, np.int64)
+        out = self._empty_batch(len(blocks) * block)
+        starts = blocks * block
+        chunk = np.searchsorted(self._offsets, starts, side="right") - 1
+        whole = (starts + block <= self._offsets[chunk + 1]) & (self._offsets[chunk] % block == 0)
+        key = np.where(whole, chunk, -1 - np.arange(len(blocks)))  # a group per stray block
+        cuts = np.flatnonzero(np.diff(key)) + 1
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(blocks)].tolist(), strict=True):
+            if not whole[lo]:
+                rows = (starts[lo] + np.arange(block)) % self.num_rows
+                for name, values in self.take(rows).items():
+                    out[name][lo * block : hi * block] = values
+                continue
+            c = int(chunk[lo])
+            ids = (starts[lo:hi] - self._offsets[c]) // block
+            for name, dst in out.items():
+                if name not in self._chunks:
+                    dst[:] = 0
+                    continue
+                part = self._chunks[name][c]
+                view = part[: len(part) // block * block].reshape(-1, block, *part.shape[1:])
+                target = dst[lo * block : hi * block].reshape(hi - lo, block, *part.shape[1:])
+                np.take(view, ids, axis=0, out=target, mode="clip")
+        return out
 
 
 NUMERIC, CATEGORICAL, TARGET = "numeric", "categorical", "target"
+DTYPES = {NUMERIC: np.float32, CATEGORICAL: np.int32, TARGET: np.float32}
 ALIGN = 64
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """``np.empty`` on a 64-byte boundary. XLA:CPU then uses the host buffer in place instead of
-    copying it at ``device_put`` (a third of the data stage's time per batch), which is safe
-    because every batch gets fresh buffers that nothing writes after the transfer."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGN, np.uint8)
-    offset = (-raw.ctypes.data) % ALIGN
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+def aligned_arrays(specs: Sequence[tuple[tuple[int, ...], Any]]) -> list[np.ndarray]:
+    """Empty arrays of the given ``(shape, dtype)``, each on a 64-byte boundary, carved from one
+    allocation. XLA:CPU then uses the host buffers in place instead of copying them at
+    ``device_put`` (a third of the data stage's time per batch), which is safe because every
+    batch gets fresh buffers that nothing writes after the transfer."""
+    sizes = [math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in specs]
+    padded = [-(-n // ALIGN) * ALIGN for n in sizes]
+    raw = np.empty(sum(padded) + ALIGN, np.uint8)
+    at = (-raw.__array_interface__["data"][0]) % ALIGN
+    out = []
+    for (shape, dtype), n, step in zip(specs, sizes, padded, strict=True):
+        out.append(raw[at : at + n].view(dtype).reshape(shape))
+        at += step
+    return out
 
 
 MIN_RUN = 16  # mean run length from which slices beat a row gather
@@ -475,8 +524,8 @@ class StepBatches:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
 
-    def rows(self, step: int) -> np.ndarray:
-        """Global row indices of this process's share of step ``step``'s batch (sorted)."""
+    def blocks(self, step: int) -> np.ndarray:
+        """This process's share of step ``step``'s blocks, ascending."""
         per_step = self.global_batch // self.block
         first = step * per_step + self.start // self.block
         positions = np.arange(first, first + self.local // self.block, dtype=np.int64)
@@ -488,24 +537,39 @@ class StepBatches:
             for e in np.unique(epochs):
                 sel = epochs == e
                 blocks[sel] = self._permutation(int(e))[within[sel]]
-        blocks.sort()  # sorting blocks sorts the rows, unless the last block wraps around
+        blocks.sort()
+        return blocks
+
+    def rows(self, step: int) -> np.ndarray:
+        """Global row indices of this process's share of step ``step``'s batch, in batch order
+        (ascending, except the rows of a block that wraps around past the last row)."""
+        blocks = self.blocks(step)
         rows = (blocks[:, None] * self.block + np.arange(self.block)).ravel()
-        if rows[-1] >= self.store.num_rows:
-            rows = np.sort(rows % self.store.num_rows)
-        return rows
+        return rows % self.store.num_rows if rows[-1] >= self.store.num_rows else rows
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        batch = self.store.take(self.rows(step))
+        batch = self.store.take_blocks(self.blocks(step), self.block)
         return self.transform(batch) if self.transform is not None else batch
 
 
+STEPS_PER_ELEMENT = 4  # steps per grain element: its per-element cost (~0.1 ms) is shared
+
+
 def iterate(batches: StepBatches, start: int, stop: int, prefetch: int) -> Iterator[Any]:
-    """Batches for steps ``start..stop-1`` through grain, prefetched on background threads."""
+    """Batches for steps ``start..stop-1`` through grain, prefetched on background threads.
+
+    Each grain element holds the batches of a few consecutive steps, so grain's own work per
+    element (futures, statistics, the hand-off between threads) is paid once per group.
+    """
     if stop <= start:
         return iter(())
-    ds = grain.MapDataset.range(start, stop).map(batches)
+
+    def group(first: int) -> list[Any]:
+        return [batches(s) for s in range(first, min(first + STEPS_PER_ELEMENT, stop))]
+
+    ds = grain.MapDataset.range(start, stop, STEPS_PER_ELEMENT).map(group)
     # one core stays with the main thread, which dispatches steps and (on CPU) runs them: on a
     # 2-core machine a second pipeline thread slowed end-to-end training by ~15%
     threads = max(1, min(prefetch, (os.cpu_count() or 2) - 1))
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, 1))
-    return iter(ds.to_iter_dataset(read_options=options))
+    return itertools.chain.from_iterable(ds.to_iter_dataset(read_options=options))

@@ -19,6 +19,7 @@ posterior scale. Global (non-table) sites take the ordinary dense optax update.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from numpyro import handlers
 from numpyro.distributions import biject_to
 
 from blayers import guides
-from train.data import aligned_empty
+from train.data import aligned_arrays
 from train.model import GatheredRows
 from train.state import TrainState
 
@@ -55,12 +56,14 @@ def split_params(
     return dense, tables
 
 
-def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
-    return x.at[idx].get(mode="fill", fill_value=0)
+def _gather(x: jax.Array, idx: jax.Array, distinct: bool = False) -> jax.Array:
+    return x.at[idx].get(
+        mode="fill", fill_value=0, indices_are_sorted=distinct, unique_indices=distinct
+    )
 
 
-def _scatter(x: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
-    return x.at[idx].set(values, mode="drop")
+def _scatter(x: jax.Array, idx: jax.Array, values: jax.Array, distinct: bool = False) -> jax.Array:
+    return x.at[idx].set(values, mode="drop", indices_are_sorted=distinct, unique_indices=distinct)
 
 
 def weighted_log_joint(trace: Mapping[str, Any], row_weights: Mapping[str, jax.Array]) -> jax.Array:
@@ -141,38 +144,66 @@ def row_capacity(found: int, limit: int) -> int:
     return max(min(size, limit), found)
 
 
-def _unique(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``np.unique(x, return_inverse=True, return_counts=True)`` in about half the time: one
-    ``sort`` and a ``searchsorted`` instead of an ``argsort`` (it runs once per batch and table
-    in the data pipeline)."""
+SCRATCH_MAX_ROWS = 1 << 25  # per-thread lookup tables up to 128 MB; larger ones use searchsorted
+_scratch = threading.local()
+
+
+def _lookup_table(site: str, rows: int) -> np.ndarray | None:
+    """This thread's ``int32[rows]`` scratch for ``site``: the inverse of a batch's unique rows
+    is two O(batch) passes through it instead of a binary search per id. Entries are only
+    ever read at rows the same batch has just written, so the table is never cleared."""
+    if rows > SCRATCH_MAX_ROWS:
+        return None
+    tables = _scratch.__dict__.setdefault("tables", {})
+    table = tables.get(site)
+    if table is None or len(table) < rows:
+        table = tables[site] = np.empty(rows, np.int32)
+    return table
+
+
+def _unique(
+    x: np.ndarray, lookup: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(x, return_inverse=True, return_counts=True)`` in a fraction of the time: one
+    ``sort`` instead of an ``argsort``, and the inverse through ``lookup`` (an int32 scratch
+    indexed by value, see :func:`_lookup_table`) or else by ``searchsorted``."""
     s = np.sort(x)
     first = np.empty(len(s), bool)
     first[:1] = True
     np.not_equal(s[1:], s[:-1], out=first[1:])
     u = s[first]
     counts = np.diff(np.append(np.flatnonzero(first), len(s)))
-    return u, np.searchsorted(u, x), counts
+    if lookup is None:
+        return u, np.searchsorted(u, x), counts
+    lookup[u] = np.arange(len(u), dtype=np.int32)
+    return u, lookup[x], counts
 
 
 def host_rows(categorical: np.ndarray, sparse: Mapping[str, SparseTable]) -> dict[str, np.ndarray]:
     """Deduplicate each sparse table's rows of a batch on the host (numpy, in the data
-    pipeline's threads): ``uniq:{site}`` (fill = table size), ``count:{site}`` and
-    ``local:{site}`` arrays that :func:`batch_rows` uses instead of a device-side ``unique``.
-    Their length is :func:`row_capacity` of the distinct rows found."""
+    pipeline's threads): ``uniq:{site}`` (sorted, distinct, fills past the table),
+    ``count:{site}`` and ``local:{site}`` arrays that :func:`batch_rows` uses instead of a
+    device-side ``unique``. Their length is :func:`row_capacity` of the distinct rows found."""
     out = {}
     for site, table in sparse.items():
         term = table.term
-        rows = categorical[:, list(term.categorical_idx)] + term.row_offsets[None, :]
-        u, inv, c = _unique(rows.ravel())
+        idx = term.categorical_idx
+        if len(idx) == 1:  # one field: its ids are the table rows
+            rows = categorical[:, idx[0]]
+        else:
+            rows = (categorical[:, list(idx)] + term.row_offsets[None, :]).ravel()
+        u, inv, c = _unique(rows, _lookup_table(site, table.rows))
         k = row_capacity(len(u), min(rows.size, table.rows))
-        uniq = aligned_empty((k,), np.int32)
+        uniq, counts, local = aligned_arrays(
+            [((k,), np.int32), ((k,), np.float32), ((len(categorical), len(idx)), np.int32)]
+        )
         uniq[: len(u)] = u
-        uniq[len(u) :] = table.rows
-        counts = aligned_empty((k,), np.float32)
+        # distinct fill ids past the table: the row arrays stay sorted and unique, which the
+        # step's gathers and scatters are told (``indices_are_sorted``, ``unique_indices``)
+        uniq[len(u) :] = np.arange(table.rows, table.rows + k - len(u), dtype=np.int32)
         counts[: len(u)] = c
         counts[len(u) :] = 0
-        local = aligned_empty(rows.shape, np.int32)
-        local[:] = inv.reshape(rows.shape)
+        local.reshape(-1)[:] = inv
         out[UNIQ + site] = uniq
         out[COUNT + site] = counts
         out[LOCAL + site] = local
@@ -239,8 +270,12 @@ def make_sparse_step(
         key = jax.random.fold_in(state.rng, state.step)
         dense, tables = split_params(state.params, sparse)
         uniq, local, weights = batch_rows(batch, sparse, counts, num_data)
+        # the host's row arrays are sorted and distinct (fills included); the device's
+        # ``unique`` repeats its fill id
+        distinct = all(UNIQ + s in batch for s in sparse)
         gathered = {
-            s: {f: _gather(x, uniq[s]) for f, x in fields.items()} for s, fields in tables.items()
+            s: {f: _gather(x, uniq[s], distinct) for f, x in fields.items()}
+            for s, fields in tables.items()
         }
         value, (g_dense, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
             dense, gathered, key, batch, local, weights
@@ -257,21 +292,21 @@ def make_sparse_step(
                 g = g_rows[s][f]
                 moments = state.opt_state["rows"][s][f]
                 idx = uniq[s]
-                v = _gather(moments["v"], idx)
+                v = _gather(moments["v"], idx, distinct)
                 if row_optimizer == "adam":
-                    m = B1 * _gather(moments["m"], idx) + (1 - B1) * g
+                    m = B1 * _gather(moments["m"], idx, distinct) + (1 - B1) * g
                     v = B2 * v + (1 - B2) * g**2
                     delta = (m / (1 - B1**t)) / (jnp.sqrt(v / (1 - B2**t)) + EPS)
                     new_rows[s][f] = {
-                        "m": _scatter(moments["m"], idx, m),
-                        "v": _scatter(moments["v"], idx, v),
+                        "m": _scatter(moments["m"], idx, m, distinct),
+                        "v": _scatter(moments["v"], idx, v, distinct),
                     }
                 else:  # adagrad
                     v = v + g**2
                     delta = g / (jnp.sqrt(v) + 1e-7)
-                    new_rows[s][f] = {"v": _scatter(moments["v"], idx, v)}
+                    new_rows[s][f] = {"v": _scatter(moments["v"], idx, v, distinct)}
                 rows = gathered[s][f] - lr * delta
-                new_tables[s][f] = _scatter(table, idx, rows)
+                new_tables[s][f] = _scatter(table, idx, rows, distinct)
         params = {**dense, **new_tables}
         opt_state = {"dense": dense_opt, "rows": new_rows}
         return TrainState(state.step + 1, params, opt_state, state.rng), value
