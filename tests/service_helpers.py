@@ -55,12 +55,12 @@ def small_config(data_path: Path, run_dir: Path, **overrides: Any) -> Any:
 
 def load_params(run_dir: Path, step: int | None = None) -> dict[str, np.ndarray]:
     """Guide params of a run's checkpoint as flat numpy arrays, read on this process."""
+    from train.state import guide_params
     from train.summary import restore_run
 
     _, state, _ = restore_run(run_dir, step)
-    return {
-        f"{s}.{f}": np.asarray(v) for s, fields in state.params.items() for f, v in fields.items()
-    }
+    params = guide_params(state.params)
+    return {f"{s}.{f}": np.asarray(v) for s, fields in params.items() for f, v in fields.items()}
 
 
 def run_with_devices(devices: int, code: str, timeout: int = 300) -> dict[str, Any]:

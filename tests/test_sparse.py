@@ -193,8 +193,9 @@ def test_compiled_sparse_step_never_gathers_a_table(tmp_path):
     rows = setup.sites[site].shape[0]
     assert site in setup.sparse and rows % 8 == 0 and rows > n
     state = jax.jit(setup.init, out_shardings=setup.shardings)()
-    table = state.params[site]["loc"]
-    assert {s.data.shape for s in table.addressable_shards} == {(rows // 8,)}  # 1/8 per device
+    table = state.params[site]["row_state"]  # loc, raw_scale and Adam's m, v of each
+    assert table.shape == (rows, 6)
+    assert {s.data.shape for s in table.addressable_shards} == {(rows // 8, 6)}  # 1/8 each
 
     step = loop.make_train_step(setup, {c: v.counts for c, v in vocabs.items()})
     local = step.prepare(data_lib.StepBatches(store, 256, 0)(0))
@@ -202,13 +203,14 @@ def test_compiled_sparse_step_never_gathers_a_table(tmp_path):
     hlo = jax.jit(lambda s, b: step(s, b)).lower(state, batch).compile().as_text()
     collectives = collective_sizes(hlo)
     assert collectives, "expected the sharded gather to communicate"
-    # only batch-sized traffic (<= 256 rows) crosses devices; a table shard is ~5,000 rows
-    assert max(size for _, size in collectives) <= 256, collectives
+    # only batch-sized traffic crosses devices: at most the 256 rows of a batch, each with its
+    # 6 row-state fields; a table shard is ~5,000 rows
+    assert max(size for _, size in collectives) <= 256 * 6, collectives
     assert not [op for op, _ in collectives if op == "all-gather"]
     new_state, loss = step(state, batch)
     assert np.isfinite(float(loss))
-    assert {s.data.shape for s in new_state.params[site]["loc"].addressable_shards} == {
-        (rows // 8,)
+    assert {s.data.shape for s in new_state.params[site]["row_state"].addressable_shards} == {
+        (rows // 8, 6)
     }
 
 

@@ -32,10 +32,11 @@ def fingerprint(
     sites: Mapping[str, guides.LatentSite], link: str, sparse: list[str] | None = None
 ) -> str:
     """Identity of a model's parameter structure, its link and which tables train row-sparse
-    (their optimizer state differs)."""
-    payload = json.dumps(
-        {"sites": structure(sites), "link": link, "sparse": sparse or []}, sort_keys=True
-    )
+    (their state differs: one row state per table, ``train.state.ROW_STATE``)."""
+    content: dict[str, Any] = {"sites": structure(sites), "link": link, "sparse": sparse or []}
+    if sparse:
+        content["row_state"] = 2  # layout version; 1 kept moments apart from the parameters
+    payload = json.dumps(content, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -41,6 +41,7 @@ from train.state import (
     init_fn,
     make_optimizer,
     make_schedule,
+    row_sharding,
     sharding_plan,
     state_shardings,
     table_axis_multiple,
@@ -367,7 +368,7 @@ def make_train_step(setup: Setup, vocab_counts: Mapping[str, np.ndarray]) -> Tra
             batch_sh[UNIQ + site] = replicated
             batch_sh[COUNT + site] = replicated
             batch_sh[LOCAL + site] = rows
-    counts_sh = {s: setup.shardings.params[s]["loc"] for s in setup.sparse}
+    counts_sh = {s: row_sharding(setup.shardings, s) for s in setup.sparse}
     counts = {
         s: jax.device_put(row_counts(t.term, vocab_counts, setup.columns), counts_sh[s])
         for s, t in setup.sparse.items()

@@ -39,6 +39,7 @@ from train import data as data_lib
 from train import vocab as vocab_lib
 from train.model import LINEAR_PREDICTOR
 from train.sparse import row_counts
+from train.state import guide_rows, row_sharding
 from train.summary import restore_run
 
 MANIFEST = "_manifest.json"
@@ -123,9 +124,10 @@ def make_scorer(
         prior_key = keys[-1]
         keys = keys[:-1]
         for k, name in zip(keys[1:], sorted(sites), strict=True):
-            loc, raw = params[name]["loc"], params[name]["raw_scale"]
             if name in uniq:
-                loc, raw = loc[uniq[name]], raw[uniq[name]]
+                loc, raw = guide_rows(params[name], uniq[name])
+            else:
+                loc, raw = params[name]["loc"], params[name]["raw_scale"]
             u = loc + jax.nn.softplus(raw) * jax.random.normal(k, loc.shape, loc.dtype)
             values[name] = biject_to(sites[name].support)(u)
 
@@ -232,7 +234,7 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
     seen = {
         t.table_site: jax.device_put(
             row_counts(t, {c: v.counts for c, v in vocabs.items()}, columns) > 0,
-            setup.shardings.params[t.table_site]["loc"],
+            row_sharding(setup.shardings, t.table_site),
         )
         for t in getattr(setup.model, "terms", [])
         if t.gatherable

@@ -10,8 +10,9 @@ For each sparse table, a step touches only the ``K ≤ B·F`` rows present in th
    batches :math:`E[\sum_r w_r KL_r] = \sum_r KL_r`: an unbiased estimate of the full ELBO, whose
    optimum is the dense one's;
 4. the gradient w.r.t. the gathered rows feeds a lazy row-wise Adam (or Adagrad) whose moments
-   are gathered and scattered with the rows, into donated buffers; fill ids (``unique``
-   padding) point past the table and are dropped.
+   live in the same row state as the guide parameters (``train.state``), so a row is gathered
+   once and scattered once, into the donated buffer; fill ids (``unique`` padding) point past
+   the table and are dropped.
 
 Rows never seen in training are never touched; scoring draws them from the prior given the
 posterior scale. Global (non-table) sites take the ordinary dense optax update.
@@ -35,7 +36,7 @@ from numpyro.distributions import biject_to
 from blayers import guides
 from train.data import aligned_arrays
 from train.model import GatheredRows
-from train.state import TrainState
+from train.state import ROW_STATE, TrainState, row_state_fields
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 ROW_OPTIMIZERS = ("adam", "adagrad")
@@ -263,6 +264,8 @@ def make_sparse_step(
         )
     loss_fn = make_sparse_loss(model, sites, sparse, num_data)
     replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
+    fields = row_state_fields(row_optimizer)
+    column = {f: i for i, f in enumerate(fields)}
 
     def step(
         state: TrainState, batch: Mapping[str, jax.Array], counts: Mapping[str, jax.Array]
@@ -273,10 +276,9 @@ def make_sparse_step(
         # the host's row arrays are sorted and distinct (fills included); the device's
         # ``unique`` repeats its fill id
         distinct = all(UNIQ + s in batch for s in sparse)
-        gathered = {
-            s: {f: _gather(x, uniq[s], distinct) for f, x in fields.items()}
-            for s, fields in tables.items()
-        }
+        # one gather per table: each row's guide parameters and moments sit together
+        rows = {s: _gather(t[ROW_STATE], uniq[s], distinct) for s, t in tables.items()}
+        gathered = {s: {"loc": r[:, 0], "raw_scale": r[:, 1]} for s, r in rows.items()}
         value, (g_dense, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
             dense, gathered, key, batch, local, weights
         )
@@ -285,30 +287,26 @@ def make_sparse_step(
 
         lr = schedule(state.step)
         t = (state.step + 1).astype(jnp.float32)
-        new_tables, new_rows = {}, {}
-        for s, fields in tables.items():
-            new_tables[s], new_rows[s] = {}, {}
-            for f, table in fields.items():
+        new_tables = {}
+        for s, r in rows.items():
+            new = {}
+            for f in ("loc", "raw_scale"):
                 g = g_rows[s][f]
-                moments = state.opt_state["rows"][s][f]
-                idx = uniq[s]
-                v = _gather(moments["v"], idx, distinct)
+                v = r[:, column[f"v_{f}"]]
                 if row_optimizer == "adam":
-                    m = B1 * _gather(moments["m"], idx, distinct) + (1 - B1) * g
+                    m = B1 * r[:, column[f"m_{f}"]] + (1 - B1) * g
                     v = B2 * v + (1 - B2) * g**2
                     delta = (m / (1 - B1**t)) / (jnp.sqrt(v / (1 - B2**t)) + EPS)
-                    new_rows[s][f] = {
-                        "m": _scatter(moments["m"], idx, m, distinct),
-                        "v": _scatter(moments["v"], idx, v, distinct),
-                    }
+                    new[f"m_{f}"] = m
                 else:  # adagrad
                     v = v + g**2
                     delta = g / (jnp.sqrt(v) + 1e-7)
-                    new_rows[s][f] = {"v": _scatter(moments["v"], idx, v, distinct)}
-                rows = gathered[s][f] - lr * delta
-                new_tables[s][f] = _scatter(table, idx, rows, distinct)
+                new[f"v_{f}"] = v
+                new[f] = r[:, column[f]] - lr * delta
+            updated = jnp.stack([new[f] for f in fields], axis=1)
+            new_tables[s] = {ROW_STATE: _scatter(tables[s][ROW_STATE], uniq[s], updated, distinct)}
         params = {**dense, **new_tables}
-        opt_state = {"dense": dense_opt, "rows": new_rows}
+        opt_state = {"dense": dense_opt}
         return TrainState(state.step + 1, params, opt_state, state.rng), value
 
     return jax.jit(
