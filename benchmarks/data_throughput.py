@@ -2,10 +2,11 @@
 
     python benchmarks/data_throughput.py [--rows 2000000] [--batch 4096]
 
-Prints rows/s of the one-off prepare pass and of batch production (sorted gathers from the
-memory-mapped Arrow file) at 1 and 2 prefetch threads. Compare the batch rate with a training
-step's examples/s (benchmarks/train_throughput.py) to see that the data stage is not the
-bottleneck.
+Prints rows/s of the one-off prepare pass and of batch production from the memory-mapped
+Arrow file at 1 and 2 prefetch threads: per-row shuffle (``shuffle_block=1``), the default
+shuffle blocks, and the default blocks plus the host-side deduplication a row-sparse
+random-effects table over ``g`` adds. Compare the batch rate with a training step's
+examples/s (benchmarks/train_throughput.py) to see whether the data stage keeps up.
 """
 
 from __future__ import annotations
@@ -57,16 +58,36 @@ def main() -> None:
         f"{'prepare (vocab + validate + encode)':<34}{args.rows / prep:>14,.0f}"
         f"   ({prep:.1f} s, vocab g={vocabs['g'].size:,})"
     )
-    batches = data_lib.StepBatches(store, args.batch, 0)
-    for threads in (1, 2):
-        it = data_lib.iterate(batches, 0, args.batches + 5, threads)
-        for _ in range(5):
-            next(it)
-        t = time.perf_counter()
-        for _ in range(args.batches):
-            next(it)
-        rate = args.batches * args.batch / (time.perf_counter() - t)
-        print(f"{f'batches, {threads} prefetch thread(s)':<34}{rate:>14,.0f}")
+    block = DataConfig.shuffle_block
+    dedup = sparse_dedup(vocabs["g"].size)
+    for label, blocks, transform in (
+        ("row shuffle", 1, None),
+        (f"blocks of {block}", block, None),
+        (f"blocks of {block} + sparse dedup", block, dedup),
+    ):
+        batches = data_lib.StepBatches(store, args.batch, 0, block=blocks, transform=transform)
+        for threads in (1, 2):
+            it = data_lib.iterate(batches, 0, args.batches + 8, threads)
+            for _ in range(8):
+                next(it)
+            t = time.perf_counter()
+            for _ in range(args.batches):
+                next(it)
+            rate = args.batches * args.batch / (time.perf_counter() - t)
+            print(f"{f'{label}, {threads} thread(s)':<34}{rate:>14,.0f}")
+
+
+def sparse_dedup(g_size: int):
+    """The host-side preparation of a row-sparse RandomEffectsLayer over ``g``."""
+    from train.model import Columns, build_model
+    from train.sparse import SparseTable, host_rows
+
+    term = {"layer": "RandomEffectsLayer", "name": "g", "inputs": ["g"], "sparse": True}
+    columns = Columns((), ("g", "h"))
+    model = build_model({"link": "gaussian", "terms": [term]}, columns, {"g": g_size})
+    t = model.terms[0]
+    tables = {t.table_site: SparseTable(t.table_site, t, int(sum(t.num_categories)))}
+    return lambda batch: {**batch, **host_rows(batch["categorical"], tables)}
 
 
 if __name__ == "__main__":
