@@ -52,10 +52,10 @@ def main() -> None:
     t = time.perf_counter()
     store, vocabs = data_lib.prepare(cfg, run, "gaussian")
     prep = time.perf_counter() - t
-    print(f"{'stage':<34}{'rows/s':>14}")
-    print("-" * 48)
+    print(f"{'stage':<42}{'rows/s':>14}")
+    print("-" * 56)
     print(
-        f"{'prepare (vocab + validate + encode)':<34}{args.rows / prep:>14,.0f}"
+        f"{'prepare (vocab + validate + encode)':<42}{args.rows / prep:>14,.0f}"
         f"   ({prep:.1f} s, vocab g={vocabs['g'].size:,})"
     )
     block = DataConfig.shuffle_block
@@ -74,7 +74,7 @@ def main() -> None:
             for _ in range(args.batches):
                 next(it)
             rate = args.batches * args.batch / (time.perf_counter() - t)
-            print(f"{f'{label}, {threads} thread(s)':<34}{rate:>14,.0f}")
+            print(f"{f'{label}, {threads} thread(s)':<42}{rate:>14,.0f}")
 
 
 def sparse_dedup(g_size: int):

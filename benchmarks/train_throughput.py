@@ -1,6 +1,6 @@
 """Training throughput and peak memory vs table size, side by side with the peers.
 
-    python benchmarks/train_throughput.py                       # full table (~40 min, 2 cores)
+    python benchmarks/train_throughput.py                       # full table (~1 hour, 2 cores)
     python benchmarks/train_throughput.py --cats 1000,1000000 --terms random_effects
 
 Model: intercept + AdaptiveLayer over 32 dense features + one categorical term with ``c``
