@@ -241,6 +241,44 @@ def test_compiled_sparse_step_never_gathers_a_table(tmp_path):
     }
 
 
+def test_device_dedup_step_equals_host_dedup_step(gaussian_data, tmp_path, monkeypatch):
+    """With several processes the step deduplicates rows on device; same update as the host's."""
+    cfg = _config(gaussian_data, tmp_path / "run", True, steps=3)
+    cfg.mesh.data, cfg.mesh.model = 2, 4
+    store, vocabs = data_lib.prepare(cfg.data, tmp_path / "run", "gaussian")
+    sizes = {c: v.size for c, v in vocabs.items()}
+    setup = loop.make_setup(cfg, sizes, store.num_rows, loop.build_mesh(cfg))
+    counts = {c: v.counts for c, v in vocabs.items()}
+    host_step = loop.make_train_step(setup, counts)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # as each process of a 2-process job
+    device_step = loop.make_train_step(setup, counts)
+    monkeypatch.undo()
+    assert set(host_step.batch_shardings) > set(device_step.batch_shardings)
+    init = jax.jit(setup.init, out_shardings=setup.shardings)
+    states = {"host": init(), "device": init()}
+    batches = data_lib.StepBatches(store, 256, 0)
+    for s in range(3):
+        raw = batches(s)
+        for name, step in (("host", host_step), ("device", device_step)):
+            local = step.prepare(raw)
+            batch = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in local.items()}
+            states[name], loss = step(states[name], batch)
+            if name == "host":
+                host_loss = float(loss)
+            else:
+                np.testing.assert_allclose(float(loss), host_loss, rtol=1e-5)
+    loc = np.asarray(states["host"].params["RandomEffectsLayer_g_theta"]["row_state"])[:, 0]
+    assert int(states["host"].step) == 3 and np.count_nonzero(loc) > 10  # rows were trained
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(states["host"]),
+        jax.tree_util.tree_leaves(states["device"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=str(path)
+        )
+
+
 def test_unique_row_arrays_take_few_static_lengths():
     from train.sparse import row_capacity
 
