@@ -36,7 +36,7 @@ from numpyro.distributions import biject_to
 from blayers import guides
 from train.data import aligned_arrays
 from train.model import GatheredRows
-from train.state import ROW_STATE, TrainState, row_state_fields
+from train.state import ROW_STATE, TrainState, row_state_fields, split_row_state
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 ROW_OPTIMIZERS = ("adam", "adagrad")
@@ -278,7 +278,7 @@ def make_sparse_step(
         distinct = all(UNIQ + s in batch for s in sparse)
         # one gather per table: each row's guide parameters and moments sit together
         rows = {s: _gather(t[ROW_STATE], uniq[s], distinct) for s, t in tables.items()}
-        gathered = {s: {"loc": r[:, 0], "raw_scale": r[:, 1]} for s, r in rows.items()}
+        gathered = {s: split_row_state(r) for s, r in rows.items()}
         value, (g_dense, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
             dense, gathered, key, batch, local, weights
         )

@@ -44,20 +44,25 @@ def row_state_fields(row_optimizer: str) -> tuple[str, ...]:
     return ("loc", "raw_scale", *(f"{m}_{f}" for f in ("loc", "raw_scale") for m in moments))
 
 
+def split_row_state(rows: jax.Array) -> dict[str, jax.Array]:
+    """``{"loc", "raw_scale"}`` of row-state rows: the first two of :func:`row_state_fields`,
+    whatever the optimizer."""
+    return {"loc": rows[:, 0], "raw_scale": rows[:, 1]}
+
+
 def guide_params(params: Mapping[str, Any]) -> guides.Params:
     """``{site: {"loc", "raw_scale"}}`` for every site; row-sparse tables' columns sliced out
     of their row state (copies: for whole-table consumers, not for a step)."""
     return {
-        site: {"loc": p[ROW_STATE][:, 0], "raw_scale": p[ROW_STATE][:, 1]} if ROW_STATE in p else p
-        for site, p in params.items()
+        site: split_row_state(p[ROW_STATE]) if ROW_STATE in p else p for site, p in params.items()
     }
 
 
 def guide_rows(p: Mapping[str, jax.Array], rows: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(loc, raw_scale)`` of the given table rows of one site, in either layout."""
     if ROW_STATE in p:
-        r = p[ROW_STATE][rows]
-        return r[:, 0], r[:, 1]
+        p = split_row_state(p[ROW_STATE][rows])
+        return p["loc"], p["raw_scale"]
     return p["loc"][rows], p["raw_scale"][rows]
 
 
