@@ -187,9 +187,15 @@ class Store:
         return widths
 
     def _empty_batch(self, n: int) -> dict[str, np.ndarray]:
+        """Aligned arrays for an ``n``-row batch; kinds the store lacks (no numeric columns)
+        are zero-width and filled here, so gathers only visit stored kinds."""
         shapes = {k: (n,) if w is None else (n, w) for k, w in self._widths().items()}
         arrays = aligned_arrays([(s, DTYPES[k]) for k, s in shapes.items()])
-        return dict(zip(shapes, arrays, strict=True))
+        out = dict(zip(shapes, arrays, strict=True))
+        for name, values in out.items():
+            if name not in self._chunks:
+                values[:] = 0
+        return out
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Gather ``rows`` (sorted for locality) into one batch of numpy arrays."""
@@ -210,7 +216,6 @@ class Store:
         )
         for name, dst in out.items():
             if name not in self._chunks:
-                dst[:] = 0
                 continue
             parts = self._chunks[name]
             if runs is not None:
@@ -251,7 +256,6 @@ class Store:
             ids = (starts[lo:hi] - self._offsets[c]) // block
             for name, dst in out.items():
                 if name not in self._chunks:
-                    dst[:] = 0
                     continue
                 part = self._chunks[name][c]
                 view = part[: len(part) // block * block].reshape(-1, block, *part.shape[1:])
