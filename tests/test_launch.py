@@ -146,19 +146,24 @@ procs = [
         "SLURM_STEP_NUM_TASKS": str(n), "SLURM_STEP_NODELIST": os.environ["SLURM_JOB_NODELIST"]}})
     for i in range(n)
 ]
-sys.exit(max(p.wait() for p in procs))
+# Like srun, any task that fails (a non-zero code or a signal) fails the step.
+sys.exit(1 if any(p.wait() != 0 for p in procs) else 0)
 """
 
+# Each process writes its own report file: processes sharing one stdout pipe can interleave
+# their lines (the [Gloo] logs and an unbuffered print's payload and newline are separate writes).
 PROBE = """
-import json, jax, numpy as np
+import json, os, jax, numpy as np
 from jax.experimental import multihost_utils
 from train import distributed
 from train.config import DistributedConfig
 from omegaconf import OmegaConf
 assert distributed.maybe_initialize(OmegaConf.structured(DistributedConfig))
 total = multihost_utils.process_allgather(np.array([jax.process_index()]))
-print(json.dumps({"index": jax.process_index(), "count": jax.process_count(),
-                  "devices": jax.device_count(), "gathered": total.ravel().tolist()}))
+report = {"index": jax.process_index(), "count": jax.process_count(),
+          "devices": jax.device_count(), "gathered": total.ravel().tolist()}
+with open(os.path.join(os.environ["PROBE_REPORTS"], f"{jax.process_index()}.json"), "w") as f:
+    json.dump(report, f)
 """
 
 
@@ -180,6 +185,7 @@ def test_slurm_script_starts_a_real_two_process_job(tmp_path):
         "BLAYERS_COORDINATOR_PORT": str(port),
         "BLAYERS_CMD": f"{sys.executable} -c",
         "FAKE_SRUN_LOG": str(tmp_path / "srun.log"),
+        "PROBE_REPORTS": str(tmp_path),
     }
     out = subprocess.run(
         ["bash", str(LAUNCH / "slurm.sbatch"), PROBE],
@@ -189,10 +195,7 @@ def test_slurm_script_starts_a_real_two_process_job(tmp_path):
         timeout=180,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    reports = sorted(
-        (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")),
-        key=lambda r: r["index"],
-    )
+    reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("[0-9].json"))]
     assert reports == [{"index": i, "count": 2, "devices": 4, "gathered": [0, 1]} for i in range(2)]
     assert (tmp_path / "srun.log").read_text().startswith("--kill-on-bad-exit=1 --wait=300 ")
 
