@@ -18,6 +18,10 @@ Parquet → grain data stage → step). Each configuration runs in its own proce
 (``VmHWM``) is its own; compile time is excluded; throughput is the median of repeats (each
 at least ~0.5 s), and each cell the median over ``--rounds`` fresh processes, the paths of a
 row taking turns.
+
+After each term's rows, the sparse step's flatness in table size is measured again with all
+sizes in one process, taking turns in ~0.3 s blocks (``--flat-blocks`` per size): cells of the
+main table are minutes apart, and a shared machine's speed can drift more than that between them.
 """
 
 from __future__ import annotations
@@ -146,33 +150,66 @@ def _ours_setup(c, term, sparse):
 
 def worker_ours(c, term, sparse, mode, steps, repeats):
     import jax
-    import numpy as np
 
     cfg, setup, step = _ours_setup(c, term, sparse)
     state = jax.jit(setup.init, out_shardings=setup.shardings)()
     if mode == "step":
-        # batches in memory, as the peers get them; host-side dedup is part of preparing them
-        local = [
-            step.prepare(
-                {
-                    "numeric": b["x"],
-                    "categorical": np.stack([b["g"], b["h"]], 1),
-                    "target": b["y"],
-                }
-            )
-            for b in _batches(c)
-        ]
-        batches = [
-            {k: jax.device_put(v, step.batch_shardings[k]) for k, v in b.items()} for b in local
-        ]
-        holder = {"state": state}
-
-        def run(i):
-            holder["state"], loss = step(holder["state"], batches[i % len(batches)])
-            loss.block_until_ready()
-
-        return _time_steps(run, steps, repeats)
+        return _time_steps(_in_memory_runner(c, step, state), steps, repeats)
     return _e2e(cfg, setup, step, state, c, steps, repeats)
+
+
+def _in_memory_runner(c, step, state):
+    """``run(i)``: one step on the i-th of 8 batches held on device, as the peers get them;
+    the host-side dedup is part of preparing them."""
+    import jax
+    import numpy as np
+
+    local = [
+        step.prepare(
+            {"numeric": b["x"], "categorical": np.stack([b["g"], b["h"]], 1), "target": b["y"]}
+        )
+        for b in _batches(c)
+    ]
+    batches = [{k: jax.device_put(v, step.batch_shardings[k]) for k, v in b.items()} for b in local]
+    holder = {"state": state}
+
+    def run(i):
+        holder["state"], loss = step(holder["state"], batches[i % len(batches)])
+        loss.block_until_ready()
+
+    return run
+
+
+def worker_flatness(cats, term, blocks, block_s=0.3):
+    """Seconds per sparse step at each table size, measured in ONE process with the sizes
+    taking turns in short blocks, so a slow spell of a shared machine falls on all of them
+    alike. The separate-process cells of the main table are minutes apart, and on a machine
+    whose speed drifts that much their ratio says more about the drift than about the step.
+    Returns, per size, the median over blocks of that block's seconds per step."""
+    import jax
+
+    runners = {}
+    for c in cats:
+        _, setup, step = _ours_setup(c, term, True)
+        state = jax.jit(setup.init, out_shardings=setup.shardings)()
+        runners[c] = _in_memory_runner(c, step, state)
+    steps = {}
+    for c, run in runners.items():  # compile and warm each, then size its blocks
+        for i in range(9):
+            run(i)
+        t = time.perf_counter()
+        for i in range(20):
+            run(i)
+        steps[c] = max(20, int(block_s / ((time.perf_counter() - t) / 20)))
+    times: dict[int, list[float]] = {c: [] for c in cats}
+    for b in range(blocks):
+        order = cats[b % len(cats) :] + cats[: b % len(cats)]  # no size always goes first
+        for c in order:
+            t = time.perf_counter()
+            for i in range(steps[c]):
+                runners[c](i)
+            times[c].append((time.perf_counter() - t) / steps[c])
+    return {str(c): statistics.median(v) for c, v in times.items()}
 
 
 def e2e_dataset(c):
@@ -379,8 +416,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per cell")
     parser.add_argument("--skip-upstream", action="store_true")
     parser.add_argument("--paths", default="sparse,dense,numpyro,upstream")
+    parser.add_argument(
+        "--flat-blocks",
+        type=int,
+        default=30,
+        help="blocks per size in the interleaved flatness check (0 skips it)",
+    )
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--flatness-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.flatness_worker:
+        term, cats, blocks = args.flatness_worker
+        sizes = [int(x) for x in cats.split(",")]
+        print(json.dumps(worker_flatness(sizes, term, int(blocks))))
+        return
 
     if args.worker:
         path, c, term, mode, steps, repeats = args.worker
@@ -403,6 +453,7 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
+    flat: list[tuple[str, dict]] = []
     for term in args.terms.split(","):
         for c in cats:
             for mode in args.modes.split(","):
@@ -438,6 +489,40 @@ def main() -> None:
                     for p in ("sparse", "dense")
                 )
                 print(f"{term:<15}{c:>10} {mode:<5}{cells}{ratios}{rss}", flush=True)
+        if "sparse" in paths and "step" in args.modes and len(cats) > 1 and args.flat_blocks:
+            flat.append((term, run_flatness(term, cats, args.flat_blocks)))
+    print_flatness(flat)
+
+
+def run_flatness(term: str, cats: list[int], blocks: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, __file__, "--flatness-worker", term, ",".join(map(str, cats))]
+    proc = subprocess.run(
+        [*cmd, str(blocks)], capture_output=True, text=True, env=env, timeout=3600, cwd=str(CACHE)
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
+        return {"error": tail[0][:60]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_flatness(flat: list[tuple[str, dict]]) -> None:
+    """Sparse step-only throughput at each size relative to the smallest, all sizes in one
+    process taking turns in blocks (see ``worker_flatness``)."""
+    if not flat:
+        return
+    print("\nsparse step, table sizes interleaved in one process (rate / rate at smallest c):")
+    for term, sec in flat:
+        if "error" in sec:
+            print(f"{term:<15} {sec['error']}")
+            continue
+        base = min(sec, key=int)
+        cells = "  ".join(
+            f"c={int(c):,}: {BATCH / s / 1e6:.2f} M ex/s ({sec[base] / s:.2f}x)"
+            for c, s in sec.items()
+        )
+        print(f"{term:<15} {cells}", flush=True)
 
 
 if __name__ == "__main__":
