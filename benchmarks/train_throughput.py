@@ -448,7 +448,7 @@ def main() -> None:
     header = (
         f"{'term':<15}{'c':>10} {'mode':<5}"
         + "".join(f"{p + ' ex/s':>15}" for p in paths)
-        + "".join(f"{'sparse/' + p:>15}" for p in paths[1:])
+        + "".join(f"{'sparse/' + p:>17}" for p in paths[1:])
         + f"{'sparse RSS MB':>15}{'dense RSS MB':>14}"
     )
     print(header)
@@ -476,9 +476,9 @@ def main() -> None:
                     f"{rate[p]:>15,.0f}" if rate[p] else f"{row[p]['error']:>15}" for p in paths
                 )
                 ratios = "".join(
-                    f"{rate['sparse'] / rate[p]:>14.1f}x"
+                    f"{rate['sparse'] / rate[p]:>16.1f}x"
                     if rate[p] and rate.get("sparse")
-                    else f"{'-':>15}"
+                    else f"{'-':>17}"
                     for p in paths
                     if p != "sparse"
                 )
