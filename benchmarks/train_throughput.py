@@ -364,8 +364,7 @@ def ensure_upstream_venv() -> Path | None:
 
 
 def run_config(path, c, term, mode, steps, repeats) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = worker_env()
     if path == "upstream":
         python = ensure_upstream_venv()
         if python is None or term == "fm":
@@ -384,8 +383,19 @@ def run_config(path, c, term, mode, steps, repeats) -> dict:
             str(steps),
             str(repeats),
         ]
+    return _run_worker(cmd, env, timeout=1800)
+
+
+def worker_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _run_worker(cmd: list[str], env: dict[str, str], timeout: int) -> dict:
+    """Run one worker process; its last stdout line is its JSON result, or an error cell."""
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=str(CACHE)
+        cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(CACHE)
     )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
@@ -495,16 +505,9 @@ def main() -> None:
 
 
 def run_flatness(term: str, cats: list[int], blocks: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, __file__, "--flatness-worker", term, ",".join(map(str, cats))]
-    proc = subprocess.run(
-        [*cmd, str(blocks)], capture_output=True, text=True, env=env, timeout=3600, cwd=str(CACHE)
-    )
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
-        return {"error": tail[0][:60]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    sizes = ",".join(map(str, cats))
+    cmd = [sys.executable, __file__, "--flatness-worker", term, sizes, str(blocks)]
+    return _run_worker(cmd, worker_env(), timeout=3600)
 
 
 def print_flatness(flat: list[tuple[str, dict]]) -> None:
