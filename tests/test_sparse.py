@@ -15,6 +15,7 @@ from tests.service_helpers import load_params, small_config
 from train import data as data_lib
 from train import loop
 from train.sparse import batch_rows, host_rows
+from train.state import guide_params
 
 C = 60
 
@@ -267,7 +268,7 @@ def test_device_dedup_step_equals_host_dedup_step(gaussian_data, tmp_path, monke
                 host_loss = float(loss)
             else:
                 np.testing.assert_allclose(float(loss), host_loss, rtol=1e-5)
-    loc = np.asarray(states["host"].params["RandomEffectsLayer_g_theta"]["row_state"])[:, 0]
+    loc = np.asarray(guide_params(states["host"].params)["RandomEffectsLayer_g_theta"]["loc"])
     assert int(states["host"].step) == 3 and np.count_nonzero(loc) > 10  # rows were trained
     for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(states["host"]),
