@@ -47,10 +47,24 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def peak_memory_mb() -> float:
+    """Peak memory of the device the step ran on: host RSS on CPU, the allocator's peak bytes
+    in use on an accelerator (its host RSS says nothing about the tables there)."""
+    import jax
+
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20
+    return peak_rss_mb()
+
+
 REPO = HERE.parent
 CACHE = HERE / ".cache"
 UPSTREAM_VENV = CACHE / "venv-upstream"
 BATCH, DENSE_D, EMBED_DIM, N_DATA = 4096, 32, 8, 10_000_000
+PLATFORM = "cpu"  # JAX_PLATFORMS of the workers (--platform)
+UPSTREAM_SITE = ""  # a pip --target folder holding upstream blayers (--upstream-site)
 
 
 # ------------------------------------------------------------------ workers (one per process)
@@ -366,11 +380,16 @@ def ensure_upstream_venv() -> Path | None:
 def run_config(path, c, term, mode, steps, repeats) -> dict:
     env = worker_env()
     if path == "upstream":
-        python = ensure_upstream_venv()
-        if python is None or term == "fm":
+        if term == "fm":
+            return {"error": "n/a"}
+        if UPSTREAM_SITE:  # upstream installed with pip --target: this interpreter, that path
+            python, env["PYTHONPATH"] = Path(sys.executable), UPSTREAM_SITE
+        else:  # upstream is also called blayers: keep ours off its path
+            python = ensure_upstream_venv()
+            env.pop("PYTHONPATH", None)
+        if python is None:
             return {"error": "n/a"}
         cmd = [str(python), "-c", UPSTREAM_WORKER, str(c), term, str(steps), str(repeats)]
-        env.pop("PYTHONPATH", None)  # upstream is also called blayers: keep ours off its path
     else:
         cmd = [
             sys.executable,
@@ -387,7 +406,9 @@ def run_config(path, c, term, mode, steps, repeats) -> dict:
 
 
 def worker_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    # this repo first; an existing PYTHONPATH (packages installed with pip --target) after it
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": PLATFORM}
     env.pop("XLA_FLAGS", None)
     return env
 
@@ -432,9 +453,24 @@ def main() -> None:
         default=30,
         help="blocks per size in the interleaved flatness check (0 skips it)",
     )
+    parser.add_argument(
+        "--platform",
+        default="cpu",
+        help="JAX_PLATFORMS for the workers, e.g. cuda; memory columns then read the "
+        "accelerator's peak bytes in use instead of host RSS",
+    )
+    parser.add_argument(
+        "--upstream-site",
+        default="",
+        help="a folder where upstream blayers was installed with pip --target (instead of "
+        "creating a venv from PyPI, e.g. on a machine without a registry)",
+    )
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--flatness-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global PLATFORM, UPSTREAM_SITE
+    PLATFORM, UPSTREAM_SITE = args.platform, args.upstream_site
+    CACHE.mkdir(exist_ok=True)  # the workers' working directory
 
     if args.flatness_worker:
         term, cats, blocks = args.flatness_worker
@@ -449,7 +485,7 @@ def main() -> None:
             sec = worker_ours(c, term, path == "sparse", mode, steps, repeats)
         else:
             sec = worker_numpyro(c, term, steps, repeats)
-        rss = peak_rss_mb()
+        rss = peak_memory_mb()
         print(json.dumps({"s_per_step": sec, "peak_rss_mb": rss}))
         return
 
@@ -459,8 +495,13 @@ def main() -> None:
         f"{'term':<15}{'c':>10} {'mode':<5}"
         + "".join(f"{p + ' ex/s':>15}" for p in paths)
         + "".join(f"{'sparse/' + p:>17}" for p in paths[1:])
-        + f"{'sparse RSS MB':>15}{'dense RSS MB':>14}"
+        + (
+            f"{'sparse RSS MB':>15}{'dense RSS MB':>14}"
+            if PLATFORM == "cpu"
+            else f"{'sparse dev MB':>15}{'dense dev MB':>14}"
+        )
     )
+    print(f"workers: JAX_PLATFORMS={PLATFORM}")
     print(header)
     print("-" * len(header))
     flat: list[tuple[str, dict]] = []
