@@ -471,6 +471,7 @@ def main() -> None:
     global PLATFORM, UPSTREAM_SITE
     PLATFORM, UPSTREAM_SITE = args.platform, args.upstream_site
     CACHE.mkdir(exist_ok=True)  # the workers' working directory
+    sys.path.insert(0, str(REPO))  # e2e_dataset prepares the data here, with this repo's code
 
     if args.flatness_worker:
         term, cats, blocks = args.flatness_worker
