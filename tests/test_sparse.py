@@ -155,12 +155,12 @@ def test_duplicate_ids_are_combined_with_frequency_weights():
 
 @pytest.mark.parametrize("lookup", [True, False])
 def test_host_dedup_matches_numpy_unique_over_several_fields(lookup, monkeypatch):
-    from train import sparse as sparse_lib
+    from train import dedup
     from train.model import Columns, build_model
     from train.sparse import COUNT, LOCAL, UNIQ, SparseTable
 
     if not lookup:  # tables too large for a scratch fall back to searchsorted
-        monkeypatch.setattr(sparse_lib, "SCRATCH_MAX_ROWS", 0)
+        monkeypatch.setattr(dedup, "SCRATCH_MAX_ROWS", 0)
     model = build_model(
         {
             "link": "gaussian",
@@ -281,7 +281,7 @@ def test_device_dedup_step_equals_host_dedup_step(gaussian_data, tmp_path, monke
 
 
 def test_unique_row_arrays_take_few_static_lengths():
-    from train.sparse import row_capacity
+    from train.dedup import row_capacity
 
     lengths = [row_capacity(found, 4096) for found in range(1, 4097)]
     assert all(length >= found for found, length in enumerate(lengths, 1))
@@ -294,7 +294,7 @@ def test_unique_row_arrays_take_few_static_lengths():
 
 @pytest.mark.parametrize("values", [[5], [3, 3, 3], [9, 1, 9, 4, 1, 0], list(range(50, 0, -1))])
 def test_host_unique_matches_numpy(values):
-    from train.sparse import _unique
+    from train.dedup import _unique
 
     x = np.asarray(values, np.int64)
     for got, want in zip(
