@@ -169,12 +169,12 @@ def worker_ours(c, term, sparse, mode, steps, repeats):
     state = jax.jit(setup.init, out_shardings=setup.shardings)()
     if mode == "step":
         return _time_steps(_in_memory_runner(c, step, state), steps, repeats)
-    return _e2e(cfg, setup, step, state, c, steps, repeats)
+    return _time_steps(_e2e_runner(cfg, setup, step, state, c), steps, repeats)
 
 
 def _in_memory_runner(c, step, state):
     """``run(i)``: one step on the i-th of 8 batches held on device, as the peers get them;
-    the host-side dedup is part of preparing them."""
+    the host-side dedup is part of preparing them. ``run.sync()`` waits for the last step."""
     import jax
     import numpy as np
 
@@ -191,6 +191,7 @@ def _in_memory_runner(c, step, state):
         holder["state"], loss = step(holder["state"], batches[i % len(batches)])
         loss.block_until_ready()
 
+    run.sync = lambda: jax.block_until_ready(holder["state"])
     return run
 
 
@@ -206,24 +207,51 @@ def worker_flatness(cats, term, blocks, block_s=0.3):
     for c in cats:
         _, setup, step = _ours_setup(c, term, True)
         state = jax.jit(setup.init, out_shardings=setup.shardings)()
-        runners[c] = _in_memory_runner(c, step, state)
+        runners[str(c)] = _in_memory_runner(c, step, state)
+    return _interleaved(runners, blocks, block_s)
+
+
+def worker_e2e_ratio(c, term, blocks, block_s=0.3):
+    """Seconds per sparse step, step-only and end to end, taking turns in short blocks in one
+    process (as in ``worker_flatness``): the e2e / step-only ratio without the drift between
+    separate cells. Each step is timed to completion, as in the main table."""
+    import jax
+
+    cfg, setup, step = _ours_setup(c, term, True)
+    runners = {}
+    for key in ("step", "e2e"):
+        state = jax.jit(setup.init, out_shardings=setup.shardings)()
+        runners[key] = (
+            _in_memory_runner(c, step, state)
+            if key == "step"
+            else _e2e_runner(cfg, setup, step, state, c)
+        )
+    return _interleaved(runners, blocks, block_s)
+
+
+def _interleaved(runners, blocks, block_s):
+    """Median over ``blocks`` rounds of each runner's seconds per step, the runners taking
+    turns in blocks of ~``block_s`` seconds (no runner always first)."""
     steps = {}
-    for c, run in runners.items():  # compile and warm each, then size its blocks
+    for key, run in runners.items():  # compile and warm each, then size its blocks
         for i in range(9):
             run(i)
+        run.sync()
         t = time.perf_counter()
         for i in range(20):
             run(i)
-        steps[c] = max(20, int(block_s / ((time.perf_counter() - t) / 20)))
-    times: dict[int, list[float]] = {c: [] for c in cats}
+        run.sync()
+        steps[key] = max(20, int(block_s / ((time.perf_counter() - t) / 20)))
+    keys = list(runners)
+    times: dict[str, list[float]] = {k: [] for k in keys}
     for b in range(blocks):
-        order = cats[b % len(cats) :] + cats[: b % len(cats)]  # no size always goes first
-        for c in order:
+        for key in keys[b % len(keys) :] + keys[: b % len(keys)]:
             t = time.perf_counter()
-            for i in range(steps[c]):
-                runners[c](i)
-            times[c].append((time.perf_counter() - t) / steps[c])
-    return {str(c): statistics.median(v) for c, v in times.items()}
+            for i in range(steps[key]):
+                runners[key](i)
+            runners[key].sync()
+            times[key].append((time.perf_counter() - t) / steps[key])
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def e2e_dataset(c):
@@ -255,8 +283,10 @@ def e2e_dataset(c):
     return parquet
 
 
-def _e2e(cfg, setup, step, state, c, steps, repeats):
-    """Parquet -> prepare (vocab, encode, shuffle; cached) -> grain batches -> step."""
+def _e2e_runner(cfg, setup, step, state, c):
+    """``run(i)``: one step on the next batch of Parquet -> prepare (vocab, encode, shuffle;
+    cached) -> the service's data stage (``device_batches``) -> step."""
+    import jax
     from omegaconf import OmegaConf
 
     from train import data as data_lib
@@ -274,7 +304,8 @@ def _e2e(cfg, setup, step, state, c, steps, repeats):
         holder["state"], loss = step(holder["state"], next(it))
         loss.block_until_ready()
 
-    return _time_steps(run, steps, repeats)
+    run.sync = lambda: jax.block_until_ready(holder["state"])
+    return run
 
 
 def worker_numpyro(c, term, steps, repeats):
@@ -467,6 +498,7 @@ def main() -> None:
     )
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--flatness-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--e2e-ratio-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global PLATFORM, UPSTREAM_SITE
     PLATFORM, UPSTREAM_SITE = args.platform, args.upstream_site
@@ -477,6 +509,11 @@ def main() -> None:
         term, cats, blocks = args.flatness_worker
         sizes = [int(x) for x in cats.split(",")]
         print(json.dumps(worker_flatness(sizes, term, int(blocks))))
+        return
+
+    if args.e2e_ratio_worker:
+        c, term, blocks = args.e2e_ratio_worker
+        print(json.dumps(worker_e2e_ratio(int(c), term, int(blocks))))
         return
 
     if args.worker:
@@ -506,6 +543,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     flat: list[tuple[str, dict]] = []
+    e2e_ratio: list[tuple[str, int, dict]] = []
     for term in args.terms.split(","):
         for c in cats:
             for mode in args.modes.split(","):
@@ -543,7 +581,13 @@ def main() -> None:
                 print(f"{term:<15}{c:>10} {mode:<5}{cells}{ratios}{rss}", flush=True)
         if "sparse" in paths and "step" in args.modes and len(cats) > 1 and args.flat_blocks:
             flat.append((term, run_flatness(term, cats, args.flat_blocks)))
+        if "sparse" in paths and "e2e" in args.modes and args.flat_blocks:
+            c = 1_000_000 if 1_000_000 in cats else max(cats)
+            cmd = [sys.executable, __file__, "--e2e-ratio-worker", str(c), term]
+            result = _run_worker([*cmd, str(args.flat_blocks)], worker_env(), timeout=3600)
+            e2e_ratio.append((term, c, result))
     print_flatness(flat)
+    print_e2e_ratio(e2e_ratio)
 
 
 def run_flatness(term: str, cats: list[int], blocks: int) -> dict:
@@ -568,6 +612,24 @@ def print_flatness(flat: list[tuple[str, dict]]) -> None:
             for c, s in sec.items()
         )
         print(f"{term:<15} {cells}", flush=True)
+
+
+def print_e2e_ratio(results: list[tuple[str, int, dict]]) -> None:
+    """Sparse end-to-end against step-only throughput, both in one process taking turns in
+    blocks (see ``worker_e2e_ratio``)."""
+    if not results:
+        return
+    print("\nsparse step-only and end to end, interleaved in one process:")
+    for term, c, sec in results:
+        if "error" in sec:
+            print(f"{term:<15} {sec['error']}")
+            continue
+        step, e2e = BATCH / sec["step"], BATCH / sec["e2e"]
+        print(
+            f"{term:<15} c={c:,}: step-only {step / 1e6:.2f} M ex/s, e2e {e2e / 1e6:.2f} M ex/s "
+            f"({e2e / step:.2f}x)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
