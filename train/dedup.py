@@ -1,5 +1,5 @@
-"""Host-side deduplication of a row-sparse table's rows (numpy only, no jax), so it can run in
-the data stage — in the training process's threads or in data worker processes.
+"""Host-side deduplication of a row-sparse table's rows, in the data pipeline's threads (numpy
+only: nothing here needs jax or the model).
 
 For each sparse table a batch gets ``uniq:{site}`` (its distinct table rows, sorted, padded to a
 static length with distinct fill ids past the table), ``count:{site}`` (occurrences of each)
@@ -74,8 +74,8 @@ def _unique(
 
 @dataclass(frozen=True)
 class TableRows:
-    """What the host needs to know of one sparse table (picklable, for worker processes):
-    which categorical fields index it, each field's first row in it, and its row count."""
+    """What the host needs to know of one sparse table: which categorical fields index it,
+    each field's first row in it, and its row count."""
 
     site: str
     fields: tuple[int, ...]
@@ -112,15 +112,3 @@ def host_rows(categorical: np.ndarray, tables: Sequence[TableRows]) -> dict[str,
         out[COUNT + site] = counts
         out[LOCAL + site] = local
     return out
-
-
-def max_row_capacity(table: TableRows, batch_rows: int) -> int:
-    """The longest unique-row arrays a ``batch_rows``-row batch can give this table."""
-    return min(batch_rows * len(table.fields), table.rows)
-
-
-def with_host_rows(
-    tables: Sequence[TableRows], batch: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """``batch`` plus its deduplicated rows (a top-level function: picklable with ``partial``)."""
-    return {**batch, **host_rows(batch["categorical"], tables)} if tables else batch
