@@ -24,15 +24,16 @@ from train import checkpoint as ckpt
 from train import data as data_lib
 from train import distributed
 from train.config import ConfigError, to_container
+from train.dedup import host_rows
 from train.model import Columns, build_model
 from train.sparse import (
     COUNT,
     LOCAL,
     UNIQ,
     SparseTable,
-    host_rows,
     make_sparse_step,
     row_counts,
+    table_rows,
 )
 from train.state import (
     TrainState,
@@ -386,8 +387,10 @@ def make_train_step(setup: Setup, vocab_counts: Mapping[str, np.ndarray]) -> Tra
         counts_sh,
     )
 
+    tables = table_rows(setup.sparse)  # once, not per batch
+
     def prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**batch, **host_rows(batch["categorical"], setup.sparse)} if host_dedup else batch
+        return {**batch, **host_rows(batch["categorical"], tables)} if host_dedup else batch
 
     return TrainStep(lambda state, batch: step(state, batch, counts), prepare, batch_sh)
 
