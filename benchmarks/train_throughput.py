@@ -174,7 +174,7 @@ def worker_ours(c, term, sparse, mode, steps, repeats):
 
 def _in_memory_runner(c, step, state):
     """``run(i)``: one step on the i-th of 8 batches held on device, as the peers get them;
-    the host-side dedup is part of preparing them. ``run.sync()`` waits for the last step."""
+    the host-side dedup is part of preparing them."""
     import jax
     import numpy as np
 
@@ -191,7 +191,6 @@ def _in_memory_runner(c, step, state):
         holder["state"], loss = step(holder["state"], batches[i % len(batches)])
         loss.block_until_ready()
 
-    run.sync = lambda: jax.block_until_ready(holder["state"])
     return run
 
 
@@ -236,11 +235,9 @@ def _interleaved(runners, blocks, block_s):
     for key, run in runners.items():  # compile and warm each, then size its blocks
         for i in range(9):
             run(i)
-        run.sync()
         t = time.perf_counter()
         for i in range(20):
             run(i)
-        run.sync()
         steps[key] = max(20, int(block_s / ((time.perf_counter() - t) / 20)))
     keys = list(runners)
     times: dict[str, list[float]] = {k: [] for k in keys}
@@ -249,7 +246,6 @@ def _interleaved(runners, blocks, block_s):
             t = time.perf_counter()
             for i in range(steps[key]):
                 runners[key](i)
-            runners[key].sync()
             times[key].append((time.perf_counter() - t) / steps[key])
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -286,7 +282,6 @@ def e2e_dataset(c):
 def _e2e_runner(cfg, setup, step, state, c):
     """``run(i)``: one step on the next batch of Parquet -> prepare (vocab, encode, shuffle;
     cached) -> the service's data stage (``device_batches``) -> step."""
-    import jax
     from omegaconf import OmegaConf
 
     from train import data as data_lib
@@ -304,7 +299,6 @@ def _e2e_runner(cfg, setup, step, state, c):
         holder["state"], loss = step(holder["state"], next(it))
         loss.block_until_ready()
 
-    run.sync = lambda: jax.block_until_ready(holder["state"])
     return run
 
 
