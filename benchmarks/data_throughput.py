@@ -79,14 +79,15 @@ def main() -> None:
 
 def sparse_dedup(g_size: int):
     """The host-side preparation of a row-sparse RandomEffectsLayer over ``g``."""
+    from train.dedup import host_rows
     from train.model import Columns, build_model
-    from train.sparse import SparseTable, host_rows
+    from train.sparse import SparseTable, table_rows
 
     term = {"layer": "RandomEffectsLayer", "name": "g", "inputs": ["g"], "sparse": True}
     columns = Columns((), ("g", "h"))
     model = build_model({"link": "gaussian", "terms": [term]}, columns, {"g": g_size})
     t = model.terms[0]
-    tables = {t.table_site: SparseTable(t.table_site, t, int(sum(t.num_categories)))}
+    tables = table_rows({t.table_site: SparseTable(t.table_site, t, int(sum(t.num_categories)))})
     return lambda batch: {**batch, **host_rows(batch["categorical"], tables)}
 
 

@@ -577,9 +577,7 @@ def main() -> None:
             flat.append((term, run_flatness(term, cats, args.flat_blocks)))
         if "sparse" in paths and "e2e" in args.modes and args.flat_blocks:
             c = 1_000_000 if 1_000_000 in cats else max(cats)
-            cmd = [sys.executable, __file__, "--e2e-ratio-worker", str(c), term]
-            result = _run_worker([*cmd, str(args.flat_blocks)], worker_env(), timeout=3600)
-            e2e_ratio.append((term, c, result))
+            e2e_ratio.append((term, c, run_e2e_ratio(term, c, args.flat_blocks)))
     print_flatness(flat)
     print_e2e_ratio(e2e_ratio)
 
@@ -587,6 +585,11 @@ def main() -> None:
 def run_flatness(term: str, cats: list[int], blocks: int) -> dict:
     sizes = ",".join(map(str, cats))
     cmd = [sys.executable, __file__, "--flatness-worker", term, sizes, str(blocks)]
+    return _run_worker(cmd, worker_env(), timeout=3600)
+
+
+def run_e2e_ratio(term: str, c: int, blocks: int) -> dict:
+    cmd = [sys.executable, __file__, "--e2e-ratio-worker", str(c), term, str(blocks)]
     return _run_worker(cmd, worker_env(), timeout=3600)
 
 

@@ -14,7 +14,8 @@ import pytest
 from tests.service_helpers import load_params, small_config
 from train import data as data_lib
 from train import loop
-from train.sparse import batch_rows, host_rows
+from train.dedup import host_rows
+from train.sparse import batch_rows, table_rows
 from train.state import guide_params
 
 C = 60
@@ -141,7 +142,7 @@ def test_duplicate_ids_are_combined_with_frequency_weights():
     counts = {term.table_site: jnp.asarray([10.0, 4, 2, 1, 1, 1, 1, 0])}
     cat = jnp.asarray([[1], [1], [0], [1], [3]], jnp.int32)
     expected_w = [1 * 100 / 5 / 10, 3 * 100 / 5 / 4, 1 * 100 / 5 / 1, 0, 0]
-    host = {k: jnp.asarray(v) for k, v in host_rows(np.asarray(cat), table).items()}
+    host = {k: jnp.asarray(v) for k, v in host_rows(np.asarray(cat), table_rows(table)).items()}
     # fill ids point past the table (dropped); the host's are distinct, so the row arrays are
     # sorted and unique as the step's gathers and scatters are told
     for batch, fills in (({"categorical": cat}, [8, 8]), ({"categorical": cat, **host}, [8, 9])):
@@ -177,7 +178,7 @@ def test_host_dedup_matches_numpy_unique_over_several_fields(lookup, monkeypatch
     rng = np.random.default_rng(0)
     for _ in range(3):  # the scratch is reused across batches: stale entries must not leak
         cat = np.stack([rng.integers(0, 41, 500), rng.zipf(1.5, 500) % 301], 1).astype(np.int32)
-        got = host_rows(cat, table)
+        got = host_rows(cat, table_rows(table))
         flat = (cat + term.row_offsets[None, :]).ravel()
         u, inv, c = np.unique(flat, return_inverse=True, return_counts=True)
         site = term.table_site

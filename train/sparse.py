@@ -33,7 +33,6 @@ from numpyro import handlers
 from numpyro.distributions import biject_to
 
 from blayers import guides
-from train import dedup
 from train.dedup import COUNT, LOCAL, UNIQ, TableRows
 from train.model import GatheredRows
 from train.state import ROW_STATE, TrainState, row_state_fields, split_row_state
@@ -136,11 +135,6 @@ def table_rows(sparse: Mapping[str, SparseTable]) -> tuple[TableRows, ...]:
         )
         for site, t in sparse.items()
     )
-
-
-def host_rows(categorical: np.ndarray, sparse: Mapping[str, SparseTable]) -> dict[str, np.ndarray]:
-    """:func:`train.dedup.host_rows` for the tables of a model's sparse terms."""
-    return dedup.host_rows(categorical, table_rows(sparse))
 
 
 def batch_rows(
