@@ -241,12 +241,18 @@ class Store:
         """
         blocks = np.asarray(blocks, np.int64)
         out = self._empty_batch(len(blocks) * block)
+        if not len(blocks):
+            return out
         starts = blocks * block
         chunk = np.searchsorted(self._offsets, starts, side="right") - 1
         whole = (starts + block <= self._offsets[chunk + 1]) & (self._offsets[chunk] % block == 0)
-        key = np.where(whole, chunk, -1 - np.arange(len(blocks)))  # a group per stray block
-        cuts = np.flatnonzero(np.diff(key)) + 1
-        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(blocks)].tolist(), strict=True):
+        if chunk[0] == chunk[-1] and whole.all():  # the usual batch: one take per kind
+            groups = [(0, len(blocks))]
+        else:
+            key = np.where(whole, chunk, -1 - np.arange(len(blocks)))  # a group per stray block
+            cuts = (np.flatnonzero(np.diff(key)) + 1).tolist()
+            groups = list(zip([0, *cuts], [*cuts, len(blocks)], strict=True))
+        for lo, hi in groups:
             if not whole[lo]:
                 rows = (starts[lo] + np.arange(block)) % self.num_rows
                 for name, values in self.take(rows).items():
@@ -254,14 +260,22 @@ class Store:
                 continue
             c = int(chunk[lo])
             ids = (starts[lo:hi] - self._offsets[c]) // block
-            for name, dst in out.items():
-                if name not in self._chunks:
-                    continue
-                part = self._chunks[name][c]
-                view = part[: len(part) // block * block].reshape(-1, block, *part.shape[1:])
-                target = dst[lo * block : hi * block].reshape(hi - lo, block, *part.shape[1:])
+            for name, view in self._block_views(block, c).items():
+                target = out[name][lo * block : hi * block].reshape(hi - lo, *view.shape[1:])
                 np.take(view, ids, axis=0, out=target, mode="clip")
         return out
+
+    def _block_views(self, block: int, chunk: int) -> dict[str, np.ndarray]:
+        """``(blocks, block, width)`` views of a stored chunk's whole blocks, made once."""
+        cache = self.__dict__.setdefault("_views", {})
+        views = cache.get((block, chunk))
+        if views is None:
+            views = {}
+            for name, parts in self._chunks.items():
+                part = parts[chunk]
+                views[name] = part[: len(part) // block * block].reshape(-1, block, *part.shape[1:])
+            cache[(block, chunk)] = views
+        return views
 
 
 NUMERIC, CATEGORICAL, TARGET = "numeric", "categorical", "target"
