@@ -172,6 +172,19 @@ def worker_ours(c, term, sparse, mode, steps, repeats):
     return _time_steps(_e2e_runner(cfg, setup, step, state, c), steps, repeats)
 
 
+def dedicated_cores_line() -> str:
+    """What ``data.dedicated_cores=true`` does on this machine (train.cores), in words."""
+    from train.config import DataConfig
+    from train.cores import split_cores
+
+    if PLATFORM != "cpu" or not hasattr(os, "sched_getaffinity"):
+        return "no split (not the CPU backend)"
+    split = split_cores(os.sched_getaffinity(0), DataConfig().prefetch)
+    if split is None:
+        return "no split (one core)"
+    return f"pipeline threads on cores {sorted(split.data)}, XLA's pool on {sorted(split.compute)}"
+
+
 def _in_memory_runner(c, step, state):
     """``run(i)``: one step on the i-th of 8 batches held on device, as the peers get them;
     the host-side dedup is part of preparing them."""
@@ -210,10 +223,18 @@ def worker_flatness(cats, term, blocks, block_s=0.3):
     return _interleaved(runners, blocks, block_s)
 
 
-def worker_e2e_ratio(c, term, blocks, block_s=0.3):
+def worker_e2e_ratio(c, term, blocks, dedicated_cores, block_s=0.3):
     """Seconds per sparse step, step-only and end to end, taking turns in short blocks in one
     process (as in ``worker_flatness``): the e2e / step-only ratio without the drift between
-    separate cells. Each step is timed to completion, as in the main table."""
+    separate cells. Each step is timed to completion, as in the main table. With
+    ``dedicated_cores`` the process splits its cores as ``data.dedicated_cores=true`` does
+    (before the backend exists), so both loops run on XLA's smaller pool."""
+    cores = None
+    if dedicated_cores:
+        from train.config import DataConfig
+        from train.cores import reserve
+
+        cores = reserve(DataConfig().prefetch)[0]
     import jax
 
     cfg, setup, step = _ours_setup(c, term, True)
@@ -223,9 +244,9 @@ def worker_e2e_ratio(c, term, blocks, block_s=0.3):
         runners[key] = (
             _in_memory_runner(c, step, state)
             if key == "step"
-            else _e2e_runner(cfg, setup, step, state, c)
+            else _e2e_runner(cfg, setup, step, state, c, cores)
         )
-    return _interleaved(runners, blocks, block_s)
+    return {**_interleaved(runners, blocks, block_s), "split": cores is not None}
 
 
 def _interleaved(runners, blocks, block_s):
@@ -279,7 +300,7 @@ def e2e_dataset(c):
     return parquet
 
 
-def _e2e_runner(cfg, setup, step, state, c):
+def _e2e_runner(cfg, setup, step, state, c, cores=None):
     """``run(i)``: one step on the next batch of Parquet -> prepare (vocab, encode, shuffle;
     cached) -> the service's data stage (``device_batches``) -> step."""
     from omegaconf import OmegaConf
@@ -293,7 +314,7 @@ def _e2e_runner(cfg, setup, step, state, c):
     holder = {"state": state}
     total = 10**7  # the timing loop decides how many steps it takes; the dataset is lazy
     cfg = OmegaConf.merge(cfg, {"data": {"batch_size": BATCH}, "train": {"seed": 0}})
-    it = device_batches(store, cfg, step, 0, total)
+    it = device_batches(store, cfg, step, 0, total, cores)
 
     def run(_i):
         holder["state"], loss = step(holder["state"], next(it))
@@ -492,7 +513,7 @@ def main() -> None:
     )
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--flatness-worker", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--e2e-ratio-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--e2e-ratio-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global PLATFORM, UPSTREAM_SITE
     PLATFORM, UPSTREAM_SITE = args.platform, args.upstream_site
@@ -506,8 +527,8 @@ def main() -> None:
         return
 
     if args.e2e_ratio_worker:
-        c, term, blocks = args.e2e_ratio_worker
-        print(json.dumps(worker_e2e_ratio(int(c), term, int(blocks))))
+        c, term, blocks, dedicated = args.e2e_ratio_worker
+        print(json.dumps(worker_e2e_ratio(int(c), term, int(blocks), dedicated == "1")))
         return
 
     if args.worker:
@@ -537,7 +558,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     flat: list[tuple[str, dict]] = []
-    e2e_ratio: list[tuple[str, int, dict]] = []
+    e2e_ratio: list[tuple[str, int, bool, dict]] = []
     for term in args.terms.split(","):
         for c in cats:
             for mode in args.modes.split(","):
@@ -577,7 +598,9 @@ def main() -> None:
             flat.append((term, run_flatness(term, cats, args.flat_blocks)))
         if "sparse" in paths and "e2e" in args.modes and args.flat_blocks:
             c = 1_000_000 if 1_000_000 in cats else max(cats)
-            e2e_ratio.append((term, c, run_e2e_ratio(term, c, args.flat_blocks)))
+            for dedicated in (False, True):
+                result = run_e2e_ratio(term, c, args.flat_blocks, dedicated)
+                e2e_ratio.append((term, c, dedicated, result))
     print_flatness(flat)
     print_e2e_ratio(e2e_ratio)
 
@@ -588,8 +611,9 @@ def run_flatness(term: str, cats: list[int], blocks: int) -> dict:
     return _run_worker(cmd, worker_env(), timeout=3600)
 
 
-def run_e2e_ratio(term: str, c: int, blocks: int) -> dict:
-    cmd = [sys.executable, __file__, "--e2e-ratio-worker", str(c), term, str(blocks)]
+def run_e2e_ratio(term: str, c: int, blocks: int, dedicated_cores: bool) -> dict:
+    flag = str(int(dedicated_cores))
+    cmd = [sys.executable, __file__, "--e2e-ratio-worker", str(c), term, str(blocks), flag]
     return _run_worker(cmd, worker_env(), timeout=3600)
 
 
@@ -611,19 +635,25 @@ def print_flatness(flat: list[tuple[str, dict]]) -> None:
         print(f"{term:<15} {cells}", flush=True)
 
 
-def print_e2e_ratio(results: list[tuple[str, int, dict]]) -> None:
+def print_e2e_ratio(results: list[tuple[str, int, bool, dict]]) -> None:
     """Sparse end-to-end against step-only throughput, both in one process taking turns in
-    blocks (see ``worker_e2e_ratio``)."""
+    blocks (see ``worker_e2e_ratio``), with the service's default placement of threads and
+    with ``data.dedicated_cores=true``."""
     if not results:
         return
     print("\nsparse step-only and end to end, interleaved in one process:")
-    for term, c, sec in results:
+    print(f"(data.dedicated_cores=true: {dedicated_cores_line()})")
+    for term, c, dedicated, sec in results:
+        label = f"{term:<15} c={c:,} {'dedicated cores' if dedicated else 'default':<16}"
         if "error" in sec:
-            print(f"{term:<15} {sec['error']}")
+            print(f"{label} {sec['error']}")
+            continue
+        if dedicated and not sec["split"]:
+            print(f"{label} no split on this machine")
             continue
         step, e2e = BATCH / sec["step"], BATCH / sec["e2e"]
         print(
-            f"{term:<15} c={c:,}: step-only {step / 1e6:.2f} M ex/s, e2e {e2e / 1e6:.2f} M ex/s "
+            f"{label} step-only {step / 1e6:.2f} M ex/s, e2e {e2e / 1e6:.2f} M ex/s "
             f"({e2e / step:.2f}x)",
             flush=True,
         )

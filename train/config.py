@@ -27,6 +27,9 @@ class DataConfig:
     categorical: list[str] = field(default_factory=list)
     batch_size: int = 4096
     prefetch: int = 2  # batches prepared ahead by background threads
+    # CPU backend, one process: pipeline threads on cores of their own, XLA's pool on the rest.
+    # Pays off when a step is as cheap as a batch is to prepare (see train/cores.py)
+    dedicated_cores: bool = False
     # rows per contiguous block of the (once-shuffled) store; 1 = per-row shuffle each epoch
     shuffle_block: int = 256
     generate_default: bool = False  # write the embedded default dataset to `path` if missing

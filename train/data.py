@@ -35,6 +35,7 @@ import pyarrow.types as pat
 
 from blayers import links
 from train import vocab as vocab_lib
+from train.cores import CoreSplit, pipeline_threads
 
 CHUNK_ROWS = 1 << 22  # rows per Arrow record batch in the encoded file
 
@@ -573,8 +574,15 @@ class StepBatches:
 STEPS_PER_ELEMENT = 4  # steps per grain element: its per-element cost (~0.1 ms) is shared
 
 
-def iterate(batches: StepBatches, start: int, stop: int, prefetch: int) -> Iterator[Any]:
-    """Batches for steps ``start..stop-1`` through grain, prefetched on background threads.
+def iterate(
+    batches: StepBatches,
+    start: int,
+    stop: int,
+    prefetch: int,
+    cores: CoreSplit | None = None,
+) -> Iterator[Any]:
+    """Batches for steps ``start..stop-1`` through grain, prefetched on background threads
+    (on ``cores.data`` when given, see :mod:`train.cores`).
 
     Each grain element holds the batches of a few consecutive steps, so grain's own work per
     element (futures, statistics, the hand-off between threads) is paid once per group.
@@ -583,11 +591,11 @@ def iterate(batches: StepBatches, start: int, stop: int, prefetch: int) -> Itera
         return iter(())
 
     def group(first: int) -> list[Any]:
+        if cores is not None:
+            cores.pin_data_thread()
         return [batches(s) for s in range(first, min(first + STEPS_PER_ELEMENT, stop))]
 
     ds = grain.MapDataset.range(start, stop, STEPS_PER_ELEMENT).map(group)
-    # one core stays with the main thread, which dispatches steps and (on CPU) runs them: on a
-    # 2-core machine a second pipeline thread slowed end-to-end training by ~15%
-    threads = max(1, min(prefetch, (os.cpu_count() or 2) - 1))
+    threads = pipeline_threads(prefetch)
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, 1))
     return itertools.chain.from_iterable(ds.to_iter_dataset(read_options=options))

@@ -24,6 +24,8 @@ from train import checkpoint as ckpt
 from train import data as data_lib
 from train import distributed
 from train.config import ConfigError, to_container
+from train.cores import CoreSplit
+from train.cores import reserve as reserve_cores
 from train.dedup import host_rows
 from train.model import Columns, build_model
 from train.sparse import (
@@ -191,7 +193,11 @@ class _Stop:
 
 def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the training job described by ``cfg``; returns a result summary."""
-    distributed.maybe_initialize(cfg.distributed)
+    multi_process = distributed.maybe_initialize(cfg.distributed)
+    cores = None
+    if cfg.data.dedicated_cores and not multi_process:  # before anything creates the backend
+        cores, placed = reserve_cores(cfg.data.prefetch)
+        log(placed)
     run_dir = Path(cfg.run_dir)
     mesh = build_mesh(cfg)
     check_batch_size(cfg, mesh)
@@ -263,7 +269,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         ) as bar,
     ):
         t_log, rows_since = time.perf_counter(), 0
-        for batch in device_batches(store, cfg, step_fn, first, total):
+        for batch in device_batches(store, cfg, step_fn, first, total, cores):
             state, loss = step_fn(state, batch)
             step += 1
             rows_since += cfg.data.batch_size
@@ -330,11 +336,16 @@ class TrainStep:
 
 
 def device_batches(
-    store: data_lib.Store, cfg: Any, step_fn: TrainStep, first: int, total: int
+    store: data_lib.Store,
+    cfg: Any,
+    step_fn: TrainStep,
+    first: int,
+    total: int,
+    cores: CoreSplit | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
     """Global batches for steps ``first..total-1``. Gathering and host-side preparation (and,
-    with several processes, assembling the global arrays) run in the data pipeline's threads,
-    so the main thread only dispatches steps."""
+    with several processes, assembling the global arrays) run in the data pipeline's threads
+    (on ``cores.data`` when given), so the main thread only dispatches steps."""
 
     def to_device(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return distributed.step_inputs(step_fn.prepare(local), step_fn.batch_shardings)
@@ -348,7 +359,7 @@ def device_batches(
         transform=to_device,
         block=cfg.data.shuffle_block,
     )
-    return data_lib.iterate(batches, first, total, cfg.data.prefetch)
+    return data_lib.iterate(batches, first, total, cfg.data.prefetch, cores)
 
 
 def make_train_step(setup: Setup, vocab_counts: Mapping[str, np.ndarray]) -> TrainStep:
