@@ -269,7 +269,8 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         ) as bar,
     ):
         t_log, rows_since = time.perf_counter(), 0
-        for batch in device_batches(store, cfg, step_fn, first, total, cores):
+        batches = WaitClock(device_batches(store, cfg, step_fn, first, total, cores))
+        for batch in batches:
             state, loss = step_fn(state, batch)
             step += 1
             rows_since += cfg.data.batch_size
@@ -283,6 +284,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                     )
                 now = time.perf_counter()
                 rate = rows_since / max(now - t_log, 1e-9)
+                input_wait = batches.lap() / max(now - t_log, 1e-9)
                 t_log, rows_since = now, 0
                 elbo_row = -last_loss / store.num_rows
                 bar.set_postfix(elbo_per_row=f"{elbo_row:.4f}", ex_per_s=f"{rate:,.0f}")
@@ -294,6 +296,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                                 "loss": last_loss,
                                 "elbo_per_row": elbo_row,
                                 "examples_per_s": rate,
+                                "input_wait": input_wait,
                                 "time": time.time(),
                             }
                         )
@@ -308,8 +311,12 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
             if stop.requested and step != total:
                 log(f"stopping at step {step} of {total}: checkpointing; rerun to continue")
                 break
+    input_wait = batches.total_fraction()
     checkpointer.save(step, state, {**meta, "step": step})
     checkpointer.close()
+    hint = input_bound_hint(input_wait, cores is not None)
+    if hint:
+        log(hint)
     result = {
         "run_dir": str(run_dir),
         "step": step,
@@ -317,10 +324,65 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         "checkpoint": str(ckpt_dir / str(step)),
         "metrics": str(metrics_path),
         "stopped_early": step < total,
+        "input_wait": input_wait,
     }
     if jax.process_index() == 0:
         (run_dir / "run.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+class WaitClock:
+    """An iterator of batches that keeps the time the training loop spent waiting for them:
+    the share of wall time the data pipeline, not the step, held training up. The run's share
+    counts from the first :meth:`lap` on, past the pipeline's start and the step's compile."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self._batches = batches
+        self._lap = 0.0
+        self._total = 0.0
+        self._steady_since: float | None = None
+
+    def __iter__(self) -> WaitClock:
+        return self
+
+    def __next__(self) -> Any:
+        t = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            self._lap += time.perf_counter() - t
+
+    def lap(self) -> float:
+        """Seconds waited since the last lap."""
+        lap, self._lap = self._lap, 0.0
+        if self._steady_since is None:
+            self._steady_since = time.perf_counter()
+        else:
+            self._total += lap
+        return lap
+
+    def total_fraction(self) -> float:
+        """Share of the wall time from the first lap to the last spent waiting for batches
+        (0 before a second lap)."""
+        if self._steady_since is None:
+            return 0.0
+        return self._total / max(time.perf_counter() - self._steady_since, 1e-9)
+
+
+INPUT_BOUND = 0.2  # share of time waiting for batches from which a run is told so
+
+
+def input_bound_hint(fraction: float, dedicated: bool) -> str | None:
+    """A line for a run whose steps waited for the data pipeline much of the time."""
+    if fraction < INPUT_BOUND:
+        return None
+    line = f"the data pipeline held training up {fraction:.0%} of the time"
+    one_cpu_device = jax.default_backend() == "cpu" and jax.device_count() == 1
+    if one_cpu_device and jax.process_count() == 1 and not dedicated:
+        line += (
+            "; on a CPU host with a cheap step, data.dedicated_cores=true may help (README, Data)"
+        )
+    return line
 
 
 @dataclass
