@@ -269,3 +269,21 @@ def test_input_bound_runs_are_told_so():
     assert line.startswith("the data pipeline held training up 45% of the time")
     # these tests run on 8 CPU devices, where dedicated cores do not apply
     assert "dedicated_cores" not in line
+
+
+def test_report_shows_training_rate_and_input_wait(dataset, tmp_path):
+    from train import report
+
+    run = tmp_path / "run"
+    loop.train(small_config(dataset, run), log=lambda _: None)
+    page = report.build(run).read_text()
+    assert "20 steps; final ELBO per row" in page
+    assert "examples/s; waiting for data" in page
+    # a run written before input_wait was recorded still gets its report
+    metrics = run / "metrics.jsonl"
+    old = [json.loads(x) for x in metrics.read_text().splitlines()]
+    metrics.write_text(
+        "".join(json.dumps({k: v for k, v in m.items() if k != "input_wait"}) + "\n" for m in old)
+    )
+    page = report.build(run).read_text()
+    assert "examples/s</p>" in page and "waiting for data" not in page

@@ -67,10 +67,13 @@ def build(run_dir: Path, scores: Path | None = None) -> Path:
         parts.append("<h2>Training</h2>")
         parts.append(_svg_curve([m["step"] for m in lines], [m["elbo_per_row"] for m in lines]))
         if lines:
-            rate = float(np.median([m["examples_per_s"] for m in lines[1:] or lines]))
+            steady = lines[1:] or lines
+            rate = float(np.median([m["examples_per_s"] for m in steady]))
+            waits = [m["input_wait"] for m in steady if "input_wait" in m]  # older runs lack it
+            waited = f"; waiting for data {np.median(waits):.0%} of the time" if waits else ""
             parts.append(
                 f"<p>{lines[-1]['step']} steps; final ELBO per row "
-                f"{lines[-1]['elbo_per_row']:.4f}; median {rate:,.0f} examples/s</p>"
+                f"{lines[-1]['elbo_per_row']:.4f}; median {rate:,.0f} examples/s{waited}</p>"
             )
     summary = run_dir / "summary.csv"
     if summary.exists():
