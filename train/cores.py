@@ -93,7 +93,7 @@ def reserve(prefetch: int) -> tuple[CoreSplit | None, str]:
         return None, "data cores: not set (JAX's backend was created before training started)"
     import jax  # here: the data stage imports this module and needs no JAX
 
-    devices = _cpu_devices_requested(jax.config.jax_num_cpu_devices)
+    devices = _cpu_devices_requested(getattr(jax.config, "jax_num_cpu_devices", -1))
     if devices > 1:
         # several CPU devices (a sharded CPU run, fake devices in tests) share the pool for
         # all their computations; the split is made and measured for one device
