@@ -21,7 +21,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -147,6 +147,10 @@ class Store:
     _chunks: dict[str, list[np.ndarray]]
     _offsets: np.ndarray
     has_target: bool
+    # (block, chunk) -> each kind's (blocks, block, width) view of that chunk, made on first use
+    _views: dict[tuple[int, int], dict[str, np.ndarray]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     @classmethod
     def open(cls, path: Path) -> Store:
@@ -268,14 +272,13 @@ class Store:
 
     def _block_views(self, block: int, chunk: int) -> dict[str, np.ndarray]:
         """``(blocks, block, width)`` views of a stored chunk's whole blocks, made once."""
-        cache = self.__dict__.setdefault("_views", {})
-        views = cache.get((block, chunk))
+        views = self._views.get((block, chunk))
         if views is None:
             views = {}
             for name, parts in self._chunks.items():
                 part = parts[chunk]
                 views[name] = part[: len(part) // block * block].reshape(-1, block, *part.shape[1:])
-            cache[(block, chunk)] = views
+            self._views[(block, chunk)] = views
         return views
 
 
