@@ -7,7 +7,8 @@ A small run of the default model (intercept + dense + three random effects + an 
 user x item) is trained once into ``benchmarks/.cache``. Each scorer runs in its own process
 and reports its own peak RSS (``VmHWM``):
 
-- ``blayers-score``: streamed, gathered table rows, summaries reduced on device;
+- ``blayers-score``: streamed, gathered table rows, summaries reduced on device (quantiles on
+  the host on CPU, whose XLA sort is slow);
 - ``Predictive``: NumPyro's ``Predictive`` over the same guide (same parameters, wrapped as a
   NumPyro guide), on all rows at once as it is normally used, returning the linear predictor;
   its address space is capped (``--peer-mem-gb``) so an out-of-memory shows as a failure

@@ -115,6 +115,35 @@ def test_scores_are_reproducible_and_draws_optional(trained, tmp_path):
     draws = np.asarray(ta["draws"].to_pylist())
     assert draws.shape == (3000, 7)
     assert_allclose(draws.mean(1), ta["mean"].to_numpy(), rtol=1e-5)
+    for level in (0.05, 0.5, 0.95):
+        name = f"q{round(level * 100):02d}"
+        assert_allclose(ta[name].to_numpy(), np.quantile(draws, level, axis=1), rtol=1e-5)
+
+
+def test_quantiles_on_the_host_equal_jnp_quantile(rng):
+    x = rng.normal(size=(100, 300)).astype(np.float32)  # draws × rows
+    levels = [0.0, 0.05, 0.37, 0.5, 0.95, 1.0]
+    out = {score_lib.QUANTILE_DRAWS: x.T.copy(), score_lib.QUANTILE_DRAWS + "eta_": 2 * x.T}
+    score_lib.finish_quantiles(out, levels)
+    expected = np.asarray(jnp.quantile(jnp.asarray(x), jnp.asarray(levels), axis=0))
+    assert sorted(out) == sorted(
+        [f"q{round(q * 100):02d}" for q in levels] + [f"eta_q{round(q * 100):02d}" for q in levels]
+    )
+    for i, level in enumerate(levels):
+        name = f"q{round(level * 100):02d}"
+        assert_allclose(out[name], expected[i], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert_allclose(out["eta_" + name], 2 * expected[i], rtol=1e-5, atol=1e-6)
+
+
+def test_a_normal_prior_reuses_the_guide_noise_and_others_sample():
+    import numpyro.distributions as dist
+
+    noise = jax.random.normal(jax.random.PRNGKey(1), (500, 3))
+    key = jax.random.PRNGKey(2)
+    normal = dist.Normal(0.5, 2.0).expand([500, 3]).to_event(2)
+    assert_allclose(score_lib.prior_draw(normal, noise, key), 0.5 + 2.0 * noise, rtol=1e-6)
+    laplace = dist.Laplace(0.0, 2.0).expand([500, 3]).to_event(2)
+    assert_allclose(score_lib.prior_draw(laplace, noise, key), laplace.sample(key))
 
 
 def test_unseen_categories_get_the_oov_row_and_are_counted(trained, tmp_path):
