@@ -289,3 +289,32 @@ def test_checkpoint_of_another_structure_is_refused(trained, tmp_path):
             score_cfg(run, trained / "train.parquet", tmp_path / "s"), log=lambda _: None
         )
     assert not (tmp_path / "s").exists()
+
+
+def test_device_and_host_quantiles_agree_on_a_trained_run(trained):
+    from train.summary import restore_run
+
+    setup, state, _ = restore_run(trained / "run", None)
+    rng = np.random.default_rng(3)
+    batch = {
+        "numeric": jnp.asarray(rng.normal(size=(64, 4)), jnp.float32),
+        "categorical": jnp.asarray(rng.integers(0, 20, size=(64, 3)), jnp.int32),
+    }
+    seen = {
+        t.table_site: jnp.ones(sum(t.num_categories), bool)
+        for t in setup.model.terms
+        if t.gatherable
+    }
+    key = jax.random.PRNGKey(5)
+    levels = [0.05, 0.5, 0.95]
+    outputs = []
+    for host in (False, True):
+        scorer, _, _ = score_lib.make_scorer(setup, 50, levels, True, False, 64, host)
+        out = {k: np.asarray(v) for k, v in scorer(state.params, seen, key, batch).items()}
+        if host:
+            score_lib.finish_quantiles(out, levels)
+        outputs.append(out)
+    device, host = outputs
+    assert sorted(device) == sorted(host)
+    for name in device:
+        assert_allclose(host[name], device[name], rtol=1e-5, atol=1e-6, err_msg=name)
