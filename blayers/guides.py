@@ -42,6 +42,11 @@ class LatentSite:
     logical_axes: ax.LogicalAxes | None
 
 
+def is_global(site: LatentSite) -> bool:
+    """A site without a table axis: intercept, coefficients, scales, link globals."""
+    return ax.CATEGORIES not in (site.logical_axes or ())
+
+
 def latent_sites(model: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, LatentSite]:
     """Latent sites of ``model`` found by an abstract trace: no parameter value is ever built.
 
@@ -65,15 +70,27 @@ def latent_sites(model: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[s
 
 
 def init_params(
-    sites: Mapping[str, LatentSite], init_scale: float = 0.1, dtype: Any = jnp.float32
+    sites: Mapping[str, LatentSite],
+    init_scale: float = 0.1,
+    dtype: Any = jnp.float32,
+    start: Mapping[str, Any] | None = None,
 ) -> Params:
     """Guide parameters: ``loc = 0`` in unconstrained space (the prior median for the layers'
-    zero-centred priors), ``scale = init_scale``. Cheap to trace under ``jit`` with
-    ``out_shardings`` so large tables are born sharded."""
+    zero-centred priors) unless ``start`` gives a site's constrained starting value, and
+    ``scale = init_scale``. Cheap to trace under ``jit`` with ``out_shardings`` so large
+    tables are born sharded."""
     raw = float(np.log(np.expm1(init_scale)))  # softplus^-1
+    start = start or {}
+
+    def loc(site: LatentSite) -> jax.Array:
+        if site.name not in start:
+            return jnp.zeros(site.unconstrained_shape, dtype)
+        value = jnp.broadcast_to(jnp.asarray(start[site.name], dtype), site.shape)
+        return biject_to(site.support).inv(value).astype(dtype)
+
     return {
         name: {
-            "loc": jnp.zeros(site.unconstrained_shape, dtype),
+            "loc": loc(site),
             "raw_scale": jnp.full(site.unconstrained_shape, raw, dtype),
         }
         for name, site in sites.items()

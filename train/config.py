@@ -65,14 +65,34 @@ class OptimConfig:
     end_lr_factor: float = 0.05  # cosine decays to lr * end_lr_factor
     clip_norm: float | None = None
     guide_init_scale: float = 0.1
+    # data: the intercept at the link of the target's mean and the link's globals at their
+    # moment estimates (blayers.start); zero: every guide loc at 0 (the prior's centre)
+    start: str = "data"
+    # every this many steps, move each table's row mean into the intercept where that raises
+    # the ELBO (exact: the likelihood is unchanged; train/recenter.py). 0: never
+    recenter_every: int = 50
     # horizon of the cosine schedule; None: train.steps. Fix it before extending a run's total
     # if the extended run must follow the same learning-rate curve.
     decay_steps: int | None = None
 
 
 @dataclass
+class ConvergenceConfig:
+    """How a run judges convergence (train/convergence.py)."""
+
+    sample_every: int = 10  # steps between samples of the loss and the global sites
+    window: int | None = None  # steps per window; None: one epoch
+    drift_tol: float = 0.1  # posterior sds per epoch a global may still move
+    elbo_tol: float = 0.001  # nats per row per epoch the ELBO may still rise
+    patience: int = 2  # settled windows in a row
+
+
+@dataclass
 class TrainLoopConfig:
-    steps: int = 2000  # total steps of the run; rerun with a larger value to continue
+    steps: int = 2000  # total steps of the run (the cap with until: converged)
+    # steps: run train.steps; converged: stop once the ELBO and every global have settled
+    until: str = "steps"
+    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     seed: int = 0
     log_every: int = 50
     progress: bool = True

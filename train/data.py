@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import pyarrow.types as pat
 
 from blayers import links
+from blayers.start import TargetStats
 from train import vocab as vocab_lib
 from train.cores import CoreSplit, pipeline_threads
 
@@ -147,6 +148,8 @@ class Store:
     _chunks: dict[str, list[np.ndarray]]
     _offsets: np.ndarray
     has_target: bool
+    # moments of the target, accumulated by the encode pass (data-aware starts)
+    target_stats: TargetStats | None = field(default=None, repr=False)
     # (block, chunk) -> each kind's (blocks, block, width) view of that chunk, made on first use
     _views: dict[tuple[int, int], dict[str, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False
@@ -343,8 +346,10 @@ def write_store(
     target: str | None,
     vocabs: dict[str, vocab_lib.Vocab],
     link: str | None = None,
+    stats: TargetStats | None = None,
 ) -> int:
-    """Validate and encode every batch into an Arrow IPC file at ``path`` (atomically).
+    """Validate and encode every batch into an Arrow IPC file at ``path`` (atomically),
+    folding the target into ``stats`` when given.
 
     Raises:
         DataError: any bad value; the partial file is removed.
@@ -379,6 +384,8 @@ def write_store(
 
             for batch in batches:
                 enc = _encode_batch(batch, numeric, categorical, target, vocabs, link)
+                if stats is not None and TARGET in enc:
+                    stats.update(enc[TARGET])
                 pending.append(enc)
                 pending_rows += batch.num_rows
                 rows += batch.num_rows
@@ -459,16 +466,17 @@ def prepare(
         vocabs = vocab_lib.load_all(vocab_dir, categorical)
     else:
         vocabs = vocab_lib.build(categorical, scan(dataset, categorical, read_batch_rows))
-    if (
-        store_path.exists()
-        and stamp.exists()
-        and json.loads(stamp.read_text()).get("fingerprint") == fingerprint
-    ):
-        return Store.open(store_path), vocabs
+    if store_path.exists() and stamp.exists():
+        stamped = json.loads(stamp.read_text())
+        if stamped.get("fingerprint") == fingerprint:
+            store = Store.open(store_path)
+            store.target_stats = _stamped_stats(stamped, store)
+            return store, vocabs
 
     batches = scan(dataset, columns, read_batch_rows)
     unshuffled = store_path.with_name(f".{store_path.name}.input-order")
-    write_store(batches, unshuffled, numeric, categorical, target, vocabs, link)
+    stats = TargetStats()
+    write_store(batches, unshuffled, numeric, categorical, target, vocabs, link, stats)
     try:
         shuffle_store(unshuffled, store_path, seed=0)
     finally:
@@ -485,10 +493,29 @@ def prepare(
         )
     if not vocab_dir.exists():
         vocab_lib.save_all(vocabs, vocab_dir)
+    store.target_stats = stats
     stamp.write_text(
-        json.dumps({"fingerprint": fingerprint, "files": files, "rows": store.num_rows})
+        json.dumps(
+            {
+                "fingerprint": fingerprint,
+                "files": files,
+                "rows": store.num_rows,
+                "target_stats": stats.to_dict(),
+            }
+        )
     )
     return store, vocabs
+
+
+def _stamped_stats(stamped: dict[str, Any], store: Store) -> TargetStats:
+    """The target's moments saved with the store; a store encoded before they were saved
+    has them computed once from its target column."""
+    if "target_stats" in stamped:
+        return TargetStats.from_dict(stamped["target_stats"])
+    stats = TargetStats()
+    if store.has_target:
+        stats.update(store.column(TARGET))
+    return stats
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,14 +20,17 @@ from tqdm import tqdm
 
 from blayers import guides
 from blayers.sharding import ShardingError, assert_sharded, make_mesh
+from blayers.start import TargetStats
 from train import checkpoint as ckpt
 from train import data as data_lib
 from train import distributed
+from train import recenter as recenter_lib
 from train.config import ConfigError, to_container
+from train.convergence import ConvergenceTracker, window_steps
 from train.cores import CoreSplit
 from train.cores import reserve as reserve_cores
 from train.dedup import host_rows
-from train.model import Columns, build_model
+from train.model import Columns, build_model, configured_link_kwargs
 from train.sparse import (
     COUNT,
     LOCAL,
@@ -37,6 +40,7 @@ from train.sparse import (
     row_counts,
     table_rows,
 )
+from train.starts import prior_warnings, starting_values
 from train.state import (
     TrainState,
     bytes_per_device,
@@ -117,9 +121,11 @@ def make_setup(
     num_data: int,
     mesh: Mesh,
     pad_multiple: int | None = None,
+    target_stats: TargetStats | None = None,
 ) -> Setup:
     """Model, sites, optimizer and state shardings. ``pad_multiple`` is the run's table padding
-    (fixed when the run starts, so it restores on other meshes); None: from this mesh."""
+    (fixed when the run starts, so it restores on other meshes); None: from this mesh.
+    ``target_stats``: the target's moments, for a data-aware start (``optim.start: data``)."""
     columns = Columns(tuple(cfg.data.numeric), tuple(cfg.data.categorical))
     rules = [tuple(r) for r in cfg.sharding.rules]
     split = table_axis_multiple(mesh, rules)
@@ -134,11 +140,17 @@ def make_setup(
         model, abstract_batch(cfg.data.batch_size, columns), num_data=num_data
     )
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    terms = getattr(model, "terms", [])
     sparse = {
         t.table_site: SparseTable(t.table_site, t, int(sum(t.num_categories)))
-        for t in getattr(model, "terms", [])
+        for t in terms
         if t.sparse
     }
+    if cfg.optim.start not in ("data", "zero"):
+        raise ConfigError(f"optim.start={cfg.optim.start!r}: choose data or zero")
+    link_kwargs = configured_link_kwargs(cfg.model)
+    stats = target_stats if cfg.optim.start == "data" else None
+    start = starting_values(terms, sites, str(cfg.model.link), link_kwargs, stats)
     init = init_fn(
         sites,
         optimizer,
@@ -146,6 +158,7 @@ def make_setup(
         cfg.optim.guide_init_scale,
         frozenset(sparse),
         cfg.optim.name,
+        start,
     )
     abstract = jax.eval_shape(init)
     try:
@@ -212,8 +225,19 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     latest, saved = _latest_meta(ckpt_dir)
     setup = make_setup(
-        cfg, sizes, store.num_rows, mesh, saved.get("table_pad_multiple") if saved else None
+        cfg,
+        sizes,
+        store.num_rows,
+        mesh,
+        saved.get("table_pad_multiple") if saved else None,
+        store.target_stats,
     )
+    if latest is None and jax.process_index() == 0:
+        link_kwargs = configured_link_kwargs(cfg.model)
+        for line in prior_warnings(
+            getattr(setup.model, "terms", []), link, link_kwargs, store.target_stats
+        ):
+            log(f"warning: {line}")
     plan = sharding_plan(setup.abstract, setup.shardings, setup.sites)
     if cfg.dry_run:
         opt = bytes_per_device(setup.abstract.opt_state, setup.shardings.opt_state)
@@ -248,7 +272,14 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
             "categorical": list(setup.columns.categorical),
         },
     }
-    step_fn = make_train_step(setup, {c: v.counts for c, v in vocabs.items()})
+    tracker = make_tracker(cfg, setup, saved if latest is not None else None)
+    global_sites = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
+    conv_every = cfg.train.convergence.sample_every
+    vocab_counts = {c: v.counts for c, v in vocabs.items()}
+    step_fn = make_train_step(setup, vocab_counts)
+    recenter, recenter_every = make_run_recenter(
+        setup, vocab_counts, cfg.optim.recenter_every, cfg.data.batch_size
+    )
     first = int(state.step)
     total = int(cfg.train.steps)
     # fake CPU devices can deadlock on un-blocked collective loops (see DESIGN); block each step
@@ -273,6 +304,15 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         for batch in batches:
             state, loss = step_fn(state, batch)
             step += 1
+            if recenter is not None and step % recenter_every == 0:
+                state = recenter(state)
+            if step % conv_every == 0:
+                lr = float(setup.schedule(step - 1))
+                tracker.sample(
+                    step, -float(loss) / store.num_rows, lr, *globals_now(state, global_sites)
+                )
+                if cfg.train.until == "converged" and tracker.converged:
+                    stop.requested = True
             rows_since += cfg.data.batch_size
             if block_every_step:
                 loss.block_until_ready()
@@ -305,14 +345,17 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                     metrics.flush()
             bar.update(1)
             if step % cfg.checkpoint.every == 0 and step != total:
-                checkpointer.save(step, state, {**meta, "step": step})
+                checkpointer.save(step, state, {**meta, "step": step, **tracker_meta(tracker)})
             if cfg.train.stop_after is not None and step - first >= cfg.train.stop_after:
                 stop.requested = True
             if stop.requested and step != total:
-                log(f"stopping at step {step} of {total}: checkpointing; rerun to continue")
+                if tracker.converged and cfg.train.until == "converged":
+                    log(f"{tracker.status()}: checkpointing and stopping")
+                else:
+                    log(f"stopping at step {step} of {total}: checkpointing; rerun to continue")
                 break
     input_wait = batches.total_fraction()
-    checkpointer.save(step, state, {**meta, "step": step})
+    checkpointer.save(step, state, {**meta, "step": step, **tracker_meta(tracker)})
     checkpointer.close()
     hint = input_bound_hint(input_wait, cores is not None)
     if hint:
@@ -323,9 +366,13 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         "loss": last_loss,
         "checkpoint": str(ckpt_dir / str(step)),
         "metrics": str(metrics_path),
-        "stopped_early": step < total,
+        "stopped_early": step < total and not tracker.converged,
         "input_wait": input_wait,
+        "convergence": tracker.status(),
+        "converged_at": tracker.converged_at,
+        "convergence_check": tracker.last,
     }
+    log(tracker.status())
     if jax.process_index() == 0:
         (run_dir / "run.json").write_text(json.dumps(result, indent=2))
     return result
@@ -466,6 +513,64 @@ def make_train_step(setup: Setup, vocab_counts: Mapping[str, np.ndarray]) -> Tra
         return {**batch, **host_rows(batch["categorical"], tables)} if host_dedup else batch
 
     return TrainStep(lambda state, batch: step(state, batch, counts), prepare, batch_sh)
+
+
+def make_tracker(cfg: Any, setup: Setup, saved: Mapping[str, Any] | None) -> ConvergenceTracker:
+    """The run's convergence tracker: restored from the checkpoint being resumed, else new."""
+    conv = cfg.train.convergence
+    if cfg.train.until not in ("steps", "converged"):
+        raise ConfigError(f"train.until={cfg.train.until!r}: choose steps or converged")
+    if conv.sample_every < 1 or conv.patience < 1 or (conv.window is not None and conv.window < 1):
+        raise ConfigError("train.convergence: sample_every, patience and window must be positive")
+    if saved is not None and saved.get("convergence"):
+        return ConvergenceTracker.from_json(saved["convergence"])
+    epoch = setup.num_data / cfg.data.batch_size
+    return ConvergenceTracker(
+        window=window_steps(epoch, conv.sample_every, conv.window),
+        epoch_steps=epoch,
+        base_lr=float(cfg.optim.lr),
+        drift_tol=float(conv.drift_tol),
+        elbo_tol=float(conv.elbo_tol),
+        patience=int(conv.patience),
+    )
+
+
+def tracker_meta(tracker: ConvergenceTracker) -> dict[str, Any]:
+    return {"convergence": tracker.to_json()}
+
+
+def globals_now(
+    state: TrainState, sites: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Guide locs and sds of the global sites, read from this process's replica."""
+    locs, sds = {}, {}
+    for site in sites:
+        p = state.params[site]
+        locs[site] = np.asarray(p["loc"].addressable_data(0))
+        sds[site] = np.logaddexp(0.0, np.asarray(p["raw_scale"].addressable_data(0)))
+    return locs, sds
+
+
+def make_run_recenter(
+    setup: Setup, vocab_counts: Mapping[str, np.ndarray], every: int, batch_size: int
+) -> tuple[Callable[[TrainState], TrainState] | None, int]:
+    """The run's recentering move (:mod:`train.recenter`) and its cadence in steps, or
+    ``(None, 0)`` when off or when no term qualifies. The move reads every row of the
+    tables it shifts, so it runs at most once per ``rows / batch_size`` steps: its cost
+    spread over the steps stays within one batch's worth of rows, whatever the table size."""
+    if every < 0:
+        raise ConfigError(f"optim.recenter_every={every} must be >= 0 (0: never)")
+    terms = getattr(setup.model, "terms", [])
+    found = recenter_lib.plan(terms, setup.sites) if every else None
+    if found is None:
+        return None, 0
+    by_site = {t.table_site: t for t in terms}
+    counts = {
+        t.site: row_counts(by_site[t.site], vocab_counts, setup.columns) for t in found.tables
+    }
+    rows = sum(len(c) for c in counts.values())
+    cadence = max(every, -(-rows // batch_size))
+    return recenter_lib.make_recenter(found, setup.shardings, counts), cadence
 
 
 def _latest_meta(ckpt_dir: Path) -> tuple[int | None, dict[str, Any] | None]:

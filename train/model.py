@@ -317,7 +317,7 @@ def build_model(
         link = links.get_link(link_name)
     except ValueError as err:
         raise ConfigError(f"model.link: {err}") from None
-    link_kwargs = _resolve_dists(dict(_get(model_cfg, "link_kwargs") or {}), "model.link_kwargs")
+    link_kwargs = configured_link_kwargs(model_cfg)
 
     if target:
         return _user_model(str(target), columns, table_sizes)
@@ -345,6 +345,11 @@ def build_model(
 
     model.terms = terms  # type: ignore[attr-defined]
     return model
+
+
+def configured_link_kwargs(model_cfg: Any) -> dict[str, Any]:
+    """``model.link_kwargs`` with distribution names resolved to classes."""
+    return _resolve_dists(dict(_get(model_cfg, "link_kwargs") or {}), "model.link_kwargs")
 
 
 def _get(cfg: Any, key: str) -> Any:

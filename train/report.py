@@ -75,6 +75,12 @@ def build(run_dir: Path, scores: Path | None = None) -> Path:
                 f"<p>{lines[-1]['step']} steps; final ELBO per row "
                 f"{lines[-1]['elbo_per_row']:.4f}; median {rate:,.0f} examples/s{waited}</p>"
             )
+    run_info = run_dir / "run.json"
+    if run_info.exists():
+        status = json.loads(run_info.read_text()).get("convergence")
+        if status:  # runs written before convergence was tracked lack it
+            colour = "green" if status.startswith("converged") else "#b00"
+            parts.append(f"<p style='color:{colour}'><b>{html.escape(status)}</b></p>")
     summary = run_dir / "summary.csv"
     if summary.exists():
         with open(summary) as fh:

@@ -158,13 +158,15 @@ def init_fn(
     init_scale: float,
     sparse_sites: frozenset[str] = frozenset(),
     row_optimizer: str = "adam",
+    start: Mapping[str, Any] | None = None,
 ) -> Any:
     """State initializer; sparse tables keep guide parameters and row-wise moments together
-    in one row state per table (see the module docstring)."""
+    in one row state per table (see the module docstring). ``start``: constrained starting
+    values by site (:func:`train.starts.starting_values`)."""
     moments = len(row_state_fields(row_optimizer)) - 2
 
     def init() -> TrainState:
-        params = guides.init_params(sites, init_scale)
+        params = guides.init_params(sites, init_scale, start=start)
         if not sparse_sites:
             opt_state = optimizer.init(params)
         else:

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh
 from numpyro.distributions import biject_to
 
-from blayers import axes as ax
+from blayers import guides
 from blayers.sharding import make_mesh
 from train import checkpoint as ckpt
 from train.config import ConfigError, from_container
@@ -49,10 +49,6 @@ def restore_run(run_dir: Path, step: int | None = None) -> tuple[Setup, Any, dic
     return setup, state, {**meta, "step": step}
 
 
-def is_global(site: Any) -> bool:
-    return ax.CATEGORIES not in (site.logical_axes or ())
-
-
 def summarize(
     run_dir: Path, step: int | None = None, draws: int = 1000, seed: int = 0
 ) -> list[dict[str, Any]]:
@@ -62,7 +58,7 @@ def summarize(
     rows = []
     for name in sorted(setup.sites):
         site = setup.sites[name]
-        if not is_global(site):
+        if not guides.is_global(site):
             continue
         key, sub = jax.random.split(key)
         loc = np.asarray(state.params[name]["loc"])

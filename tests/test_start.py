@@ -1,0 +1,177 @@
+"""Data-aware starts: streaming target moments, each link's moment estimates on data with a
+known truth, the service's initial state, and the warnings for badly scaled priors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from numpy.testing import assert_allclose
+from omegaconf import OmegaConf
+
+from blayers.start import TargetStats, link_start
+from train import loop
+from train.config import Config
+from train.starts import prior_warnings
+
+
+def stats_of(y: np.ndarray, pieces: int = 3) -> TargetStats:
+    stats = TargetStats()
+    for part in np.array_split(y, pieces):
+        stats.update(part)
+    return stats
+
+
+def test_streaming_moments_equal_the_whole_array(rng):
+    y = rng.poisson(3.0, 10_001).astype(np.float32)
+    s = stats_of(y, 7)
+    assert s.count == y.size
+    assert_allclose(s.mean, y.mean(), rtol=1e-6)
+    assert_allclose(s.var, y.var(), rtol=1e-5)
+    pos = y[y > 0].astype(np.float64)
+    assert_allclose(s.log_mean, np.log(pos).mean(), rtol=1e-6)
+    assert_allclose(s.log_sd, np.log(pos).std(), rtol=1e-5)
+    assert s.classes == np.bincount(y.astype(int)).tolist()
+    assert s.zeros == int((y == 0).sum())
+    again = TargetStats.from_dict(s.to_dict())
+    assert again == s
+    s.update(np.array([0.5]))  # not an integer: no histogram from here on
+    assert s.classes is None
+
+
+def test_gaussian_and_lognormal_start_at_mean_and_sd(rng):
+    y = rng.normal(3.2, 7.0, 20_000)
+    start = link_start("gaussian", stats_of(y))
+    assert_allclose(start.eta, [3.2], atol=0.15)
+    assert_allclose(start.globals["sigma"], 7.0, rtol=0.02)
+    start = link_start("lognormal", stats_of(np.exp(y / 7.0)))
+    assert_allclose(start.eta, [3.2 / 7.0], atol=0.02)
+    assert_allclose(start.globals["sigma"], 1.0, rtol=0.02)
+    t = link_start("student_t", stats_of(y), {"df": 4.0})
+    assert_allclose(t.globals["sigma"], 7.0 * math.sqrt(0.5), rtol=0.02)
+
+
+def test_count_and_binary_links_start_at_their_moment_estimates(rng):
+    n = 50_000
+    assert_allclose(
+        link_start("logit", stats_of(rng.random(n) < 0.2)).eta, [math.log(0.25)], atol=0.03
+    )
+    assert_allclose(
+        link_start("poisson", stats_of(rng.poisson(4.0, n))).eta, [math.log(4.0)], atol=0.01
+    )
+    # NegativeBinomial2(mean 5, concentration 2): a Poisson-Gamma mixture
+    lam = rng.gamma(2.0, 5.0 / 2.0, n)
+    nb = link_start("negative_binomial", stats_of(rng.poisson(lam)))
+    assert_allclose(nb.eta, [math.log(5.0)], atol=0.02)
+    assert_allclose(nb.globals["concentration"], 2.0, rtol=0.1)
+    # zero-inflated Poisson: gate 0.3, rate 4
+    zip_y = np.where(rng.random(n) < 0.3, 0, rng.poisson(4.0, n))
+    z = link_start("zip", stats_of(zip_y))
+    assert_allclose(z.eta, [math.log(4.0)], atol=0.03)
+    assert_allclose(z.globals["zip_gate"], 0.3, atol=0.02)
+    # Beta(mean 0.3, precision 10)
+    b = link_start("beta", stats_of(rng.beta(3.0, 7.0, n)))
+    assert_allclose(b.eta, [math.log(0.3 / 0.7)], atol=0.02)
+    assert_allclose(b.globals["beta_phi"], 10.0, rtol=0.05)
+
+
+def test_ordinal_cutpoints_and_categorical_logits_from_class_frequencies(rng):
+    cuts = np.array([-1.0, 0.5, 2.0])
+    latent = rng.logistic(size=100_000)
+    y = (latent[:, None] > cuts[None, :]).sum(1)
+    start = link_start("ordinal", stats_of(y), {"num_classes": 4})
+    assert start.eta == (0.0,)
+    assert_allclose(start.globals["ordinal_c0"], cuts[0], atol=0.03)
+    assert_allclose(start.globals["ordinal_gaps"], np.diff(cuts), atol=0.05)
+    probs = np.array([0.5, 0.3, 0.2])
+    cat = link_start("categorical", stats_of(rng.choice(3, 60_000, p=probs)))
+    logp = np.log(probs)
+    assert_allclose(cat.eta, logp - logp.mean(), atol=0.03)
+
+
+def gaussian_run(tmp_path, mean: float, sd: float, **overrides):
+    rng = np.random.default_rng(1)
+    n = 2000
+    g = rng.integers(0, 14, n)
+    y = mean + rng.normal(0, sd, n)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"g": g, "x": rng.normal(size=n), "y": y}), path)
+    cfg = OmegaConf.structured(Config)
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.data.path = str(path)
+    cfg.data.numeric = ["x"]
+    cfg.data.categorical = ["g"]
+    cfg.data.batch_size = 80
+    cfg.model.link = "gaussian"
+    cfg.model.terms = [
+        {"layer": "InterceptLayer", "name": "bias"},
+        {"layer": "AdaptiveLayer", "name": "dense", "inputs": ["x"]},
+        {"layer": "RandomEffectsLayer", "name": "g", "inputs": ["g"]},
+    ]
+    cfg.train.steps = 0
+    cfg.train.progress = False
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg, y
+
+
+def initial_locs(cfg) -> dict[str, np.ndarray]:
+    from train import data as data_lib
+
+    store, vocabs = data_lib.prepare(
+        cfg.data, cfg.run_dir and __import__("pathlib").Path(cfg.run_dir), "gaussian"
+    )
+    setup = loop.make_setup(
+        cfg,
+        {c: v.size for c, v in vocabs.items()},
+        store.num_rows,
+        loop.build_mesh(cfg),
+        None,
+        store.target_stats,
+    )
+    state = setup.init()
+    return {k: np.asarray(v["loc"]) for k, v in state.params.items()}
+
+
+def test_service_starts_the_intercept_and_sigma_from_the_data(tmp_path):
+    cfg, y = gaussian_run(tmp_path, 3.2, 2.0)
+    locs = initial_locs(cfg)
+    assert_allclose(locs["InterceptLayer_bias_beta"], [[y.mean()]], rtol=1e-5)
+    assert_allclose(np.exp(locs["sigma"]), y.std(), rtol=1e-4)
+    assert np.all(locs["RandomEffectsLayer_g_theta"] == 0)  # rows start at 0
+    zero, _ = gaussian_run(tmp_path / "z", 3.2, 2.0, **{"optim.start": "zero"})
+    assert np.all(initial_locs(zero)["InterceptLayer_bias_beta"] == 0)
+
+
+@pytest.mark.parametrize("bad", ["median", ""])
+def test_unknown_start_is_a_config_error(tmp_path, bad):
+    cfg, _ = gaussian_run(tmp_path, 0.0, 1.0, **{"optim.start": bad})
+    with pytest.raises(loop.ConfigError, match=r"optim\.start"):
+        initial_locs(cfg)
+
+
+def test_badly_scaled_priors_are_named_with_the_fix(tmp_path):
+    cfg, y = gaussian_run(tmp_path, 3000.0, 1000.0)
+    from train.model import Columns, build_model
+
+    model = build_model(cfg.model, Columns(("x",), ("g",)), {"g": 14})
+    lines = prior_warnings(model.terms, "gaussian", {}, stats_of(y))
+    text = "\n".join(lines)
+    assert "model.terms[bias]" in text and "coef_kwargs" in text
+    assert "model.terms[dense]" in text and "scale_kwargs: {scale:" in text
+    assert "model.terms[g]" in text
+    assert "model.link_kwargs: sigma" in text
+    # a standardized target raises nothing
+    assert prior_warnings(model.terms, "gaussian", {}, stats_of((y - y.mean()) / y.std())) == []
+
+
+def test_train_logs_the_warnings_before_any_step(tmp_path):
+    cfg, _ = gaussian_run(tmp_path, 3000.0, 1000.0, **{"train.steps": 1})
+    messages = []
+    loop.train(cfg, log=messages.append)
+    warnings = [m for m in messages if m.startswith("warning: model.")]
+    assert len(warnings) >= 3
