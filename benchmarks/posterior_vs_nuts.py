@@ -17,8 +17,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from numpyro.infer import MCMC, NUTS
 from omegaconf import OmegaConf
 
@@ -26,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blayers.layers import InterceptLayer, RandomEffectsLayer
 from blayers.links import gaussian_link
-from train import loop
+from train import loop, synth
 from train.config import Config
 from train.summary import summarize
 
@@ -41,16 +39,10 @@ GLOBALS = [
 
 
 def make_data(path: Path, rows: int, mean: float, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    cols = {}
-    y = mean + rng.normal(0, 1.0, rows)
-    for name, size, sd in zip("abc", SIZES, SDS, strict=True):
-        ids = rng.integers(0, size, rows)
-        y += rng.normal(0, sd, size)[ids]
-        cols[name] = ids
-    cols["y"] = y.astype(np.float32)
-    pq.write_table(pa.table(cols), path)
-    return cols
+    levels = dict(zip("abc", SIZES, strict=True))
+    return synth.crossed_effects(
+        path, rows, levels, dict(zip("abc", SDS, strict=True)), intercept=mean, seed=seed
+    )
 
 
 def service(data: Path, run_dir: Path, steps: int, **overrides: object) -> dict[str, tuple]:
@@ -60,9 +52,7 @@ def service(data: Path, run_dir: Path, steps: int, **overrides: object) -> dict[
     cfg.data.categorical = ["a", "b", "c"]
     cfg.data.batch_size = 256
     cfg.model.link = "gaussian"
-    cfg.model.terms = [{"layer": "InterceptLayer", "name": "bias"}] + [
-        {"layer": "RandomEffectsLayer", "name": c, "inputs": [c]} for c in "abc"
-    ]
+    cfg.model.terms = synth.crossed_terms(list("abc"))
     cfg.train.steps = steps
     cfg.train.progress = False
     cfg.checkpoint.async_save = False
@@ -121,6 +111,9 @@ def main() -> None:
             ),
             "SVI data start, recentering (default)": service(
                 root / "y.parquet", root / "r3", args.steps
+            ),
+            "SVI structured guide": service(
+                root / "y.parquet", root / "r4", args.steps, **{"optim.guide": "structured"}
             ),
         }
     ref = runs["NUTS"]

@@ -114,6 +114,33 @@ class TargetStats:
         return cls(**data)
 
 
+@dataclass
+class FeatureStats:
+    """Streaming second moments of the numeric features, :math:`E[x_j^2]` per column."""
+
+    count: int = 0
+    total_sq: list[float] = field(default_factory=list)
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64)
+        if not x.size:
+            return
+        sq = np.einsum("ij,ij->j", x, x)
+        self.total_sq = (sq + np.asarray(self.total_sq or np.zeros_like(sq))).tolist()
+        self.count += int(x.shape[0])
+
+    @property
+    def mean_sq(self) -> np.ndarray:
+        return np.asarray(self.total_sq, np.float64) / max(self.count, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeatureStats:
+        return cls(**dict(data))
+
+
 @dataclass(frozen=True)
 class LinkStart:
     """Where a link's model starts: the linear predictor (per unit) and the link's globals
@@ -123,6 +150,9 @@ class LinkStart:
     eta: tuple[float, ...]
     globals: dict[str, np.ndarray]
     outcome_sd: float | None
+    # Fisher information of the linear predictor per observation at the start (None: not
+    # worked out for this link), for the start of the global guide scales
+    information: float | None = None
 
 
 def _logit(p: float) -> float:
@@ -140,33 +170,37 @@ def _positive_sd(sd: float) -> float:
 
 def _gaussian(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     sd = _positive_sd(stats.sd)
-    return LinkStart((stats.mean,), {"sigma": np.float32(sd)}, stats.sd)
+    return LinkStart((stats.mean,), {"sigma": np.float32(sd)}, stats.sd, 1.0 / sd**2)
 
 
 def _student_t(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     df = float(kwargs.get("df", 4.0))
     sd = _positive_sd(stats.sd) * (math.sqrt((df - 2.0) / df) if df > 2.0 else 0.5)
-    return LinkStart((stats.mean,), {"sigma": np.float32(sd)}, stats.sd)
+    info = (df + 1.0) / ((df + 3.0) * sd**2)
+    return LinkStart((stats.mean,), {"sigma": np.float32(sd)}, stats.sd, info)
 
 
 def _lognormal(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     sd = _positive_sd(stats.log_sd)
-    return LinkStart((stats.log_mean,), {"sigma": np.float32(sd)}, stats.log_sd)
+    return LinkStart((stats.log_mean,), {"sigma": np.float32(sd)}, stats.log_sd, 1.0 / sd**2)
 
 
 def _logit_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
-    return LinkStart((_logit(stats.mean),), {}, None)
+    p = _clip(stats.mean, _EPS, 1 - _EPS)
+    return LinkStart((_logit(p),), {}, None, p * (1 - p))
 
 
 def _poisson(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
-    return LinkStart((math.log(max(stats.mean, 1e-3)),), {}, None)
+    m = max(stats.mean, 1e-3)
+    return LinkStart((math.log(m),), {}, None, m)
 
 
 def _negative_binomial(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     m = max(stats.mean, 1e-3)
     excess = stats.var - m
-    phi = m * m / excess if excess > 1e-3 * m else 1e3  # no overdispersion: near Poisson
-    return LinkStart((math.log(m),), {"concentration": np.float32(_clip(phi, 1e-3, 1e4))}, None)
+    phi = _clip(m * m / excess if excess > 1e-3 * m else 1e3, 1e-3, 1e4)  # 1e3: near Poisson
+    info = m / (1.0 + m / phi)
+    return LinkStart((math.log(m),), {"concentration": np.float32(phi)}, None, info)
 
 
 def _zip(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:

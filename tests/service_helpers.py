@@ -53,6 +53,32 @@ def small_config(data_path: Path, run_dir: Path, **overrides: Any) -> Any:
     return cfg
 
 
+def crossed_config(
+    data: Path, run_dir: Path, categorical: list[str], link: str = "gaussian", **overrides: Any
+) -> Any:
+    """A config for :func:`train.synth.crossed_effects` data: intercept (+ slope on ``x`` when
+    the data has it) + one random-effects term per id column, 3,000 steps of batch 256."""
+    import pyarrow.parquet as pq
+
+    numeric = ["x"] if "x" in pq.read_schema(data).names else []
+    cfg = OmegaConf.structured(Config)
+    cfg.run_dir = str(run_dir)
+    cfg.data.path = str(data)
+    cfg.data.numeric = numeric
+    cfg.data.categorical = list(categorical)
+    cfg.data.batch_size = 256
+    cfg.model.link = link
+    cfg.model.terms = synth.crossed_terms(list(categorical), numeric)
+    cfg.train.steps = 3000
+    cfg.train.progress = False
+    cfg.train.log_every = 500
+    cfg.checkpoint.every = 3000
+    cfg.checkpoint.async_save = False
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
 def load_params(run_dir: Path, step: int | None = None) -> dict[str, np.ndarray]:
     """Guide params of a run's checkpoint as flat numpy arrays, read on this process."""
     from train.state import guide_params

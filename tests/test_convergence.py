@@ -104,7 +104,7 @@ def test_window_is_one_epoch_in_whole_samples():
 @pytest.fixture(scope="module")
 def crossed(tmp_path_factory):
     path = tmp_path_factory.mktemp("crossed") / "y.parquet"
-    crossed_data(path, np.random.default_rng(2), mean=3.0, n=4000)
+    crossed_data(path, seed=2, mean=3.0, n=4000)
     return path
 
 

@@ -29,11 +29,17 @@ def structure(sites: Mapping[str, guides.LatentSite]) -> dict[str, list[int]]:
 
 
 def fingerprint(
-    sites: Mapping[str, guides.LatentSite], link: str, sparse: list[str] | None = None
+    sites: Mapping[str, guides.LatentSite],
+    link: str,
+    sparse: list[str] | None = None,
+    guide: str = "mean_field",
 ) -> str:
-    """Identity of a model's parameter structure, its link and which tables train row-sparse
-    (their state differs: one row state per table, ``train.state.ROW_STATE``)."""
+    """Identity of a model's parameter structure, its link, which tables train row-sparse
+    (their state differs: one row state per table, ``train.state.ROW_STATE``) and the guide
+    family (its parameters differ)."""
     content: dict[str, Any] = {"sites": structure(sites), "link": link, "sparse": sparse or []}
+    if guide != "mean_field":  # mean-field runs keep the fingerprint they always had
+        content["guide"] = guide
     if sparse:
         content["row_state"] = 2  # layout version; 1 kept moments apart from the parameters
     payload = json.dumps(content, sort_keys=True)

@@ -65,6 +65,9 @@ class OptimConfig:
     end_lr_factor: float = 0.05  # cosine decays to lr * end_lr_factor
     clip_norm: float | None = None
     guide_init_scale: float = 0.1
+    # structured: a joint Normal over the globals with dense tables' rows linear in them
+    # (blayers.guides.StructuredGuide); mean_field: independent Normals per element
+    guide: str = "structured"
     # data: the intercept at the link of the target's mean and the link's globals at their
     # moment estimates (blayers.start); zero: every guide loc at 0 (the prior's centre)
     start: str = "data"
@@ -145,6 +148,19 @@ def to_container(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(
         OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg, resolve=True
     )
+
+
+# keys whose default changed: a run saved before a key existed keeps the value it ran with
+SAVED_DEFAULTS = {("optim", "guide"): "mean_field"}
+
+
+def with_saved_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config with :data:`SAVED_DEFAULTS` filled in where it lacks them."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for (group, key), value in SAVED_DEFAULTS.items():
+        if isinstance(out.get(group), dict):
+            out[group].setdefault(key, value)
+    return out
 
 
 def from_container(data: Any, schema: type = Config) -> Any:

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import pyarrow.types as pat
 
 from blayers import links
-from blayers.start import TargetStats
+from blayers.start import FeatureStats, TargetStats
 from train import vocab as vocab_lib
 from train.cores import CoreSplit, pipeline_threads
 
@@ -150,6 +150,7 @@ class Store:
     has_target: bool
     # moments of the target, accumulated by the encode pass (data-aware starts)
     target_stats: TargetStats | None = field(default=None, repr=False)
+    feature_stats: FeatureStats | None = field(default=None, repr=False)
     # (block, chunk) -> each kind's (blocks, block, width) view of that chunk, made on first use
     _views: dict[tuple[int, int], dict[str, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False
@@ -347,6 +348,7 @@ def write_store(
     vocabs: dict[str, vocab_lib.Vocab],
     link: str | None = None,
     stats: TargetStats | None = None,
+    features: FeatureStats | None = None,
 ) -> int:
     """Validate and encode every batch into an Arrow IPC file at ``path`` (atomically),
     folding the target into ``stats`` when given.
@@ -386,6 +388,8 @@ def write_store(
                 enc = _encode_batch(batch, numeric, categorical, target, vocabs, link)
                 if stats is not None and TARGET in enc:
                     stats.update(enc[TARGET])
+                if features is not None and NUMERIC in enc:
+                    features.update(enc[NUMERIC])
                 pending.append(enc)
                 pending_rows += batch.num_rows
                 rows += batch.num_rows
@@ -470,13 +474,13 @@ def prepare(
         stamped = json.loads(stamp.read_text())
         if stamped.get("fingerprint") == fingerprint:
             store = Store.open(store_path)
-            store.target_stats = _stamped_stats(stamped, store)
+            store.target_stats, store.feature_stats = _stamped_stats(stamped, store)
             return store, vocabs
 
     batches = scan(dataset, columns, read_batch_rows)
     unshuffled = store_path.with_name(f".{store_path.name}.input-order")
-    stats = TargetStats()
-    write_store(batches, unshuffled, numeric, categorical, target, vocabs, link, stats)
+    stats, features = TargetStats(), FeatureStats()
+    write_store(batches, unshuffled, numeric, categorical, target, vocabs, link, stats, features)
     try:
         shuffle_store(unshuffled, store_path, seed=0)
     finally:
@@ -493,7 +497,7 @@ def prepare(
         )
     if not vocab_dir.exists():
         vocab_lib.save_all(vocabs, vocab_dir)
-    store.target_stats = stats
+    store.target_stats, store.feature_stats = stats, features
     stamp.write_text(
         json.dumps(
             {
@@ -501,21 +505,27 @@ def prepare(
                 "files": files,
                 "rows": store.num_rows,
                 "target_stats": stats.to_dict(),
+                "feature_stats": features.to_dict(),
             }
         )
     )
     return store, vocabs
 
 
-def _stamped_stats(stamped: dict[str, Any], store: Store) -> TargetStats:
-    """The target's moments saved with the store; a store encoded before they were saved
-    has them computed once from its target column."""
-    if "target_stats" in stamped:
-        return TargetStats.from_dict(stamped["target_stats"])
-    stats = TargetStats()
+def _stamped_stats(stamped: dict[str, Any], store: Store) -> tuple[TargetStats, FeatureStats]:
+    """The target's and features' moments saved with the store; a store encoded before they
+    were saved has them computed once from its columns."""
+    if "target_stats" in stamped and "feature_stats" in stamped:
+        return (
+            TargetStats.from_dict(stamped["target_stats"]),
+            FeatureStats.from_dict(stamped["feature_stats"]),
+        )
+    stats, features = TargetStats(), FeatureStats()
     if store.has_target:
         stats.update(store.column(TARGET))
-    return stats
+    if store.numeric_columns:
+        features.update(store.column(NUMERIC))
+    return stats, features
 
 
 # --------------------------------------------------------------------------------------------

@@ -118,16 +118,18 @@ def _with_locs(p: Mapping[str, jax.Array], loc: jax.Array) -> dict[str, jax.Arra
 
 
 def shift(
-    params: Mapping[str, Any], seen: Mapping[str, jax.Array], recenter: RecenterPlan
+    params: Mapping[str, Any],
+    seen: Mapping[str, jax.Array],
+    recenter: RecenterPlan,
+    guide: guides.MeanFieldGuide,
 ) -> dict[str, Any]:
     """The ELBO-optimal shift of each table's seen rows into the intercept (module docstring).
     ``seen[site]``: 1.0 for rows seen in training, else 0.0."""
     out = dict(params)
     p0 = 1.0 / recenter.prior_scale**2
     for table in recenter.tables:
-        lam = out[table.scale_site]
-        s = jax.nn.softplus(lam["raw_scale"])
-        a = jnp.exp(-2.0 * lam["loc"] + 2.0 * s**2)
+        mu, s = guide.marginal(table.scale_site, out[table.scale_site])
+        a = jnp.exp(-2.0 * mu + 2.0 * s**2)
         loc = _locs(out[table.site])
         rows = loc.reshape(loc.shape[0], -1)
         m = rows.shape[1]
@@ -142,11 +144,65 @@ def shift(
         rows = rows - w[:, None] * delta[None, :]
         out[table.site] = _with_locs(out[table.site], rows.reshape(loc.shape))
         out[recenter.intercept] = {**out[recenter.intercept], "loc": b + total}
+        if (
+            isinstance(guide, guides.StructuredGuide)
+            and table.site in guide.coupled
+            and m == 1
+            and guide.row_column(table.site, recenter.intercept) is not None
+        ):
+            out = _spread(out, table.site, w, a, p0, recenter.intercept, guide)
+    return out
+
+
+def _spread(
+    params: dict[str, Any],
+    site: str,
+    w: jax.Array,
+    a: jax.Array,
+    p0: float,
+    intercept: str,
+    guide: guides.StructuredGuide,
+) -> dict[str, Any]:
+    r"""The structured guide's variance move: the intercept's deviation :math:`z_b` scaled by
+    :math:`x`, each seen row of ``site`` given :math:`-(x-1) z_b` (so every predictor draw is
+    unchanged), every other coupled row's weight on :math:`z_b` divided by :math:`x` (so its
+    draws are unchanged). With :math:`v = \mathrm{Var}\,z_b`, :math:`\kappa_r =
+    \mathrm{Cov}(\theta_r, z_b)`, :math:`K = a\sum_r w_r \kappa_r`, :math:`V = a v \sum_r w_r`,
+    the ELBO changes by :math:`\log x - \tfrac{p_0 v}{2}(x^2 - 1) + K(x-1) - \tfrac V2 (x-1)^2`,
+    maximised at the positive root of :math:`(p_0 v + V)x^2 - (K + V)x - 1 = 0`; :math:`x = 1`
+    is a candidate, so the ELBO never falls."""
+    k = guide.offsets[intercept]
+    L = guide.global_factor(params)
+    cov_b = L @ L[k]
+    v = cov_b[k]
+    coupling = params[site][guides.COUPLING].reshape(w.shape[0], -1)
+    K = a * (w @ (coupling @ cov_b[guide.row_index[site]]))
+    V = a * v * jnp.sum(w)
+    quad = p0 * v + V
+    x = ((K + V) + jnp.sqrt((K + V) ** 2 + 4.0 * quad)) / (2.0 * quad)
+    out = dict(params)
+    s_b = guide.loc_scale(params[intercept])[1]
+    raw_b = jnp.log(jnp.expm1(x * s_b))  # softplus^-1 of the scaled sd
+    out[intercept] = {
+        **params[intercept],
+        "raw_scale": raw_b,
+        guides.COUPLING: params[intercept][guides.COUPLING] * x,
+    }
+    for other in guide.coupled:
+        other_k = guide.row_column(other, intercept)
+        if other_k is None:
+            continue
+        coupling = jnp.asarray(out[other][guides.COUPLING])
+        col = coupling[..., other_k] / x
+        if other == site:
+            col = col - (w * (x - 1.0) / x).reshape(col.shape)
+        out[other] = {**out[other], guides.COUPLING: coupling.at[..., other_k].set(col)}
     return out
 
 
 def make_recenter(
     recenter: RecenterPlan,
+    guide: guides.MeanFieldGuide,
     shardings: TrainState,
     row_counts: Mapping[str, np.ndarray],
 ) -> Callable[[TrainState], TrainState]:
@@ -159,7 +215,7 @@ def make_recenter(
     }
 
     def apply(state: TrainState, seen: Mapping[str, jax.Array]) -> TrainState:
-        return state._replace(params=shift(state.params, seen, recenter))
+        return state._replace(params=shift(state.params, seen, recenter, guide))
 
     jitted = jax.jit(
         apply,

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from numpyro import handlers
-from numpyro.distributions import Normal, biject_to
+from numpyro.distributions import Normal
 
 from blayers import guides
 from train import data as data_lib
@@ -137,6 +137,7 @@ def make_scorer(
     the table. With ``host_quantiles`` the quantiles are left to :func:`finish_quantiles`:
     the outputs then hold each row's draws instead."""
     model, sites = setup.model, setup.sites
+    guide = setup.guide
     terms = {t.name: t for t in getattr(model, "terms", []) if t.gatherable}
     table_sites = {t.table_site: t for t in terms.values()}
     table_index = {site: i for i, site in enumerate(sorted(table_sites))}
@@ -159,18 +160,14 @@ def make_scorer(
         local: Mapping[str, jax.Array],
         unseen: Mapping[str, jax.Array],
     ) -> Any:
-        values, noise = {}, {}
-        keys = jax.random.split(key, len(sites) + 2)
-        prior_key = keys[-1]
-        keys = keys[:-1]
-        for k, name in zip(keys[1:], sorted(sites), strict=True):
-            if name in uniq:
-                loc, raw = guide_rows(params[name], uniq[name])
-            else:
-                loc, raw = params[name]["loc"], params[name]["raw_scale"]
-            noise[name] = jax.random.normal(k, loc.shape, loc.dtype)
-            u = loc + jax.nn.softplus(raw) * noise[name]
-            values[name] = biject_to(sites[name].support)(u)
+        model_key, prior_key, draw_key = jax.random.split(key, 3)
+        view = {
+            name: guide_rows(params[name], uniq[name]) if name in uniq else params[name]
+            for name in sites
+        }
+        draws = guide.draw(draw_key, view)
+        values = {name: d.value for name, d in draws.items()}
+        noise = {name: d.noise for name, d in draws.items()}
 
         def draw(msg: dict[str, Any]) -> jax.Array | None:
             name = msg["name"]
@@ -181,7 +178,7 @@ def make_scorer(
             mask = unseen[name].reshape((-1,) + (1,) * (prior.ndim - 1))
             return jnp.where(mask, prior, values[name])
 
-        seeded = handlers.seed(handlers.substitute(model, substitute_fn=draw), keys[0])
+        seeded = handlers.seed(handlers.substitute(model, substitute_fn=draw), model_key)
         trace = handlers.trace(seeded).get_trace(batch, None, local)
         eta = trace[LINEAR_PREDICTOR]["value"][:, 0] if LINEAR_PREDICTOR in trace else None
         return response_mean(trace["obs"]["fn"]), eta

@@ -30,7 +30,6 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from numpyro import handlers
-from numpyro.distributions import biject_to
 
 from blayers import guides
 from train.dedup import COUNT, LOCAL, UNIQ, TableRows
@@ -87,7 +86,7 @@ def weighted_log_joint(trace: Mapping[str, Any], row_weights: Mapping[str, jax.A
 
 def make_sparse_loss(
     model: Callable[..., Any],
-    sites: Mapping[str, guides.LatentSite],
+    guide: guides.MeanFieldGuide,
     sparse: Mapping[str, SparseTable],
     num_data: int,
 ) -> Callable[..., jax.Array]:
@@ -101,23 +100,13 @@ def make_sparse_loss(
         local: Mapping[str, jax.Array],
         weights: Mapping[str, jax.Array],
     ) -> jax.Array:
-        names = sorted(sites)
-        keys = jax.random.split(key, len(names) + 1)
-        values, log_q = {}, jnp.zeros(())
-        for k, name in zip(keys[1:], names, strict=True):
-            p = gathered[name] if name in sparse else dense[name]
-            loc, scale = p["loc"], jax.nn.softplus(p["raw_scale"])
-            eps = jax.random.normal(k, loc.shape, loc.dtype)
-            u = loc + scale * eps
-            transform = biject_to(sites[name].support)
-            values[name] = transform(u)
-            lq = -0.5 * eps**2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
-            lq = lq - jnp.broadcast_to(transform.log_abs_det_jacobian(u, values[name]), u.shape)
-            if name in sparse:
-                log_q = log_q + lq.reshape(lq.shape[0], -1).sum(1) @ weights[name]
-            else:
-                log_q = log_q + lq.sum()
-        seeded = handlers.seed(handlers.substitute(model, values), keys[0])
+        model_key, draw_key = jax.random.split(key)
+        draws = guide.draw(draw_key, {**dense, **gathered})
+        log_q = jnp.zeros(())
+        for name, d in draws.items():
+            log_q = log_q + (d.per_row() @ weights[name] if name in sparse else d.total())
+        values = {name: d.value for name, d in draws.items()}
+        seeded = handlers.seed(handlers.substitute(model, values), model_key)
         trace = handlers.trace(seeded).get_trace(batch, num_data, local)
         return log_q - weighted_log_joint(trace, weights)
 
@@ -171,7 +160,7 @@ def batch_rows(
 
 def make_sparse_step(
     model: Callable[..., Any],
-    sites: Mapping[str, guides.LatentSite],
+    guide: guides.MeanFieldGuide,
     sparse: Mapping[str, SparseTable],
     dense_optimizer: optax.GradientTransformation,
     schedule: Callable[[jax.Array], jax.Array],
@@ -188,7 +177,7 @@ def make_sparse_step(
             f"optim.name={row_optimizer!r}: the row-sparse path supports "
             f"{ROW_OPTIMIZERS}; use one, or set sparse: false on the table terms"
         )
-    loss_fn = make_sparse_loss(model, sites, sparse, num_data)
+    loss_fn = make_sparse_loss(model, guide, sparse, num_data)
     replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
     fields = row_state_fields(row_optimizer)
     column = {f: i for i, f in enumerate(fields)}

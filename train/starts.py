@@ -15,7 +15,7 @@ import numpy as np
 import numpyro.distributions as dists
 
 from blayers import guides
-from blayers.start import LinkStart, TargetStats, link_start
+from blayers.start import FeatureStats, LinkStart, TargetStats, link_start
 
 PRIOR_SDS = 4.0  # an intercept start this many prior sds out is named
 SCALE_RATIO = 10.0  # a target sd this many times a term's prior scale is named
@@ -38,6 +38,56 @@ def starting_values(
         units = sites[intercept].shape[-1]
         if len(start.eta) in (1, units):
             out[intercept] = np.broadcast_to(np.asarray(start.eta, np.float32), (1, units))
+    return out
+
+
+def starting_scales(
+    terms: Sequence[Any],
+    sites: Mapping[str, guides.LatentSite],
+    link: str,
+    link_kwargs: Mapping[str, Any],
+    stats: TargetStats | None,
+    features: FeatureStats | None,
+    num_data: int,
+    levels: Mapping[str, int],
+) -> dict[str, np.ndarray]:
+    r"""Unconstrained guide sds to start the global sites at, by site: each global's
+    posterior sd were it the only unknown, :math:`(N I\,E[x^2] + \text{prior precision})^{-1/2}`
+    with :math:`I` the link's Fisher information per observation at the start. The guide
+    caps them at ``optim.guide_init_scale``, so they only ever start smaller: a well-measured
+    global then starts near its posterior width instead of shrinking there over thousands of
+    steps. A hierarchical scale over :math:`R` coefficients starts at :math:`(2R)^{-1/2}`
+    in log space; table rows keep the default."""
+    if stats is None or stats.count == 0:
+        return {}
+    start = link_start(link, stats, link_kwargs)
+    out: dict[str, np.ndarray] = {}
+    info = start.information
+    for t in terms:
+        beta = f"{t.layer_name}_{t.name}_beta"
+        scale = f"{t.layer_name}_{t.name}_scale"
+        if info is not None and t.kind == "intercept" and beta in sites:
+            prior = _normal_prior(t.layer)
+            precision = 1.0 / prior[1] ** 2 if prior else 1.0
+            out[beta] = np.float32(1.0 / np.sqrt(num_data * info + precision))
+        elif (
+            info is not None
+            and t.kind == "dense"
+            and beta in sites
+            and features is not None
+            and len(features.total_sq)
+            and t.numeric_idx
+        ):
+            second = features.mean_sq[list(t.numeric_idx)]
+            sd = 1.0 / np.sqrt(num_data * info * second + 1.0)
+            shape = sites[beta].unconstrained_shape
+            out[beta] = np.broadcast_to(sd.reshape(-1, *(1,) * (len(shape) - 1)), shape)
+        if scale in sites and not sites[scale].unconstrained_shape:
+            count = levels.get(t.table_site) if t.kind != "dense" else len(t.numeric_idx)
+            if count:
+                out[scale] = np.float32(1.0 / np.sqrt(2.0 * count))
+    if info is not None and "sigma" in sites and "sigma" in start.globals:
+        out["sigma"] = np.float32(1.0 / np.sqrt(2.0 * num_data))
     return out
 
 

@@ -58,12 +58,12 @@ def guide_params(params: Mapping[str, Any]) -> guides.Params:
     }
 
 
-def guide_rows(p: Mapping[str, jax.Array], rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(loc, raw_scale)`` of the given table rows of one site, in either layout."""
+def guide_rows(p: Mapping[str, jax.Array], rows: jax.Array) -> dict[str, jax.Array]:
+    """The guide parameters (``loc``, ``raw_scale``, any coupling) of the given table rows of
+    one site, in either layout."""
     if ROW_STATE in p:
-        p = split_row_state(p[ROW_STATE][rows])
-        return p["loc"], p["raw_scale"]
-    return p["loc"][rows], p["raw_scale"][rows]
+        return split_row_state(p[ROW_STATE][rows])
+    return {f: v[rows] for f, v in p.items()}
 
 
 def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
@@ -103,20 +103,23 @@ def table_axis_multiple(mesh: Mesh, rules: Rules | None) -> int:
 
 
 def param_specs(
-    sites: Mapping[str, guides.LatentSite],
+    guide: guides.MeanFieldGuide,
     mesh: Mesh,
     rules: Rules | None,
     row_state_sites: frozenset[str] = frozenset(),
 ) -> dict[str, dict[str, PartitionSpec]]:
+    """A PartitionSpec per guide parameter leaf, from its site's logical axes."""
     out = {}
-    for name, axes in guides.param_logical_axes(sites).items():
-        shape = sites[name].unconstrained_shape
-        spec = logical_to_spec(axes["loc"], shape, mesh, rules, what=name)
+    for name, fields in guide.param_logical_axes().items():
+        shape = guide.sites[name].unconstrained_shape
+        spec = logical_to_spec(fields["loc"], shape, mesh, rules, what=name)
         if name in row_state_sites:  # rows split as the table's; the fields axis whole
             parts = (*tuple(spec), *(None,) * (len(shape) - len(spec)))
             out[name] = {ROW_STATE: PartitionSpec(parts[0], None, *parts[1:])}
-        else:
-            out[name] = {"loc": spec, "raw_scale": spec}
+            continue
+        # every field leads with the site's own axes (a coupling adds one trailing axis of
+        # globals, which a shorter spec leaves whole)
+        out[name] = dict.fromkeys(fields, spec)
     return out
 
 
@@ -132,18 +135,23 @@ def _key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
 
 
 def state_shardings(
-    abstract: TrainState, sites: Mapping[str, guides.LatentSite], mesh: Mesh, rules: Rules | None
+    abstract: TrainState, guide: guides.MeanFieldGuide, mesh: Mesh, rules: Rules | None
 ) -> TrainState:
-    """NamedShardings for every leaf of the state."""
+    """NamedShardings for every leaf of the state. An optimizer moment takes the sharding of
+    the parameter leaf it mirrors: the one whose ``(site, field)`` names its key path and
+    whose shape it has."""
     row_state_sites = frozenset(k for k, v in abstract.params.items() if ROW_STATE in v)
-    specs = param_specs(sites, mesh, rules, row_state_sites)
+    specs = param_specs(guide, mesh, rules, row_state_sites)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def for_leaf(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-        # moments (dense optax trees or row-wise tables) sit under their site's name
-        for name in _key_names(path):
-            if name in specs and tuple(np.shape(leaf)) == sites[name].unconstrained_shape:
-                return NamedSharding(mesh, next(iter(specs[name].values())))
+        names = _key_names(path)
+        for i, name in enumerate(names[:-1]):
+            field = names[i + 1]
+            if name in specs and field in specs[name]:
+                if tuple(np.shape(leaf)) != tuple(abstract.params[name][field].shape):
+                    break
+                return NamedSharding(mesh, specs[name][field])
         return replicated
 
     params = {k: {f: NamedSharding(mesh, s) for f, s in v.items()} for k, v in specs.items()}
@@ -152,13 +160,14 @@ def state_shardings(
 
 
 def init_fn(
-    sites: Mapping[str, guides.LatentSite],
+    guide: guides.MeanFieldGuide,
     optimizer: optax.GradientTransformation,
     seed: int,
     init_scale: float,
     sparse_sites: frozenset[str] = frozenset(),
     row_optimizer: str = "adam",
     start: Mapping[str, Any] | None = None,
+    scales: Mapping[str, Any] | None = None,
 ) -> Any:
     """State initializer; sparse tables keep guide parameters and row-wise moments together
     in one row state per table (see the module docstring). ``start``: constrained starting
@@ -166,7 +175,7 @@ def init_fn(
     moments = len(row_state_fields(row_optimizer)) - 2
 
     def init() -> TrainState:
-        params = guides.init_params(sites, init_scale, start=start)
+        params = guide.init_params(init_scale, start=start, scales=scales)
         if not sparse_sites:
             opt_state = optimizer.init(params)
         else:
@@ -192,17 +201,17 @@ class PlanRow:
 
 
 def sharding_plan(
-    abstract: TrainState, shardings: TrainState, sites: Mapping[str, guides.LatentSite]
+    abstract: TrainState, shardings: TrainState, guide: guides.MeanFieldGuide
 ) -> list[PlanRow]:
     """Every guide parameter with shape, logical axes, placement and bytes per device."""
     rows = []
-    axes = guides.param_logical_axes(sites)
+    axes = guide.param_logical_axes()
     for site, fields in abstract.params.items():
         for f, leaf in fields.items():
             sh = shardings.params[site][f]
             local = sh.shard_shape(leaf.shape)
             itemsize = np.dtype(leaf.dtype).itemsize
-            logical = axes[site]["loc"]
+            logical = axes[site].get(f, axes[site]["loc"])
             if f == ROW_STATE and logical is not None:
                 logical = (logical[0], None, *logical[1:])
             rows.append(

@@ -14,19 +14,19 @@ from train.state import TrainState
 
 
 def loss_fn(
-    model: Callable[..., Any], sites: Mapping[str, guides.LatentSite], num_data: int
+    model: Callable[..., Any], guide: guides.MeanFieldGuide, num_data: int
 ) -> Callable[[guides.Params, jax.Array, Mapping[str, jax.Array]], jax.Array]:
     """Negative ELBO of one minibatch; the model's data plate scales it to ``num_data`` rows."""
 
     def loss(params: guides.Params, key: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
-        return guides.elbo_loss(key, params, sites, model, batch, num_data=num_data)
+        return guides.elbo_loss(key, params, guide, model, batch, num_data=num_data)
 
     return loss
 
 
 def make_step(
     model: Callable[..., Any],
-    sites: Mapping[str, guides.LatentSite],
+    guide: guides.MeanFieldGuide,
     optimizer: optax.GradientTransformation,
     num_data: int,
     state_shardings: TrainState,
@@ -34,7 +34,7 @@ def make_step(
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, jax.Array]]:
     """``step(state, batch) -> (state, loss)``. The step key is ``fold_in(rng, step)``, so a
     resumed run draws exactly what an uninterrupted one would."""
-    loss = loss_fn(model, sites, num_data)
+    loss = loss_fn(model, guide, num_data)
     replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, jax.Array]:

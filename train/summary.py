@@ -10,12 +10,11 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from numpyro.distributions import biject_to
 
 from blayers import guides
 from blayers.sharding import make_mesh
 from train import checkpoint as ckpt
-from train.config import ConfigError, from_container
+from train.config import ConfigError, from_container, with_saved_defaults
 from train.loop import Setup, build_mesh, make_setup
 from train.state import table_axis_multiple
 
@@ -40,7 +39,7 @@ def restore_run(run_dir: Path, step: int | None = None) -> tuple[Setup, Any, dic
     """Setup, restored state and metadata of a run, needing nothing but its directory."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     step, meta = ckpt.read_meta(ckpt_dir, step)
-    cfg = from_container(meta["config"])
+    cfg = from_container(with_saved_defaults(meta["config"]))
     pad = int(meta.get("table_pad_multiple", 1))
     setup = make_setup(cfg, meta["table_sizes"], int(meta["num_data"]), restore_mesh(cfg, pad), pad)
     ckpt.check_compatible(meta, setup.fingerprint, setup.sites, ckpt_dir)
@@ -54,17 +53,15 @@ def summarize(
 ) -> list[dict[str, Any]]:
     """One row per element of each global site: mean, std and quantiles of guide draws."""
     setup, state, _ = restore_run(run_dir, step)
-    key = jax.random.PRNGKey(seed)
+    names = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
+    guide = setup.guide
+    view = {n: state.params[n] for n in names}
+    keys = jax.random.split(jax.random.PRNGKey(seed), draws)
+    drawn = jax.jit(jax.vmap(lambda k: guide.sample(k, view)[0]))(keys)
     rows = []
-    for name in sorted(setup.sites):
+    for name in names:
         site = setup.sites[name]
-        if not guides.is_global(site):
-            continue
-        key, sub = jax.random.split(key)
-        loc = np.asarray(state.params[name]["loc"])
-        scale = np.asarray(jax.nn.softplus(state.params[name]["raw_scale"]))
-        u = loc + scale * np.asarray(jax.random.normal(sub, (draws, *loc.shape)))
-        values = np.asarray(biject_to(site.support)(u)).reshape(draws, -1)
+        values = np.asarray(drawn[name]).reshape(draws, -1)
         qs = np.quantile(values, QUANTILES, axis=0)
         for j in range(values.shape[1]):
             index = np.unravel_index(j, site.shape) if site.shape else ()
