@@ -95,37 +95,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cols = make_data(root / "y.parquet", args.rows, 3.0, args.seed)
+        data = root / "y.parquet"
+        before = {"optim.start": "zero", "optim.recenter_every": 0}
         runs = {
             "NUTS": nuts(cols, args.warmup, args.samples),
-            "SVI zero start, no recentering": service(
-                root / "y.parquet",
-                root / "r0",
-                args.steps,
-                **{"optim.start": "zero", "optim.recenter_every": 0},
+            "mean-field, zero start, no recentering": service(
+                data, root / "r0", args.steps, **before, **{"optim.guide": "mean_field"}
             ),
-            "SVI zero start, recentering": service(
-                root / "y.parquet", root / "r1", args.steps, **{"optim.start": "zero"}
+            "mean-field, data start, recentering": service(
+                data, root / "r1", args.steps, **{"optim.guide": "mean_field"}
             ),
-            "SVI data start, no recentering": service(
-                root / "y.parquet", root / "r2", args.steps, **{"optim.recenter_every": 0}
+            "structured, zero start, no recentering": service(
+                data, root / "r2", args.steps, **before
             ),
-            "SVI data start, recentering (default)": service(
-                root / "y.parquet", root / "r3", args.steps
+            "structured, zero start, recentering": service(
+                data, root / "r3", args.steps, **{"optim.start": "zero"}
             ),
-            "SVI structured guide": service(
-                root / "y.parquet", root / "r4", args.steps, **{"optim.guide": "structured"}
-            ),
+            "structured, data start, recentering (default)": service(data, root / "r4", args.steps),
         }
     ref = runs["NUTS"]
     labels = ["intercept", "scale a (14)", "scale b (60)", "scale c (150)", "sigma"]
-    print(f"{'run':<40}" + "".join(f"{label:>22}" for label in labels))
+    print(f"{'run':<48}" + "".join(f"{label:>22}" for label in labels))
     for name, got in runs.items():
         cells = []
         for site in GLOBALS:
             m, sd = got[site]
             rel = "" if name == "NUTS" else f" ({m / ref[site][0]:.2f}x)"
             cells.append(f"{m:.3f}±{sd:.3f}{rel}".rjust(22))
-        print(f"{name:<40}" + "".join(cells))
+        print(f"{name:<48}" + "".join(cells))
     for name, got in runs.items():
         if name != "NUTS":
             print(f"{name}: {got['status']}")
