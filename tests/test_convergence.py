@@ -157,8 +157,16 @@ def test_resume_with_convergence_and_recentering_is_exact(crossed, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "key,value", [("train.until", "forever"), ("train.convergence.sample_every", 0)]
+    "key,value",
+    [
+        ("train.until", "forever"),
+        ("train.convergence.sample_every", 0),
+        ("optim.guide", "full_rank"),
+        ("optim.start", "median"),
+        ("optim.recenter_every", -1),
+    ],
 )
-def test_bad_convergence_settings_are_config_errors(crossed, tmp_path, key, value):
+def test_bad_posterior_settings_fail_before_the_data_is_read(crossed, tmp_path, key, value):
     with pytest.raises(loop.ConfigError, match=key.split(".")[-1]):
         loop.train(crossed_config(crossed, tmp_path / "run", **{key: value}), log=lambda _: None)
+    assert not (tmp_path / "run" / "data").exists()

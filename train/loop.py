@@ -148,8 +148,7 @@ def make_setup(
         for t in terms
         if t.sparse
     }
-    if cfg.optim.start not in ("data", "zero"):
-        raise ConfigError(f"optim.start={cfg.optim.start!r}: choose data or zero")
+    check_posterior_settings(cfg)
     link_kwargs = configured_link_kwargs(cfg.model)
     stats = target_stats if cfg.optim.start == "data" else None
     start = starting_values(terms, sites, str(cfg.model.link), link_kwargs, stats)
@@ -161,8 +160,6 @@ def make_setup(
     scales = starting_scales(
         terms, sites, str(cfg.model.link), link_kwargs, stats, feature_stats, num_data, levels
     )
-    if cfg.optim.guide not in guides.GUIDES:
-        raise ConfigError(f"optim.guide={cfg.optim.guide!r}: choose one of {list(guides.GUIDES)}")
     # a structured guide couples dense random-effect and embedding rows to the location
     # globals; row-sparse tables keep independent rows (their row state holds loc, scale and
     # moments only), and FM factors, whose effect is a product, have no linear tie to them
@@ -236,6 +233,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     mesh = build_mesh(cfg)
     check_batch_size(cfg, mesh)
+    check_posterior_settings(cfg)
     link = str(cfg.model.link)
     link_check = None if cfg.model.get("_target_") else link
     if jax.process_index() == 0:  # one writer for the run's vocabulary and encoded store
@@ -555,13 +553,27 @@ def keep_saved_guide(cfg: Any, saved: Mapping[str, Any], log: Callable[[str], No
     return from_container(data)
 
 
-def make_tracker(cfg: Any, setup: Setup, saved: Mapping[str, Any] | None) -> ConvergenceTracker:
-    """The run's convergence tracker: restored from the checkpoint being resumed, else new."""
+def check_posterior_settings(cfg: Any) -> None:
+    """The guide, start, recentering and convergence settings, refused before any data is
+    read."""
     conv = cfg.train.convergence
+    if cfg.optim.guide not in guides.GUIDES:
+        raise ConfigError(f"optim.guide={cfg.optim.guide!r}: choose one of {list(guides.GUIDES)}")
+    if cfg.optim.start not in ("data", "zero"):
+        raise ConfigError(f"optim.start={cfg.optim.start!r}: choose data or zero")
+    if cfg.optim.recenter_every < 0:
+        raise ConfigError(
+            f"optim.recenter_every={cfg.optim.recenter_every} must be >= 0 (0: never)"
+        )
     if cfg.train.until not in ("steps", "converged"):
         raise ConfigError(f"train.until={cfg.train.until!r}: choose steps or converged")
     if conv.sample_every < 1 or conv.patience < 1 or (conv.window is not None and conv.window < 1):
         raise ConfigError("train.convergence: sample_every, patience and window must be positive")
+
+
+def make_tracker(cfg: Any, setup: Setup, saved: Mapping[str, Any] | None) -> ConvergenceTracker:
+    """The run's convergence tracker: restored from the checkpoint being resumed, else new."""
+    conv = cfg.train.convergence
     if saved is not None and saved.get("convergence"):
         return ConvergenceTracker.from_json(saved["convergence"])
     epoch = setup.num_data / cfg.data.batch_size
@@ -598,8 +610,6 @@ def make_run_recenter(
     ``(None, 0)`` when off or when no term qualifies. The move reads every row of the
     tables it shifts, so it runs at most once per ``rows / batch_size`` steps: its cost
     spread over the steps stays within one batch's worth of rows, whatever the table size."""
-    if every < 0:
-        raise ConfigError(f"optim.recenter_every={every} must be >= 0 (0: never)")
     terms = getattr(setup.model, "terms", [])
     found = recenter_lib.plan(terms, setup.sites) if every else None
     if found is None:
