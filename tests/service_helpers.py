@@ -33,24 +33,31 @@ def small_dataset(directory: Path, rows: int = 4000, seed: int = 0) -> Path:
     return path
 
 
-def small_config(data_path: Path, run_dir: Path, **overrides: Any) -> Any:
+def quiet_config(data_path: Path, run_dir: Path, settings: dict[str, Any]) -> Any:
+    """A quiet, synchronous config for a test run: ``settings`` are dotted keys."""
     cfg = OmegaConf.structured(Config)
     cfg.run_dir = str(run_dir)
     cfg.data.path = str(data_path)
-    cfg.data.numeric = ["x1", "x2", "x3", "x4"]
-    cfg.data.categorical = ["user", "item", "region"]
-    cfg.data.batch_size = 64
-    cfg.data.shuffle_block = 8
-    cfg.model.link = "logit"
-    cfg.model.terms = SMALL_TERMS
-    cfg.train.steps = 20
     cfg.train.progress = False
-    cfg.train.log_every = 5
-    cfg.checkpoint.every = 10
     cfg.checkpoint.async_save = False
-    for key, value in overrides.items():
+    for key, value in settings.items():
         OmegaConf.update(cfg, key, value, merge=False)
     return cfg
+
+
+def small_config(data_path: Path, run_dir: Path, **overrides: Any) -> Any:
+    settings = {
+        "data.numeric": ["x1", "x2", "x3", "x4"],
+        "data.categorical": ["user", "item", "region"],
+        "data.batch_size": 64,
+        "data.shuffle_block": 8,
+        "model.link": "logit",
+        "model.terms": SMALL_TERMS,
+        "train.steps": 20,
+        "train.log_every": 5,
+        "checkpoint.every": 10,
+    }
+    return quiet_config(data_path, run_dir, {**settings, **overrides})
 
 
 def crossed_config(
@@ -61,22 +68,17 @@ def crossed_config(
     import pyarrow.parquet as pq
 
     numeric = ["x"] if "x" in pq.read_schema(data).names else []
-    cfg = OmegaConf.structured(Config)
-    cfg.run_dir = str(run_dir)
-    cfg.data.path = str(data)
-    cfg.data.numeric = numeric
-    cfg.data.categorical = list(categorical)
-    cfg.data.batch_size = 256
-    cfg.model.link = link
-    cfg.model.terms = synth.crossed_terms(list(categorical), numeric)
-    cfg.train.steps = 3000
-    cfg.train.progress = False
-    cfg.train.log_every = 500
-    cfg.checkpoint.every = 3000
-    cfg.checkpoint.async_save = False
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    return cfg
+    settings = {
+        "data.numeric": numeric,
+        "data.categorical": list(categorical),
+        "data.batch_size": 256,
+        "model.link": link,
+        "model.terms": synth.crossed_terms(list(categorical), numeric),
+        "train.steps": 3000,
+        "train.log_every": 500,
+        "checkpoint.every": 3000,
+    }
+    return quiet_config(data, run_dir, {**settings, **overrides})
 
 
 def load_params(run_dir: Path, step: int | None = None) -> dict[str, np.ndarray]:
