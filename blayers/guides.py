@@ -169,7 +169,11 @@ class MeanFieldGuide:
         scales: Mapping[str, Any] | None = None,
     ) -> Params:
         """This family's starting parameters (see :func:`init_params`)."""
-        return init_params(self.sites, init_scale, dtype, start, scales)
+        return self._extra_params(init_params(self.sites, init_scale, dtype, start, scales), dtype)
+
+    def _extra_params(self, params: Params, dtype: Any) -> Params:
+        """A family's parameters beyond each site's ``loc`` and ``raw_scale``: none here."""
+        return params
 
     def param_logical_axes(self) -> dict[str, dict[str, Any]]:
         """Logical axes of every parameter leaf, by site and field."""
@@ -305,14 +309,8 @@ class StructuredGuide(MeanFieldGuide):
         coupling = p[COUPLING] * self._mask(name)
         return loc, jnp.sqrt(scale**2 + jnp.sum(coupling**2, axis=-1))
 
-    def init_params(
-        self,
-        init_scale: float = 0.1,
-        dtype: Any = jnp.float32,
-        start: Mapping[str, Any] | None = None,
-        scales: Mapping[str, Any] | None = None,
-    ) -> Params:
-        params = super().init_params(init_scale, dtype, start, scales)
+    def _extra_params(self, params: Params, dtype: Any) -> Params:
+        """Every global's row of :math:`T` and every coupled row's :math:`A_r`, at 0."""
         for name in (*self.globals, *self.coupled):
             width = self.dim if name in self.offsets else len(self.row_index[name])
             shape = (*self.sites[name].unconstrained_shape, width)
