@@ -86,6 +86,13 @@ def test_sparse_and_dense_reach_the_same_posterior(fitted):
     np.testing.assert_allclose(
         sparse["InterceptLayer_bias_beta.loc"], dense["InterceptLayer_bias_beta.loc"], atol=0.08
     )
+    # the structured guide couples sparse rows too: each seen row's mean follows the
+    # intercept's draw as the dense rows' do, so the intercept keeps the same (wide) sd
+    sd_b = [np.log1p(np.exp(p["InterceptLayer_bias_beta.raw_scale"])) for p in (dense, sparse)]
+    assert abs(float(sd_b[1] / sd_b[0]) - 1) < 0.2
+    a_d, a_s = dense[f"{site}.coupling"][seen], sparse[f"{site}.coupling"][seen]
+    assert np.median(a_d) < -0.5 and np.median(a_s) < -0.5  # rows move against the intercept
+    assert np.median(np.abs(a_d - a_s)) < 0.1
 
 
 def test_rows_never_seen_are_never_touched(fitted):
@@ -95,6 +102,7 @@ def test_rows_never_seen_are_never_touched(fitted):
     assert np.all(sparse[f"{site}.loc"][untouched] == 0.0)
     init_raw = np.log(np.expm1(0.1))
     np.testing.assert_allclose(sparse[f"{site}.raw_scale"][untouched], init_raw, rtol=1e-6)
+    assert np.all(sparse[f"{site}.coupling"][untouched] == 0.0)
 
 
 def test_scoring_a_sparse_run_matches_the_dense_one(fitted_runs, gaussian_data, tmp_path):

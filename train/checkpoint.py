@@ -42,6 +42,8 @@ def fingerprint(
         content["guide"] = guide
     if sparse:
         content["row_state"] = 2  # layout version; 1 kept moments apart from the parameters
+        if guide != "mean_field":  # their rows carry a coupling state since this version
+            content["coupled_rows"] = 1
     payload = json.dumps(content, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -160,10 +160,9 @@ def make_setup(
     scales = starting_scales(
         terms, sites, str(cfg.model.link), link_kwargs, stats, feature_stats, num_data, levels
     )
-    # a structured guide couples dense random-effect and embedding rows to the location
-    # globals; row-sparse tables keep independent rows (their row state holds loc, scale and
-    # moments only), and FM factors, whose effect is a product, have no linear tie to them
-    coupled = [t.table_site for t in terms if t.kind == "table" and not t.sparse]
+    # a structured guide couples random-effect and embedding rows (dense or row-sparse) to
+    # the location globals; FM factors, whose effect is a product, have no linear tie to them
+    coupled = [t.table_site for t in terms if t.kind == "table"]
     locations = [f"{t.layer_name}_{t.name}_beta" for t in terms if t.kind in ("intercept", "dense")]
     # rows follow the location globals only: also following their own table's scale was
     # measured worse against NUTS (a 20-level scale's sd 0.72x NUTS's, against 0.9-1.0x)

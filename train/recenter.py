@@ -52,7 +52,7 @@ from numpyro.distributions import biject_to
 from numpyro.distributions.transforms import ExpTransform
 
 from blayers import guides
-from train.state import ROW_STATE, TrainState, row_sharding
+from train.state import TrainState, guide_field, row_sharding, with_guide_field
 
 SHIFTABLE = ("RandomEffectsLayer", "EmbeddingLayer")
 
@@ -107,16 +107,6 @@ def plan(terms: Sequence[Any], sites: Mapping[str, guides.LatentSite]) -> Recent
     return RecenterPlan(*intercept, tables)
 
 
-def _locs(p: Mapping[str, jax.Array]) -> jax.Array:
-    return p[ROW_STATE][:, 0] if ROW_STATE in p else p["loc"]
-
-
-def _with_locs(p: Mapping[str, jax.Array], loc: jax.Array) -> dict[str, jax.Array]:
-    if ROW_STATE in p:
-        return {ROW_STATE: jnp.asarray(p[ROW_STATE]).at[:, 0].set(loc)}
-    return {**p, "loc": loc}
-
-
 def shift(
     params: Mapping[str, Any],
     seen: Mapping[str, jax.Array],
@@ -130,7 +120,7 @@ def shift(
     for table in recenter.tables:
         mu, s = guide.marginal(table.scale_site, out[table.scale_site])
         a = jnp.exp(-2.0 * mu + 2.0 * s**2)
-        loc = _locs(out[table.site])
+        loc = guide_field(out[table.site], "loc")
         rows = loc.reshape(loc.shape[0], -1)
         m = rows.shape[1]
         w = seen[table.site]
@@ -142,7 +132,7 @@ def shift(
         delta = jnp.where(c > 0, (sums - p0 * (e + total) / a) / jnp.maximum(c, 1.0), 0.0)
         total = jnp.where(c > 0, total, 0.0)
         rows = rows - w[:, None] * delta[None, :]
-        out[table.site] = _with_locs(out[table.site], rows.reshape(loc.shape))
+        out[table.site] = with_guide_field(out[table.site], "loc", rows.reshape(loc.shape))
         out[recenter.intercept] = {**out[recenter.intercept], "loc": b + total}
         if (
             isinstance(guide, guides.StructuredGuide)
@@ -175,7 +165,7 @@ def _spread(
     L = guide.global_factor(params)
     cov_b = L @ L[k]
     v = cov_b[k]
-    coupling = params[site][guides.COUPLING].reshape(w.shape[0], -1)
+    coupling = guide_field(params[site], guides.COUPLING).reshape(w.shape[0], -1)
     K = a * (w @ (coupling @ cov_b[guide.row_index[site]]))
     V = a * v * jnp.sum(w)
     quad = p0 * v + V
@@ -192,11 +182,13 @@ def _spread(
         other_k = guide.row_column(other, intercept)
         if other_k is None:
             continue
-        coupling = jnp.asarray(out[other][guides.COUPLING])
+        coupling = jnp.asarray(guide_field(out[other], guides.COUPLING))
         col = coupling[..., other_k] / x
         if other == site:
             col = col - (w * (x - 1.0) / x).reshape(col.shape)
-        out[other] = {**out[other], guides.COUPLING: coupling.at[..., other_k].set(col)}
+        out[other] = with_guide_field(
+            out[other], guides.COUPLING, coupling.at[..., other_k].set(col)
+        )
     return out
 
 

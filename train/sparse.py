@@ -34,7 +34,13 @@ from numpyro import handlers
 from blayers import guides
 from train.dedup import COUNT, LOCAL, UNIQ, TableRows
 from train.model import GatheredRows
-from train.state import ROW_STATE, TrainState, row_state_fields, split_row_state
+from train.state import (
+    COUPLING_STATE,
+    ROW_STATE,
+    TrainState,
+    row_state_fields,
+    split_row_state,
+)
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 ROW_OPTIMIZERS = ("adam", "adagrad")
@@ -191,9 +197,15 @@ def make_sparse_step(
         # the host's row arrays are sorted and distinct (fills included); the device's
         # ``unique`` repeats its fill id
         distinct = all(UNIQ + s in batch for s in sparse)
-        # one gather per table: each row's guide parameters and moments sit together
+        # one gather per table (two where rows are coupled): each row's guide parameters and
+        # moments sit together
         rows = {s: _gather(t[ROW_STATE], uniq[s], distinct) for s, t in tables.items()}
-        gathered = {s: split_row_state(r) for s, r in rows.items()}
+        coupling = {
+            s: _gather(t[COUPLING_STATE], uniq[s], distinct)
+            for s, t in tables.items()
+            if COUPLING_STATE in t
+        }
+        gathered = {s: split_row_state(r, coupling.get(s)) for s, r in rows.items()}
         value, (g_dense, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
             dense, gathered, key, batch, local, weights
         )
@@ -202,24 +214,41 @@ def make_sparse_step(
 
         lr = schedule(state.step)
         t = (state.step + 1).astype(jnp.float32)
+
+        def row_update(
+            value: jax.Array, g: jax.Array, moments: list[jax.Array]
+        ) -> tuple[jax.Array, list[jax.Array]]:
+            """One field's lazy row-wise update: new value and moments (``[m, v]`` or
+            ``[v]``)."""
+            if row_optimizer == "adam":
+                m = B1 * moments[0] + (1 - B1) * g
+                v = B2 * moments[1] + (1 - B2) * g**2
+                delta = (m / (1 - B1**t)) / (jnp.sqrt(v / (1 - B2**t)) + EPS)
+                return value - lr * delta, [m, v]
+            v = moments[0] + g**2  # adagrad
+            return value - lr * g / (jnp.sqrt(v) + 1e-7), [v]
+
+        per_field = len(fields) // 2 - 1  # moments per field
         new_tables = {}
         for s, r in rows.items():
             new = {}
             for f in ("loc", "raw_scale"):
-                g = g_rows[s][f]
-                v = r[:, column[f"v_{f}"]]
-                if row_optimizer == "adam":
-                    m = B1 * r[:, column[f"m_{f}"]] + (1 - B1) * g
-                    v = B2 * v + (1 - B2) * g**2
-                    delta = (m / (1 - B1**t)) / (jnp.sqrt(v / (1 - B2**t)) + EPS)
-                    new[f"m_{f}"] = m
-                else:  # adagrad
-                    v = v + g**2
-                    delta = g / (jnp.sqrt(v) + 1e-7)
-                new[f"v_{f}"] = v
-                new[f] = r[:, column[f]] - lr * delta
+                names = [f"{m}_{f}" for m in ("m", "v")[-per_field:]]
+                new[f], moments = row_update(
+                    r[:, column[f]], g_rows[s][f], [r[:, column[n]] for n in names]
+                )
+                new.update(zip(names, moments, strict=True))
             updated = jnp.stack([new[f] for f in fields], axis=1)
             new_tables[s] = {ROW_STATE: _scatter(tables[s][ROW_STATE], uniq[s], updated, distinct)}
+            if s in coupling:
+                c = coupling[s]
+                value_c, moments_c = row_update(
+                    c[:, 0], g_rows[s][guides.COUPLING], [c[:, i + 1] for i in range(per_field)]
+                )
+                stacked = jnp.stack([value_c, *moments_c], axis=1)
+                new_tables[s][COUPLING_STATE] = _scatter(
+                    tables[s][COUPLING_STATE], uniq[s], stacked, distinct
+                )
         params = {**dense, **new_tables}
         opt_state = {"dense": dense_opt}
         return TrainState(state.step + 1, params, opt_state, state.rng), value

@@ -8,7 +8,10 @@ A table trained row-sparse keeps everything a step reads and writes for one row 
 ``raw_scale`` and then the row optimizer's moments (:func:`row_state_fields`). A step then
 gathers and scatters each touched row once, one or a few cache lines, instead of six arrays
 at six scattered places — at 10^7 rows that cut the row update from ~100 µs to ~20 µs per
-step. :func:`guide_params` gives the usual ``{site: {"loc", "raw_scale"}}`` view.
+step. A table whose rows a structured guide couples to the globals adds
+``{"coupling_state": (rows, 1 + moments, *event, D_r)}``: the rows' :math:`A_r` and their
+moments (one more gather and scatter per step). :func:`guide_params` gives the usual
+``{site: {"loc", "raw_scale"[, "coupling"]}}`` view.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class TrainState(NamedTuple):
 
 
 ROW_STATE = "row_state"
+COUPLING_STATE = "coupling_state"
 
 
 def row_state_fields(row_optimizer: str) -> tuple[str, ...]:
@@ -44,26 +48,49 @@ def row_state_fields(row_optimizer: str) -> tuple[str, ...]:
     return ("loc", "raw_scale", *(f"{m}_{f}" for f in ("loc", "raw_scale") for m in moments))
 
 
-def split_row_state(rows: jax.Array) -> dict[str, jax.Array]:
-    """``{"loc", "raw_scale"}`` of row-state rows: the first two of :func:`row_state_fields`,
-    whatever the optimizer."""
-    return {"loc": rows[:, 0], "raw_scale": rows[:, 1]}
+def split_row_state(
+    rows: jax.Array, coupling_rows: jax.Array | None = None
+) -> dict[str, jax.Array]:
+    """``{"loc", "raw_scale"[, "coupling"]}`` of row-state rows (the first two of
+    :func:`row_state_fields`, whatever the optimizer) and of coupling-state rows (its first
+    field)."""
+    out = {"loc": rows[:, 0], "raw_scale": rows[:, 1]}
+    if coupling_rows is not None:
+        out[guides.COUPLING] = coupling_rows[:, 0]
+    return out
 
 
 def guide_params(params: Mapping[str, Any]) -> guides.Params:
-    """``{site: {"loc", "raw_scale"}}`` for every site; row-sparse tables' columns sliced out
-    of their row state (copies: for whole-table consumers, not for a step)."""
-    return {
-        site: split_row_state(p[ROW_STATE]) if ROW_STATE in p else p for site, p in params.items()
-    }
+    """``{site: {"loc", "raw_scale"[, "coupling"]}}`` for every site; row-sparse tables'
+    fields sliced out of their row state (copies: for whole-table consumers, not for a step)."""
+    return {site: guide_rows(p) for site, p in params.items()}
 
 
-def guide_rows(p: Mapping[str, jax.Array], rows: jax.Array) -> dict[str, jax.Array]:
-    """The guide parameters (``loc``, ``raw_scale``, any coupling) of the given table rows of
-    one site, in either layout."""
-    if ROW_STATE in p:
-        return split_row_state(p[ROW_STATE][rows])
-    return {f: v[rows] for f, v in p.items()}
+def guide_rows(p: Mapping[str, jax.Array], rows: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The guide parameters (``loc``, ``raw_scale``, any coupling) of the given table rows
+    (all rows by default) of one site, in either layout."""
+    if ROW_STATE not in p:
+        return dict(p) if rows is None else {f: v[rows] for f, v in p.items()}
+    take = (lambda a: a) if rows is None else (lambda a: a[rows])
+    coupling = p.get(COUPLING_STATE)
+    return split_row_state(take(p[ROW_STATE]), None if coupling is None else take(coupling))
+
+
+def guide_field(p: Mapping[str, jax.Array], field: str) -> jax.Array:
+    """One guide field (``loc``, ``raw_scale``, ``coupling``) of a site, in either layout."""
+    if ROW_STATE not in p:
+        return p[field]
+    return guide_rows(p)[field]
+
+
+def with_guide_field(p: Mapping[str, jax.Array], field: str, value: jax.Array) -> dict[str, Any]:
+    """``p`` with one guide field replaced, in its own layout (row-state moments kept)."""
+    if ROW_STATE not in p:
+        return {**p, field: value}
+    if field == guides.COUPLING:
+        return {**p, COUPLING_STATE: jnp.asarray(p[COUPLING_STATE]).at[:, 0].set(value)}
+    column = {"loc": 0, "raw_scale": 1}[field]
+    return {**p, ROW_STATE: jnp.asarray(p[ROW_STATE]).at[:, column].set(value)}
 
 
 def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
@@ -116,6 +143,8 @@ def param_specs(
         if name in row_state_sites:  # rows split as the table's; the fields axis whole
             parts = (*tuple(spec), *(None,) * (len(shape) - len(spec)))
             out[name] = {ROW_STATE: PartitionSpec(parts[0], None, *parts[1:])}
+            if guides.COUPLING in fields:  # (rows, fields, *event, D_r): D_r whole
+                out[name][COUPLING_STATE] = out[name][ROW_STATE]
             continue
         # every field leads with the site's own axes (a coupling adds one trailing axis of
         # globals, which a shorter spec leaves whole)
@@ -183,7 +212,12 @@ def init_fn(
             for s in sparse_sites:
                 loc, raw = params[s]["loc"], params[s]["raw_scale"]
                 zeros = [jnp.zeros_like(loc)] * moments
-                params[s] = {ROW_STATE: jnp.stack([loc, raw, *zeros], axis=1)}
+                row_state = {ROW_STATE: jnp.stack([loc, raw, *zeros], axis=1)}
+                if guides.COUPLING in params[s]:
+                    coupling = params[s][guides.COUPLING]
+                    stacked = [coupling] + [jnp.zeros_like(coupling)] * (moments // 2)
+                    row_state[COUPLING_STATE] = jnp.stack(stacked, axis=1)
+                params[s] = row_state
             opt_state = {"dense": optimizer.init(dense)}
         return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.PRNGKey(seed))
 
@@ -211,8 +245,9 @@ def sharding_plan(
             sh = shardings.params[site][f]
             local = sh.shard_shape(leaf.shape)
             itemsize = np.dtype(leaf.dtype).itemsize
-            logical = axes[site].get(f, axes[site]["loc"])
-            if f == ROW_STATE and logical is not None:
+            own = guides.COUPLING if f == COUPLING_STATE else f
+            logical = axes[site].get(own, axes[site]["loc"])
+            if f in (ROW_STATE, COUPLING_STATE) and logical is not None:
                 logical = (logical[0], None, *logical[1:])
             rows.append(
                 PlanRow(
