@@ -28,9 +28,11 @@ train: $(STAMP)
 example: $(STAMP)
 	$(BIN)/python -m blayers.examples.regression
 
+# One worker per core (at most 4); a file's tests stay on one worker, so its module-scoped fits
+# are made once.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

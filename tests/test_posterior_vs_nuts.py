@@ -48,7 +48,9 @@ def nuts(link: str, cols: dict[str, np.ndarray]) -> dict[str, tuple[float, float
         )
         return link_fn(mu, y)
 
-    mcmc = MCMC(NUTS(model), num_warmup=500, num_samples=1000, progress_bar=False)
+    # 600 draws: the Monte Carlo error of a mean or sd is a few percent, well inside the
+    # tolerances below
+    mcmc = MCMC(NUTS(model), num_warmup=300, num_samples=600, progress_bar=False)
     mcmc.run(jax.random.PRNGKey(0), cols["a"], cols["b"], cols["c"], cols["y"])
     draws = mcmc.get_samples()
     return {
@@ -101,6 +103,7 @@ def test_structured_guide_global_sds_match_nuts(structured, request):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", ["gaussian"], indirect=True)  # measured on all three links
 def test_mean_field_guide_misses_the_intercepts_uncertainty(case):
     link, data, exact, tmp = case
     got = service(link, data, tmp, "mean_field")
