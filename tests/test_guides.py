@@ -141,7 +141,8 @@ def test_a_run_resumes_and_restores_with_the_guide_it_was_trained_with(tmp_path)
 
 def test_structured_state_is_sharded_like_its_rows():
     """On 8 fake devices with tables split over mesh.model, each coupling leaf (and its Adam
-    moments) is split with its table's rows; the globals' couplings are replicated."""
+    moments) is split with its table's rows, dense or row-sparse; the globals' couplings are
+    replicated."""
     from tests.service_helpers import run_with_devices
 
     out = run_with_devices(
@@ -165,12 +166,30 @@ def test_structured_state_is_sharded_like_its_rows():
             for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
             if "RandomEffectsLayer_user_theta" in str(path) and "coupling" in str(path)
         ]
+        from tests.service_helpers import SMALL_TERMS
+        terms = [
+            {**t, "sparse": True} if t["name"] == "user" else t for t in SMALL_TERMS
+        ]
+        sparse_cfg = small_config(
+            small_dataset(tmp), tmp / "sparse",
+            **{"mesh.model": 4, "mesh.data": 2, "model.terms": terms},
+        )
+        loop.train(sparse_cfg, log=lambda _: None)
+        _, sparse_state, _ = restore_run(tmp / "sparse")
+        rows = sparse_state.params["RandomEffectsLayer_user_theta"]
         print(json.dumps({
             "table": str(table.sharding.spec), "intercept": str(intercept.sharding.spec),
-            "moments": moments,
+            "moments": moments, "sparse_fields": sorted(rows),
+            "sparse_coupling": str(rows["coupling_state"].sharding.spec),
+            "sparse_rows": str(rows["row_state"].sharding.spec),
+            "sparse_shape": list(rows["coupling_state"].shape),
         }))
         """,
     )
+    # row-sparse: the rows' coupling and its two Adam moments, split with the rows
+    assert out["sparse_fields"] == ["coupling_state", "row_state"]
+    assert out["sparse_coupling"] == out["sparse_rows"] == "P('model', None)"
+    assert out["sparse_shape"][1:] == [3, 5]  # (rows, 1 + moments, intercept + 4 coefficients)
     assert out["table"] == "P('model',)"
     assert len(out["moments"]) == 2 and all(m == out["table"] for m in out["moments"])
     assert out["intercept"] == "P()"

@@ -89,7 +89,7 @@ def test_sparse_and_dense_reach_the_same_posterior(fitted):
     # the structured guide couples sparse rows too: each seen row's mean follows the
     # intercept's draw as the dense rows' do, so the intercept keeps the same (wide) sd
     sd_b = [np.log1p(np.exp(p["InterceptLayer_bias_beta.raw_scale"])) for p in (dense, sparse)]
-    assert abs(float(sd_b[1] / sd_b[0]) - 1) < 0.2
+    assert abs((sd_b[1] / sd_b[0]).item() - 1) < 0.2
     a_d, a_s = dense[f"{site}.coupling"][seen], sparse[f"{site}.coupling"][seen]
     assert np.median(a_d) < -0.5 and np.median(a_s) < -0.5  # rows move against the intercept
     assert np.median(np.abs(a_d - a_s)) < 0.1
