@@ -32,7 +32,7 @@ example: $(STAMP)
 # are made once.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -183,3 +183,27 @@ def test_cli_typo_exits_nonzero_naming_the_key(tmp_path):
     assert proc.returncode != 0
     assert "stepz" in proc.stderr + proc.stdout
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("path", ["mydata/trian.parquet", "mydata/nothing-*.parquet"])
+def test_a_mistyped_data_path_is_refused_and_nothing_is_generated(tmp_path, path):
+    """``generate_default: true`` (the default job's setting) applies to the shipped default
+    path only: any other missing path or empty glob is one line naming ``data.path``, exit 2,
+    and nothing is written into the user's folder."""
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "mydata" / "truth.json").write_text("mine")
+    env = {**os.environ, "PYTHONPATH": str(Path(CONFIG_DIR).parent)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "run_dir=r", f"data.path={path}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data.path" in lines[0] and path in lines[0], lines
+    assert "generating" not in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "mydata").iterdir()) == ["truth.json"]
+    assert (tmp_path / "mydata" / "truth.json").read_text() == "mine"

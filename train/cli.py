@@ -17,11 +17,19 @@ from train import config as config_lib
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 from train.data import DataError
+from train.state import NonFiniteError
 
 CONFIG_DIR = os.environ.get(
     "BLAYERS_CONFIG_DIR", str(Path(__file__).resolve().parent.parent / "configs")
 )
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ShardingError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    ShardingError,
+    FileNotFoundError,
+    NonFiniteError,
+)
 
 config_lib.register()
 config_lib.register_tools()
@@ -51,7 +59,9 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     from train import loop, synth
 
     path = Path(cfg.data.path)
-    if cfg.data.generate_default and not path.exists():
+    # only the shipped default path is ever generated: a mistyped or missing path of the
+    # user's is an error naming it (train.data.parquet_files), and nothing is written there
+    if cfg.data.generate_default and path == Path(synth.DEFAULT_PATH) and not path.exists():
         print(f"generating the default dataset ({cfg.data.default_rows:,} rows) at {path}")
         synth.generate(path, cfg.data.default_rows)
     result = loop.train(cfg)

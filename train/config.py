@@ -32,7 +32,8 @@ class DataConfig:
     dedicated_cores: bool = False
     # rows per contiguous block of the (once-shuffled) store; 1 = per-row shuffle each epoch
     shuffle_block: int = 256
-    generate_default: bool = False  # write the embedded default dataset to `path` if missing
+    # write the embedded default dataset if `path` is its shipped path (train.synth) and missing
+    generate_default: bool = False
     default_rows: int = 1_000_000
 
 

@@ -43,12 +43,14 @@ from train.sparse import (
 )
 from train.starts import prior_warnings, starting_scales, starting_values
 from train.state import (
+    NonFiniteError,
     TrainState,
     bytes_per_device,
     format_plan,
     init_fn,
     make_optimizer,
     make_schedule,
+    non_finite_sites,
     row_sharding,
     sharding_plan,
     state_shardings,
@@ -339,8 +341,10 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
             if step % cfg.train.log_every == 0 or step == total:
                 last_loss = float(loss)
                 if not np.isfinite(last_loss):
-                    raise FloatingPointError(
-                        f"loss became {last_loss} at step {step}; lower optim.lr or check data"
+                    raise NonFiniteError(
+                        f"the loss became {last_loss} at step {step}; nothing was saved past "
+                        f"step {checkpointer.latest_step()}: lower optim.lr (now "
+                        f"{cfg.optim.lr:g}) or check the data, and rerun to resume from there"
                     )
                 now = time.perf_counter()
                 rate = rows_since / max(now - t_log, 1e-9)
@@ -365,7 +369,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                     metrics.flush()
             bar.update(1)
             if step % cfg.checkpoint.every == 0 and step != total:
-                checkpointer.save(step, state, {**meta, "step": step, **tracker_meta(tracker)})
+                save_finite(checkpointer, step, state, {**meta, **tracker_meta(tracker)}, cfg)
             if cfg.train.stop_after is not None and step - first >= cfg.train.stop_after:
                 stop.requested = True
             if stop.requested and step != total:
@@ -375,7 +379,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                     log(f"stopping at step {step} of {total}: checkpointing; rerun to continue")
                 break
     input_wait = batches.total_fraction()
-    checkpointer.save(step, state, {**meta, "step": step, **tracker_meta(tracker)})
+    save_finite(checkpointer, step, state, {**meta, **tracker_meta(tracker)}, cfg)
     checkpointer.close()
     hint = input_bound_hint(input_wait, cores is not None)
     if hint:
@@ -533,6 +537,21 @@ def make_train_step(setup: Setup, vocab_counts: Mapping[str, np.ndarray]) -> Tra
         return {**batch, **host_rows(batch["categorical"], tables)} if host_dedup else batch
 
     return TrainStep(lambda state, batch: step(state, batch, counts), prepare, batch_sh)
+
+
+def save_finite(
+    checkpointer: ckpt.Checkpointer, step: int, state: TrainState, meta: dict[str, Any], cfg: Any
+) -> None:
+    """Checkpoint ``state`` at ``step`` only if every array in it is finite; otherwise stop,
+    naming the step, the first non-finite site and the last good checkpoint."""
+    bad = non_finite_sites(state)
+    if bad:
+        raise NonFiniteError(
+            f"the state is not finite at step {step} (first: {bad[0]}); it was not saved, the "
+            f"last good checkpoint is step {checkpointer.latest_step()}: lower optim.lr (now "
+            f"{cfg.optim.lr:g}) or check the data, and rerun to resume from there"
+        )
+    checkpointer.save(step, state, {**meta, "step": step})
 
 
 def keep_saved_guide(cfg: Any, saved: Mapping[str, Any], log: Callable[[str], None]) -> Any:

@@ -31,6 +31,28 @@ from blayers import guides
 from blayers.sharding import Rules, logical_to_spec, normalize_rules
 
 
+class NonFiniteError(FloatingPointError):
+    """Training produced inf or NaN; the message names the step, the first bad site and the
+    fix. Nothing non-finite is ever checkpointed, so a rerun resumes from the last good step."""
+
+
+@jax.jit
+def _finite_by_site(state: Any) -> dict[str, jax.Array]:
+    def finite(tree: Any) -> jax.Array:
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+        return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+    flags = {site: finite(p) for site, p in state.params.items()}
+    flags["optimizer state"] = finite(state.opt_state)
+    return flags
+
+
+def non_finite_sites(state: Any) -> list[str]:
+    """The guide sites (and ``"optimizer state"``) of ``state`` holding an inf or NaN."""
+    flags = jax.device_get(_finite_by_site(state))
+    return [site for site, ok in sorted(flags.items()) if not bool(ok)]
+
+
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: steps completed
     params: guides.Params

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 FIELDS = {"user": (50_000, 1.05, 0.5), "item": (5_000, 1.1, 0.3), "region": (100, 0.8, 0.2)}
 BETA = [0.8, -0.5, 0.3, 0.0]
 INTERCEPT = -1.0
+DEFAULT_PATH = "data/default/train.parquet"  # configs/data/default.yaml's data.path
 
 
 def _zipf_ids(rng: np.random.Generator, n: int, size: int, exponent: float) -> np.ndarray:

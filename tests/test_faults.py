@@ -1,0 +1,61 @@
+"""Injected faults: a run that diverges never checkpoints a non-finite state, stops with
+one line naming the step and the site, and a rerun with the cause fixed resumes from the last
+good step and finishes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.service_helpers import REPO, load_params, small_config, small_dataset
+from train import loop
+from train.checkpoint import Checkpointer
+from train.state import NonFiniteError
+
+
+def _steps(run_dir) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_a_diverging_run_never_saves_a_non_finite_state_and_a_fixed_rerun_resumes(tmp_path):
+    data = small_dataset(tmp_path / "data")
+    settings = {"train.steps": 40, "checkpoint.every": 10, "train.log_every": 1000}
+    loop.train(small_config(data, tmp_path / "run", **settings), log=lambda _: None)
+    assert _steps(tmp_path / "run") == [20, 30, 40]  # max_to_keep 3
+    diverging = {**settings, "train.steps": 80, "optim.lr": 1e6, "optim.schedule": "constant"}
+    with pytest.raises(NonFiniteError, match=r"not finite at step \d+ \(first: .+\).*step 40"):
+        loop.train(small_config(data, tmp_path / "run", **diverging), log=lambda _: None)
+    assert _steps(tmp_path / "run") == [20, 30, 40]  # nothing saved past the last finite step
+    fixed = {**settings, "train.steps": 80}
+    result = loop.train(small_config(data, tmp_path / "run", **fixed), log=lambda _: None)
+    assert result["step"] == 80
+    assert all(np.all(np.isfinite(v)) for v in load_params(tmp_path / "run").values())
+
+
+def test_divergence_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+    data = small_dataset(tmp_path / "data")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    args = [
+        f"run_dir={tmp_path / 'run'}",
+        f"data.path={data}",
+        "data.numeric=[x1,x2,x3,x4]",
+        "data.categorical=[user,item,region]",
+        "data.batch_size=256",
+        "train.steps=30",
+        "train.log_every=10",
+        "train.progress=false",
+        "checkpoint.every=10",
+        "optim.lr=1e6",
+        "optim.schedule=constant",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "optim.lr" in lines[0], lines
+    assert Checkpointer(tmp_path / "run" / "checkpoints").latest_step() is None
