@@ -103,7 +103,6 @@ def test_structured_guide_global_sds_match_nuts(structured, request):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["gaussian"], indirect=True)  # measured on all three links
 def test_mean_field_guide_misses_the_intercepts_uncertainty(case):
     link, data, exact, tmp = case
     got = service(link, data, tmp, "mean_field")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -81,8 +82,15 @@ class Setup:
 
 
 def build_mesh(cfg: Any) -> Mesh:
+    """The job's mesh. Explicit sizes whose product is below the device count use the first
+    devices (one process only: across processes every device must take part)."""
+    sizes = {"data": int(cfg.mesh.data), "model": int(cfg.mesh.model)}
+    devices = None
+    wanted = math.prod(sizes.values())
+    if -1 not in sizes.values() and 0 < wanted < jax.device_count() and jax.process_count() == 1:
+        devices = jax.devices()[:wanted]
     try:
-        return make_mesh({"data": cfg.mesh.data, "model": cfg.mesh.model})
+        return make_mesh(sizes, devices)
     except ShardingError as err:
         raise ConfigError(f"mesh: {err}") from None
 
@@ -302,7 +310,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     first = int(state.step)
     total = int(cfg.train.steps)
     # fake CPU devices can deadlock on un-blocked collective loops (see DESIGN); block each step
-    block_every_step = jax.default_backend() == "cpu" and jax.device_count() > 1
+    block_every_step = jax.default_backend() == "cpu" and setup.mesh.devices.size > 1
     metrics_path = run_dir / "metrics.jsonl"
     last_loss = float("nan")
     step = first
