@@ -189,7 +189,7 @@ def test_structured_state_is_sharded_like_its_rows():
     # row-sparse: the rows' coupling and its two Adam moments, split with the rows
     assert out["sparse_fields"] == ["coupling_state", "row_state"]
     assert out["sparse_coupling"] == out["sparse_rows"] == "P('model', None)"
-    assert out["sparse_shape"][1:] == [3, 5]  # (rows, 1 + moments, intercept + 4 coefficients)
+    assert out["sparse_shape"][1:] == [3, 1]  # (rows, 1 + moments, the intercept)
     assert out["table"] == "P('model',)"
     assert len(out["moments"]) == 2 and all(m == out["table"] for m in out["moments"])
     assert out["intercept"] == "P()"

@@ -207,3 +207,20 @@ def test_a_mistyped_data_path_is_refused_and_nothing_is_generated(tmp_path, path
     assert "generating" not in proc.stdout
     assert sorted(p.name for p in (tmp_path / "mydata").iterdir()) == ["truth.json"]
     assert (tmp_path / "mydata" / "truth.json").read_text() == "mine"
+
+
+def test_explicit_mesh_sizes_below_the_device_count_use_the_first_devices():
+    import jax
+    from omegaconf import OmegaConf
+
+    from train.loop import build_mesh
+
+    def mesh(data, model):
+        return build_mesh(OmegaConf.create({"mesh": {"data": data, "model": model}}))
+
+    two = mesh(2, 1)
+    assert dict(two.shape) == {"data": 2, "model": 1}
+    assert list(two.devices.ravel()) == jax.devices()[:2]
+    assert mesh(-1, 2).devices.size == jax.device_count() == 8
+    with pytest.raises(ConfigError, match=r"mesh: .*needs 9 devices but 8"):
+        mesh(3, 3)
