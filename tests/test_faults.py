@@ -59,3 +59,27 @@ def test_divergence_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "optim.lr" in lines[0], lines
     assert Checkpointer(tmp_path / "run" / "checkpoints").latest_step() is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("train.steps", -5),
+        ("train.log_every", 0),
+        ("checkpoint.every", 0),
+        ("checkpoint.max_to_keep", 0),
+        ("optim.lr", -0.01),
+        ("optim.name", "adamm"),
+        ("optim.schedule", "linear"),
+        ("optim.end_lr_factor", 2.0),
+        ("data.shuffle_block", 0),
+    ],
+)
+def test_bad_settings_are_refused_before_any_data_is_read(tmp_path, key, value):
+    from train.config import ConfigError
+
+    data = small_dataset(tmp_path / "data")
+    cfg = small_config(data, tmp_path / "run", **{key: value})
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        loop.train(cfg, log=lambda _: None)
+    assert not (tmp_path / "run").exists()  # refused before the data pass wrote anything

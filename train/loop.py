@@ -33,6 +33,7 @@ from train.cores import reserve as reserve_cores
 from train.dedup import host_rows
 from train.guide_plan import service_guide
 from train.model import Columns, build_model, configured_link_kwargs
+from train.settings import check_posterior_settings, check_settings
 from train.sparse import (
     COUNT,
     LOCAL,
@@ -237,7 +238,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     mesh = build_mesh(cfg)
     check_batch_size(cfg, mesh)
-    check_posterior_settings(cfg)
+    check_settings(cfg)
     link = str(cfg.model.link)
     link_check = None if cfg.model.get("_target_") else link
     if jax.process_index() == 0:  # one writer for the run's vocabulary and encoded store
@@ -572,24 +573,6 @@ def keep_saved_guide(cfg: Any, saved: Mapping[str, Any], log: Callable[[str], No
     data = to_container(cfg)
     data["optim"]["guide"] = ran
     return from_container(data)
-
-
-def check_posterior_settings(cfg: Any) -> None:
-    """The guide, start, recentering and convergence settings, refused before any data is
-    read."""
-    conv = cfg.train.convergence
-    if cfg.optim.guide not in guides.GUIDES:
-        raise ConfigError(f"optim.guide={cfg.optim.guide!r}: choose one of {list(guides.GUIDES)}")
-    if cfg.optim.start not in ("data", "zero"):
-        raise ConfigError(f"optim.start={cfg.optim.start!r}: choose data or zero")
-    if cfg.optim.recenter_every < 0:
-        raise ConfigError(
-            f"optim.recenter_every={cfg.optim.recenter_every} must be >= 0 (0: never)"
-        )
-    if cfg.train.until not in ("steps", "converged"):
-        raise ConfigError(f"train.until={cfg.train.until!r}: choose steps or converged")
-    if conv.sample_every < 1 or conv.patience < 1 or (conv.window is not None and conv.window < 1):
-        raise ConfigError("train.convergence: sample_every, patience and window must be positive")
 
 
 def make_tracker(cfg: Any, setup: Setup, saved: Mapping[str, Any] | None) -> ConvergenceTracker:

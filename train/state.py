@@ -134,6 +134,7 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
     """Optimizer from ``optim`` config; the schedule spans the run's total steps."""
     schedule = make_schedule(cfg, total_steps)
     makers = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagrad": optax.adagrad}
+    # names checked before any data pass: train.settings.OPTIMIZERS
     if cfg.name not in makers:
         raise ValueError(f"optim.name={cfg.name!r}: choose one of {sorted(makers)}")
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []

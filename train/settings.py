@@ -1,0 +1,72 @@
+"""Training settings refused before any data is read: one line naming the key and the fix.
+
+Types are already checked when the config loads (``train.config``); these are the values a
+type cannot rule out. The batch size is checked against the mesh in ``train.loop``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blayers import guides
+from train.config import ConfigError
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
+SCHEDULES = ("constant", "cosine")
+
+
+def _positive(value: Any, key: str, what: str = "must be positive") -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{key}={value} {what}")
+
+
+def check_run_settings(cfg: Any) -> None:
+    """Steps, cadences, optimizer and data-stage values."""
+    _positive(cfg.train.steps, "train.steps", "must be positive (the run's total step count)")
+    if cfg.train.stop_after is not None:
+        _positive(cfg.train.stop_after, "train.stop_after", "must be positive, or null")
+    _positive(cfg.train.log_every, "train.log_every")
+    _positive(cfg.checkpoint.every, "checkpoint.every")
+    _positive(
+        cfg.checkpoint.max_to_keep,
+        "checkpoint.max_to_keep",
+        "must be at least 1: a run keeps its latest checkpoint to resume from",
+    )
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: choose one of {list(OPTIMIZERS)}")
+    if cfg.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: choose one of {list(SCHEDULES)}")
+    _positive(cfg.optim.lr, "optim.lr", "must be positive, e.g. 0.01")
+    _positive(cfg.optim.guide_init_scale, "optim.guide_init_scale")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
+    if not 0 <= cfg.optim.end_lr_factor <= 1:
+        raise ConfigError(f"optim.end_lr_factor={cfg.optim.end_lr_factor} must lie in [0, 1]")
+    if cfg.optim.clip_norm is not None:
+        _positive(cfg.optim.clip_norm, "optim.clip_norm", "must be positive, or null")
+    _positive(cfg.data.shuffle_block, "data.shuffle_block", "must be positive (1: per-row)")
+    if cfg.data.prefetch < 0:
+        raise ConfigError(f"data.prefetch={cfg.data.prefetch} must be >= 0")
+
+
+def check_posterior_settings(cfg: Any) -> None:
+    """The guide, start, recentering and convergence settings."""
+    conv = cfg.train.convergence
+    if cfg.optim.guide not in guides.GUIDES:
+        raise ConfigError(f"optim.guide={cfg.optim.guide!r}: choose one of {list(guides.GUIDES)}")
+    if cfg.optim.start not in ("data", "zero"):
+        raise ConfigError(f"optim.start={cfg.optim.start!r}: choose data or zero")
+    if cfg.optim.recenter_every < 0:
+        raise ConfigError(
+            f"optim.recenter_every={cfg.optim.recenter_every} must be >= 0 (0: never)"
+        )
+    if cfg.train.until not in ("steps", "converged"):
+        raise ConfigError(f"train.until={cfg.train.until!r}: choose steps or converged")
+    if conv.sample_every < 1 or conv.patience < 1 or (conv.window is not None and conv.window < 1):
+        raise ConfigError("train.convergence: sample_every, patience and window must be positive")
+
+
+def check_settings(cfg: Any) -> None:
+    """Every check above, in order."""
+    check_run_settings(cfg)
+    check_posterior_settings(cfg)
