@@ -350,10 +350,10 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
             if step % cfg.train.log_every == 0 or step == total:
                 last_loss = float(loss)
                 if not np.isfinite(last_loss):
-                    raise NonFiniteError(
+                    raise non_finite(
                         f"the loss became {last_loss} at step {step}; nothing was saved past "
-                        f"step {checkpointer.latest_step()}: lower optim.lr (now "
-                        f"{cfg.optim.lr:g}) or check the data, and rerun to resume from there"
+                        f"step {checkpointer.latest_step()}",
+                        cfg,
                     )
                 now = time.perf_counter()
                 rate = rows_since / max(now - t_log, 1e-9)
@@ -555,12 +555,20 @@ def save_finite(
     naming the step, the first non-finite site and the last good checkpoint."""
     bad = non_finite_sites(state)
     if bad:
-        raise NonFiniteError(
+        raise non_finite(
             f"the state is not finite at step {step} (first: {bad[0]}); it was not saved, the "
-            f"last good checkpoint is step {checkpointer.latest_step()}: lower optim.lr (now "
-            f"{cfg.optim.lr:g}) or check the data, and rerun to resume from there"
+            f"last good checkpoint is step {checkpointer.latest_step()}",
+            cfg,
         )
     checkpointer.save(step, state, {**meta, "step": step})
+
+
+def non_finite(what: str, cfg: Any) -> NonFiniteError:
+    """The one-line stop for a diverged run: what went non-finite, then the fix."""
+    return NonFiniteError(
+        f"{what}: lower optim.lr (now {cfg.optim.lr:g}) or check the data, and rerun to resume "
+        "from there"
+    )
 
 
 def keep_saved_guide(cfg: Any, saved: Mapping[str, Any], log: Callable[[str], None]) -> Any:

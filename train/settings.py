@@ -10,9 +10,7 @@ from typing import Any
 
 from blayers import guides
 from train.config import ConfigError
-
-OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
-SCHEDULES = ("constant", "cosine")
+from train.state import OPTIMIZERS, SCHEDULES
 
 
 def _positive(value: Any, key: str, what: str = "must be positive") -> None:
@@ -33,7 +31,7 @@ def check_run_settings(cfg: Any) -> None:
         "must be at least 1: a run keeps its latest checkpoint to resume from",
     )
     if cfg.optim.name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name={cfg.optim.name!r}: choose one of {list(OPTIMIZERS)}")
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: choose one of {sorted(OPTIMIZERS)}")
     if cfg.optim.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: choose one of {list(SCHEDULES)}")
     _positive(cfg.optim.lr, "optim.lr", "must be positive, e.g. 0.01")

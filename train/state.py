@@ -115,6 +115,10 @@ def with_guide_field(p: Mapping[str, jax.Array], field: str, value: jax.Array) -
     return {**p, ROW_STATE: jnp.asarray(p[ROW_STATE]).at[:, column].set(value)}
 
 
+OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagrad": optax.adagrad}
+SCHEDULES = ("constant", "cosine")
+
+
 def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
     """Learning rate by step from ``optim`` config (cosine horizon: decay_steps or the total)."""
     lr, end = float(cfg.lr), float(cfg.lr) * float(cfg.end_lr_factor)
@@ -133,12 +137,10 @@ def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
 def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
     """Optimizer from ``optim`` config; the schedule spans the run's total steps."""
     schedule = make_schedule(cfg, total_steps)
-    makers = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagrad": optax.adagrad}
-    # names checked before any data pass: train.settings.OPTIMIZERS
-    if cfg.name not in makers:
-        raise ValueError(f"optim.name={cfg.name!r}: choose one of {sorted(makers)}")
+    if cfg.name not in OPTIMIZERS:  # refused before any data pass too (train.settings)
+        raise ValueError(f"optim.name={cfg.name!r}: choose one of {sorted(OPTIMIZERS)}")
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
-    return optax.chain(*chain, makers[cfg.name](schedule))
+    return optax.chain(*chain, OPTIMIZERS[cfg.name](schedule))
 
 
 def table_axis_multiple(mesh: Mesh, rules: Rules | None) -> int:
