@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from train import synth
-from train.config import Config
+from train.config import Config, ScoreConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_TERMS = [
@@ -116,3 +116,13 @@ def run_with_devices(devices: int, code: str, timeout: int = 300) -> dict[str, A
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def score_cfg(run_dir: Path, path: Path, output: Path, **overrides: Any) -> Any:
+    """A scoring config for a test: batch 256, 40 draws, ``overrides`` as dotted keys."""
+    cfg = OmegaConf.structured(ScoreConfig)
+    cfg.run_dir, cfg.output, cfg.data.path = str(run_dir), str(output), str(path)
+    cfg.data.batch_size, cfg.draws = 256, 40
+    for k, v in overrides.items():
+        OmegaConf.update(cfg, k, v, merge=False)
+    return cfg

@@ -15,13 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from numpy.testing import assert_allclose
 from numpyro import handlers
-from omegaconf import OmegaConf
 
-from tests.service_helpers import run_with_devices, small_config, small_dataset
+from tests.service_helpers import run_with_devices, score_cfg, small_config, small_dataset
 from train import loop
 from train import score as score_lib
 from train.checkpoint import CheckpointError
-from train.config import ScoreConfig
 from train.data import DataError
 from train.model import Columns, build_model
 
@@ -35,15 +33,6 @@ def trained(tmp_path_factory):
     pq.write_table(table, base / "multi.parquet", row_group_size=700)
     loop.train(small_config(data, base / "run", **{"train.steps": 30}), log=lambda _: None)
     return base
-
-
-def score_cfg(run_dir, path, output, **overrides):
-    cfg = OmegaConf.structured(ScoreConfig)
-    cfg.run_dir, cfg.output, cfg.data.path = str(run_dir), str(output), str(path)
-    cfg.data.batch_size, cfg.draws = 256, 40
-    for k, v in overrides.items():
-        OmegaConf.update(cfg, k, v, merge=False)
-    return cfg
 
 
 def test_gathered_mode_equals_whole_tables(rng):

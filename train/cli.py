@@ -17,6 +17,7 @@ from train import config as config_lib
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 from train.data import DataError
+from train.rundir import RunDirBusyError
 from train.state import NonFiniteError
 
 CONFIG_DIR = os.environ.get(
@@ -29,6 +30,7 @@ USER_ERRORS = (
     ShardingError,
     FileNotFoundError,
     NonFiniteError,
+    RunDirBusyError,
 )
 
 config_lib.register()
@@ -87,10 +89,6 @@ def run_summary(cfg: DictConfig) -> list[dict[str, Any]]:
 def run_score(cfg: DictConfig) -> dict[str, Any]:
     from train import score
 
-    if cfg.draws < 1:
-        raise ConfigError(f"draws={cfg.draws} must be >= 1")
-    if not all(0.0 <= q <= 1.0 for q in cfg.quantiles):
-        raise ConfigError(f"quantiles={list(cfg.quantiles)} must lie in [0, 1]")
     return score.score(cfg)
 
 

@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -35,6 +36,7 @@ import pyarrow.types as pat
 
 from blayers import links
 from blayers.start import FeatureStats, TargetStats
+from train import files as files_lib
 from train import vocab as vocab_lib
 from train.cores import CoreSplit, pipeline_threads
 
@@ -369,12 +371,13 @@ def write_store(
     if target is not None:
         fields.append(pa.field(TARGET, pa.float32()))
     schema = pa.schema(fields, metadata={"blayers": json.dumps(meta)})
-    tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
-    pending: list[dict[str, np.ndarray]] = []
-    pending_rows = 0
-    try:
+
+    def write(tmp: Path) -> None:
+        nonlocal rows
+        pending: list[dict[str, np.ndarray]] = []
+        pending_rows = 0
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
 
             def flush() -> None:
@@ -400,10 +403,8 @@ def write_store(
                 flush()
         if rows == 0:
             raise DataError("the dataset is empty (0 rows); check data.path")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    files_lib.atomic_write(path, write)
     return rows
 
 
@@ -413,8 +414,8 @@ def shuffle_store(src: Path, dst: Path, seed: int) -> None:
     store = Store.open(src)
     schema = pa.ipc.open_file(pa.memory_map(str(src), "r")).schema
     perm = np.random.default_rng(seed).permutation(store.num_rows)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             for lo in range(0, store.num_rows, CHUNK_ROWS):
                 rows = perm[lo : lo + CHUNK_ROWS]
@@ -424,10 +425,8 @@ def shuffle_store(src: Path, dst: Path, seed: int) -> None:
                 inverse[order] = np.arange(len(order))
                 arrays = [_arrow_block(sorted_batch[f.name][inverse]) for f in schema]
                 writer.write_batch(pa.record_batch(arrays, schema=schema))
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    files_lib.atomic_write(dst, write)
 
 
 STORE_FORMAT = 3  # bump when the encoded layout changes, so old files are rebuilt
@@ -466,13 +465,16 @@ def prepare(
     stamp = run_dir / "data" / "source.json"
     vocab_dir = run_dir / "vocab"
 
-    if vocab_dir.exists():
-        vocabs = vocab_lib.load_all(vocab_dir, categorical)
-    else:
+    vocabs = _saved_vocab(run_dir, categorical)
+    if vocabs is None:
         vocabs = vocab_lib.build(categorical, scan(dataset, categorical, read_batch_rows))
     if store_path.exists() and stamp.exists():
-        stamped = json.loads(stamp.read_text())
+        stamped = _read_stamp(stamp)
         if stamped.get("fingerprint") == fingerprint:
+            # the store was encoded, and checked, with this vocabulary (rebuilt, if it was
+            # lost, from the same input)
+            if not vocab_dir.exists():
+                vocab_lib.save_all(vocabs, vocab_dir)
             store = Store.open(store_path)
             store.target_stats, store.feature_stats = _stamped_stats(stamped, store)
             return store, vocabs
@@ -498,7 +500,8 @@ def prepare(
     if not vocab_dir.exists():
         vocab_lib.save_all(vocabs, vocab_dir)
     store.target_stats, store.feature_stats = stats, features
-    stamp.write_text(
+    files_lib.write_text(
+        stamp,
         json.dumps(
             {
                 "fingerprint": fingerprint,
@@ -507,9 +510,41 @@ def prepare(
                 "target_stats": stats.to_dict(),
                 "feature_stats": features.to_dict(),
             }
-        )
+        ),
     )
     return store, vocabs
+
+
+def _saved_vocab(run_dir: Path, columns: Sequence[str]) -> dict[str, vocab_lib.Vocab] | None:
+    """The run's saved vocabulary; ``None`` when there is none, or when a start that never
+    reached a checkpoint left it incomplete (it is removed and rebuilt from the data). An
+    incomplete vocabulary under existing checkpoints is an error: their rows need those ids."""
+    vocab_dir = run_dir / "vocab"
+    if not (vocab_dir.exists() or vocab_dir.is_symlink()):
+        return None
+    try:
+        return vocab_lib.load_all(vocab_dir, columns)
+    except vocab_lib.IncompleteVocabError as err:
+        checkpoints = run_dir / "checkpoints"
+        if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+            raise DataError(
+                f"{err}, but {checkpoints} holds steps trained on it: restore {vocab_dir} "
+                "from a copy of the run, or train in a new run_dir"
+            ) from None
+    if vocab_dir.is_symlink() or not vocab_dir.is_dir():
+        vocab_dir.unlink()
+    else:
+        shutil.rmtree(vocab_dir)
+    return None
+
+
+def _read_stamp(stamp: Path) -> dict[str, Any]:
+    """The encoded store's stamp; empty (so the store is rebuilt) when it is unreadable."""
+    try:
+        stamped = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamped if isinstance(stamped, dict) else {}
 
 
 def _stamped_stats(stamped: dict[str, Any], store: Store) -> tuple[TargetStats, FeatureStats]:

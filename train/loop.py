@@ -24,7 +24,7 @@ from blayers.sharding import ShardingError, assert_sharded, make_mesh
 from blayers.start import FeatureStats, TargetStats
 from train import checkpoint as ckpt
 from train import data as data_lib
-from train import distributed
+from train import distributed, files, rundir
 from train import recenter as recenter_lib
 from train.config import ConfigError, from_container, to_container, with_saved_defaults
 from train.convergence import ConvergenceTracker, window_steps
@@ -229,8 +229,17 @@ class _Stop:
 
 
 def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the training job described by ``cfg``; returns a result summary."""
+    """Run (or resume) the training job described by ``cfg``; returns a result summary.
+    The run directory is locked for the whole job (:mod:`train.rundir`): a second trainer on
+    it is refused before it reads or writes anything."""
     multi_process = distributed.maybe_initialize(cfg.distributed)
+    with contextlib.ExitStack() as held:
+        return _train(cfg, log, multi_process, held)
+
+
+def _train(
+    cfg: Any, log: Callable[[str], None], multi_process: bool, held: contextlib.ExitStack
+) -> dict[str, Any]:
     cores = None
     if cfg.data.dedicated_cores and not multi_process:  # before anything creates the backend
         cores, placed = reserve_cores(cfg.data.prefetch)
@@ -239,6 +248,8 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     mesh = build_mesh(cfg)
     check_batch_size(cfg, mesh)
     check_settings(cfg)
+    if jax.process_index() == 0:  # one lock per run, from before its first write
+        held.enter_context(rundir.locked(run_dir))
     link = str(cfg.model.link)
     link_check = None if cfg.model.get("_target_") else link
     if jax.process_index() == 0:  # one writer for the run's vocabulary and encoded store
@@ -407,7 +418,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     }
     log(tracker.status())
     if jax.process_index() == 0:
-        (run_dir / "run.json").write_text(json.dumps(result, indent=2))
+        files.write_text(run_dir / "run.json", json.dumps(result, indent=2))
     return result
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from train import files
+
 
 def _svg_curve(steps: list[float], values: list[float], width: int = 640, height: int = 220) -> str:
     if len(steps) < 2:
@@ -105,8 +107,8 @@ def build(run_dir: Path, scores: Path | None = None) -> Path:
             f"{html.escape(json.dumps(info['unseen_rows_by_column']))}.</p>"
         )
     out = run_dir / "report.html"
-    out.write_text(
-        "<html><body style='font-family:sans-serif'>" + "\n".join(parts) + "</body></html>"
+    files.write_text(
+        out, "<html><body style='font-family:sans-serif'>" + "\n".join(parts) + "</body></html>"
     )
     return out
 

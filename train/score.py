@@ -37,8 +37,10 @@ from numpyro.distributions import Normal
 
 from blayers import guides
 from train import data as data_lib
+from train import files
 from train import vocab as vocab_lib
 from train.model import LINEAR_PREDICTOR
+from train.settings import check_score_settings
 from train.sparse import row_counts
 from train.state import guide_rows, row_sharding
 from train.summary import restore_run
@@ -54,10 +56,10 @@ class Part:
     rows: int
 
 
-def plan_parts(files: Sequence[str]) -> list[Part]:
+def plan_parts(paths: Sequence[str]) -> list[Part]:
     """Every row group of every input file, in order (read from Parquet footers only)."""
     parts = []
-    for f in files:
+    for f in paths:
         meta = pq.ParquetFile(f).metadata
         for g in range(meta.num_row_groups):
             parts.append(Part(len(parts), f, g, meta.row_group(g).num_rows))
@@ -103,7 +105,55 @@ QUANTILE_DRAWS = "_draws_for_quantiles:"
 
 
 def quantile_name(prefix: str, level: float) -> str:
-    return f"{prefix}q{round(level * 100):02d}"
+    """``q`` and the level's decimal digits, at least two: 0.05 → ``q05``, 0.5 → ``q50``,
+    0.001 → ``q001``, 0.975 → ``q975``, 1 → ``q100``. A shortest decimal form never ends in
+    0, so distinct levels never share a name, at any precision."""
+    text = repr(float(level))
+    if "e" in text:  # below 1e-4
+        text = f"{level:.20f}".rstrip("0")
+    whole, _, digits = text.partition(".")
+    if whole != "0":
+        return f"{prefix}q100"
+    return f"{prefix}q{digits.rstrip('0').ljust(2, '0')}"
+
+
+def output_columns(quantiles: Sequence[float], linear: bool, raw: bool, columns: Any) -> list[str]:
+    """Every column a score part adds after the passthrough ones, in order."""
+    stats = ["mean", "std", *(quantile_name("", q) for q in sorted(quantiles))]
+    out = stats + ([f"eta_{c}" for c in stats] if linear else [])
+    return out + (["draws"] if raw else []) + (["unseen_categories"] if columns.categorical else [])
+
+
+PROVENANCE = "blayers.score"  # the part's Parquet metadata key: what it was made from
+
+
+def part_input(part: Part) -> dict[str, Any]:
+    """What identifies a part's input: its file, row group, size and modification time."""
+    stat = os.stat(part.file)
+    return {
+        "file": os.path.abspath(part.file),
+        "row_group": part.row_group,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
+
+
+def made_with(part_file: Path) -> str | None:
+    """The provenance a finished part records; ``None`` for no part, a planted link or a
+    file that is not one of ours."""
+    if not files.is_regular_file(part_file):
+        return None
+    try:
+        metadata = pq.read_schema(part_file).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    value = metadata.get(PROVENANCE.encode())
+    return value.decode() if value is not None else None
+
+
+def checkpoint_time(ckpt_dir: Path, step: int) -> int:
+    """When a checkpoint step was written (a retrained run's step ``k`` is another step)."""
+    return (Path(ckpt_dir) / str(step)).stat().st_mtime_ns
 
 
 def finish_quantiles(out: dict[str, np.ndarray], quantiles: Sequence[float]) -> None:
@@ -236,6 +286,12 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
     """Run the scoring job described by ``cfg`` (see ``ScoreConfig``)."""
     from train import distributed
 
+    check_score_settings(cfg)
+    out_dir = Path(cfg.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise data_lib.DataError(
+            f"output={str(out_dir)!r} is a file: give a directory for the parts"
+        )
     distributed.maybe_initialize(cfg.distributed)
     run_dir = Path(cfg.run_dir)
     setup, state, meta = restore_run(run_dir, cfg.step)
@@ -252,11 +308,28 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
     missing = [c for c in passthrough if c not in dataset.schema.names]
     if missing:
         raise data_lib.DataError(f"passthrough column(s) {missing} are not in the data")
+    produced = output_columns(
+        list(cfg.quantiles), bool(cfg.linear_predictor), bool(cfg.raw_draws), columns
+    )
+    clash = [c for c in passthrough if c in produced]
+    if clash:
+        raise data_lib.DataError(
+            f"input column(s) {clash} have the names of score columns: leave them out with "
+            "passthrough=[...] or rename them in the data"
+        )
     _validate_numeric(dataset, columns.numeric)
-
-    out_dir = Path(cfg.output)
-    files = data_lib.parquet_files(cfg.data.path)
-    parts = plan_parts(files)
+    provenance = {
+        "run_dir": str(run_dir.absolute()),
+        "checkpoint_step": int(meta["step"]),
+        "checkpoint_written_ns": checkpoint_time(run_dir / "checkpoints", int(meta["step"])),
+        "draws": int(cfg.draws),
+        "seed": int(cfg.seed),
+        "quantiles": [float(q) for q in cfg.quantiles],
+        "linear_predictor": bool(cfg.linear_predictor),
+        "raw_draws": bool(cfg.raw_draws),
+        "columns": passthrough + produced,
+    }
+    parts = plan_parts(data_lib.parquet_files(cfg.data.path))
     process, count = jax.process_index(), jax.process_count()
     mesh = setup.mesh
     b = int(cfg.data.batch_size)
@@ -314,7 +387,9 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         encoded, unseen = _encode_part(table, columns, vocabs)
         n = table.num_rows
         n_batches = -(-n // local_b)
-        if final.exists():  # finished by an earlier run: keep collectives in step, skip I/O
+        made_from = json.dumps({**provenance, "input": part_input(part)}, sort_keys=True)
+        if made_with(final) == made_from:  # finished by an earlier run from the same inputs:
+            # keep collectives in step, skip the I/O
             for _ in range(n_batches):
                 run_batch(_padding_batch(columns, local_b), 0)
             done_batches += n_batches
@@ -330,7 +405,9 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
                 pieces.setdefault(k, []).append(v[: hi - lo])  # padded rows masked out
         done_batches += n_batches
         result = table.select(passthrough)
-        for k in sorted(pieces, key=_column_order):
+        if not set(pieces) <= set(produced):  # a scorer output with no declared column
+            raise RuntimeError(f"undeclared score columns {sorted(set(pieces) - set(produced))}")
+        for k in [c for c in produced if c in pieces]:
             v = pieces[k]
             arr = np.concatenate(v)
             result = result.append_column(
@@ -341,9 +418,8 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
             for j, c in enumerate(columns.categorical):
                 flags += (encoded["categorical"][:, j] == vocabs[c].size).astype(np.int8)
             result = result.append_column("unseen_categories", pa.array(flags))
-        tmp = out_dir / f".part-{part.index:05d}.parquet.tmp"
-        pq.write_table(result, tmp)
-        os.replace(tmp, final)
+        result = result.replace_schema_metadata({PROVENANCE: made_from})
+        files.atomic_write(final, lambda tmp, table=result: pq.write_table(table, tmp))
         rows_written += n
         for c, v in unseen.items():
             unseen_total[c] += v
@@ -378,14 +454,6 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
     return manifest
 
 
-def _column_order(name: str) -> tuple[int, int, str]:
-    """mean, std, quantiles ascending; the linear predictor's after; raw draws last."""
-    group = 2 if name == "draws" else int(name.startswith("eta_"))
-    stat = name.removeprefix("eta_")
-    rank = {"mean": 0, "std": 1}.get(stat, 2)
-    return group, rank, stat
-
-
 def _pad(x: np.ndarray, rows: int) -> np.ndarray:
     if len(x) == rows:
         return x
@@ -409,9 +477,7 @@ def _validate_numeric(dataset: Any, numeric: Sequence[str]) -> None:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(payload, indent=2))
 
 
 def _merge_manifests(out_dir: Path, count: int, num_parts: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Training settings refused before any data is read: one line naming the key and the fix.
+"""Settings refused before any data is read: one line naming the key and the fix.
 
 Types are already checked when the config loads (``train.config``); these are the values a
 type cannot rule out. The batch size is checked against the mesh in ``train.loop``.
@@ -68,3 +68,14 @@ def check_settings(cfg: Any) -> None:
     """Every check above, in order."""
     check_run_settings(cfg)
     check_posterior_settings(cfg)
+
+
+def check_score_settings(cfg: Any) -> None:
+    """The scoring job's draws, quantiles and batch size."""
+    _positive(cfg.draws, "draws", "must be at least 1")
+    levels = list(cfg.quantiles)
+    if not all(0.0 <= q <= 1.0 for q in levels):
+        raise ConfigError(f"quantiles={levels} must lie in [0, 1]")
+    if len(set(levels)) != len(levels):
+        raise ConfigError(f"quantiles={levels} repeats a level; list each once")
+    _positive(cfg.data.batch_size, "data.batch_size", "must be positive")

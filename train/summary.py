@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from blayers import guides
 from blayers.sharding import make_mesh
 from train import checkpoint as ckpt
+from train import files
 from train.config import ConfigError, from_container, with_saved_defaults
 from train.loop import Setup, build_mesh, make_setup
 from train.state import table_axis_multiple
@@ -80,12 +81,13 @@ def summarize(
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    files.atomic_write(path, write)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from train import files
 
 FIELDS = {"user": (50_000, 1.05, 0.5), "item": (5_000, 1.1, 0.3), "region": (100, 0.8, 0.2)}
 BETA = [0.8, -0.5, 0.3, 0.0]
@@ -51,12 +52,10 @@ def generate(path: str | Path, rows: int = 1_000_000, seed: int = 0) -> dict:
         columns[f"x{j + 1}"] = x[:, j]
     columns["y"] = (rng.random(rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int8)
     table = pa.table(columns)
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp, row_group_size=128 * 1024)
-    os.replace(tmp, path)
+    files.atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=128 * 1024))
     truth["rows"] = rows
     truth["positive_rate"] = float(columns["y"].mean())
-    (path.parent / "truth.json").write_text(json.dumps(truth, indent=2))
+    files.write_text(path.parent / "truth.json", json.dumps(truth, indent=2))
     return truth
 
 

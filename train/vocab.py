@@ -8,7 +8,7 @@ handled explicitly by the caller (an error in training, the prior at scoring).
 
 from __future__ import annotations
 
-import os
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from train import files
 
 UNSEEN = -1
 
@@ -39,18 +41,12 @@ class Vocab:
         ids = pc.index_in(raw, value_set=self.values)
         return pc.fill_null(ids, UNSEEN).to_numpy(zero_copy_only=False).astype(np.int32)
 
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+    def write(self, path: Path) -> None:
         table = pa.table({"value": self.values, "count": pa.array(self.counts, pa.int64())})
-        tmp = directory / f".{self.column}.parquet.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, directory / f"{self.column}.parquet")
+        pq.write_table(table, path)
 
     @classmethod
-    def load(cls, directory: Path, column: str) -> Vocab:
-        path = directory / f"{column}.parquet"
-        if not path.exists():
-            raise FileNotFoundError(f"no vocabulary for column {column!r} at {path}")
+    def read(cls, path: Path, column: str) -> Vocab:
         table = pq.read_table(path)
         return cls(column, table["value"].combine_chunks(), table["count"].to_numpy())
 
@@ -107,10 +103,49 @@ def build(columns: Iterable[str], batches: Iterable[pa.RecordBatch]) -> dict[str
     return {name: b.finish() for name, b in builders.items()}
 
 
+MANIFEST = "manifest.json"
+
+
+class IncompleteVocabError(FileNotFoundError):
+    """A vocabulary directory that is not a whole, readable unit; the message says what."""
+
+
 def save_all(vocabs: dict[str, Vocab], directory: Path) -> None:
-    for v in vocabs.values():
-        v.save(directory)
+    """Write every column's vocabulary as one unit: all of it appears at ``directory`` at
+    once, or none of it. Files are named by position, never by column name (a column named
+    ``../x`` is not a path); ``manifest.json`` maps columns to files."""
+    with files.atomic_directory(directory) as tmp:
+        names = {}
+        for i, (column, v) in enumerate(vocabs.items()):
+            names[column] = f"{i:04d}.parquet"
+            v.write(tmp / names[column])
+        (tmp / MANIFEST).write_text(json.dumps({"columns": names}, indent=2))
 
 
 def load_all(directory: Path, columns: Iterable[str]) -> dict[str, Vocab]:
-    return {c: Vocab.load(directory, c) for c in columns}
+    """Every requested column's vocabulary from a directory :func:`save_all` wrote (or the
+    earlier one-file-per-column layout); :class:`IncompleteVocabError` naming what is missing
+    or unreadable otherwise."""
+    directory = Path(directory)
+    columns = list(columns)
+    manifest = directory / MANIFEST
+    if files.is_regular_file(manifest):
+        try:
+            names = json.loads(manifest.read_text())["columns"]
+        except (ValueError, KeyError, TypeError):
+            raise IncompleteVocabError(f"{manifest} is unreadable") from None
+    else:  # the earlier layout: one file per column, named by the column
+        names = {c: f"{c}.parquet" for c in columns if "/" not in c and not c.startswith(".")}
+    out = {}
+    for column in columns:
+        name = names.get(column)
+        path = directory / name if isinstance(name, str) and "/" not in name else None
+        if path is None or not files.is_regular_file(path):
+            raise IncompleteVocabError(f"no vocabulary for column {column!r} in {directory}")
+        try:
+            out[column] = Vocab.read(path, column)
+        except (OSError, pa.ArrowException, KeyError):
+            raise IncompleteVocabError(
+                f"the vocabulary of column {column!r} ({path}) is unreadable"
+            ) from None
+    return out
