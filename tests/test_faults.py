@@ -26,7 +26,13 @@ def test_a_diverging_run_never_saves_a_non_finite_state_and_a_fixed_rerun_resume
     settings = {"train.steps": 40, "checkpoint.every": 10, "train.log_every": 1000}
     loop.train(small_config(data, tmp_path / "run", **settings), log=lambda _: None)
     assert _steps(tmp_path / "run") == [20, 30, 40]  # max_to_keep 3
-    diverging = {**settings, "train.steps": 80, "optim.lr": 1e6, "optim.schedule": "constant"}
+    diverging = {
+        **settings,
+        "train.steps": 80,
+        "optim.lr": 1e6,
+        "optim.schedule": "constant",
+        "train.resume": "force",  # the fault: resumed under a learning rate that diverges
+    }
     with pytest.raises(NonFiniteError, match=r"not finite at step \d+ \(first: .+\).*step 40"):
         loop.train(small_config(data, tmp_path / "run", **diverging), log=lambda _: None)
     assert _steps(tmp_path / "run") == [20, 30, 40]  # nothing saved past the last finite step
@@ -83,3 +89,19 @@ def test_bad_settings_are_refused_before_any_data_is_read(tmp_path, key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         loop.train(cfg, log=lambda _: None)
     assert not (tmp_path / "run").exists()  # refused before the data pass wrote anything
+
+
+def test_a_changed_setting_on_an_existing_run_is_refused_naming_it(tmp_path):
+    from train.config import ConfigError
+
+    data = small_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    loop.train(small_config(data, run, **{"train.steps": 20}), log=lambda _: None)
+    changed = {"train.steps": 30, "optim.lr": 0.05, "train.seed": 3}
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.01 → 0\.05; train\.seed: 0 → 3"):
+        loop.train(small_config(data, run, **changed), log=lambda _: None)
+    assert _steps(run) == [10, 20]  # untouched
+    more = small_config(data, run, **{"train.steps": 30, "train.log_every": 7})  # safe changes
+    assert loop.train(more, log=lambda _: None)["step"] == 30
+    forced = small_config(data, run, **{**changed, "train.steps": 40, "train.resume": "force"})
+    assert loop.train(forced, log=lambda _: None)["step"] == 40

@@ -3,18 +3,24 @@
 Each step directory holds ``state`` (guide params, optimizer state, step, rng — restored onto
 whatever mesh the caller gives, so 8-device checkpoints restore on 1 or 4) and ``meta``. The
 vocabulary lives beside the checkpoints in ``run_dir/vocab`` and is written once per run.
-A structure fingerprint in ``meta`` guards against restoring into a different model.
+A structure fingerprint in ``meta`` guards against restoring into a different model, and a
+checksum of every array (:func:`state_checksums`, in ``meta["checksums"]``) against restoring
+different values: a step that is unreadable or does not verify is named, and restore falls
+back to the newest step that does (:func:`restore_newest_good`), unless asked to be strict.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from blayers import guides
@@ -22,6 +28,12 @@ from blayers import guides
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def _first_line(err: BaseException, limit: int = 240) -> str:
+    """The head of a storage library's error, kept to one line."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def structure(sites: Mapping[str, guides.LatentSite]) -> dict[str, list[int]]:
@@ -48,6 +60,55 @@ def fingerprint(
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+_GOLDEN = np.uint32(0x9E3779B1)  # odd: every element's weight is odd, so no change cancels
+
+
+@jax.jit
+def _leaf_sums(leaves: list[jax.Array]) -> list[jax.Array]:
+    sums = []
+    for x in leaves:
+        if x.dtype.itemsize == 4:
+            bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        else:
+            bits = x.astype(jnp.uint32)
+        index = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, 0) if bits.ndim else 0
+        for axis in range(1, bits.ndim):  # the flat index, without a reshape of a sharded array
+            index = index * np.uint32(bits.shape[axis]) + jax.lax.broadcasted_iota(
+                jnp.uint32, bits.shape, axis
+            )
+        weight = (index * np.uint32(2) + np.uint32(1)) * _GOLDEN
+        sums.append(jnp.sum(bits * weight, dtype=jnp.uint32))
+    return sums
+
+
+def state_checksums(state: Any) -> dict[str, int]:
+    r"""A checksum of every array in ``state``: :math:`\sum_i b_i w_i \bmod 2^{32}` over its
+    elements' bits :math:`b_i`, with odd weights :math:`w_i` that depend on the element's
+    index. Any change to one element changes it; it depends on values only, not on the mesh
+    or the sharding, and is computed on the devices (no array leaves them)."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    sums = _leaf_sums([jnp.asarray(leaf) for _, leaf in flat])
+    return {
+        jax.tree_util.keystr(path): int(v)
+        for (path, _), v in zip(flat, jax.device_get(sums), strict=True)
+    }
+
+
+def verify(state: Any, meta: Mapping[str, Any], step: int, directory: Path) -> None:
+    """:class:`CheckpointError` naming the first array whose checksum differs from the one
+    saved with ``step`` (checkpoints written before checksums were kept are not checked)."""
+    saved = meta.get("checksums")
+    if not saved:
+        return
+    now = state_checksums(state)
+    bad = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint step {step} in {directory} is corrupt: {bad[0]} does not match its "
+            f"checksum ({len(bad)} of {len(now)} arrays differ)"
+        )
+
+
 class Checkpointer:
     def __init__(self, directory: Path, max_to_keep: int = 3, async_save: bool = True) -> None:
         self.directory = Path(directory).absolute()
@@ -65,6 +126,7 @@ class Checkpointer:
         """Save ``step`` unless it is already on disk (a rerun that had nothing left to do)."""
         if step in self.manager.all_steps():
             return
+        meta = {**meta, "checksums": state_checksums(state)}
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -103,7 +165,7 @@ def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, 
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as err:  # orbax raises several types for unreadable files
             raise CheckpointError(
-                f"checkpoint step {step} in {directory} is unreadable: {err}"
+                f"checkpoint step {step} in {directory} is unreadable: {_first_line(err)}"
             ) from err
         return step, dict(meta["meta"])
     finally:
@@ -124,11 +186,106 @@ def restore_state(directory: Path, step: int, target: Any) -> Any:
         )
         return restored["state"]
     except Exception as err:
+        _drop_late_loop_callbacks()
         raise CheckpointError(
-            f"checkpoint step {step} in {directory} cannot be restored: {err}"
+            f"checkpoint step {step} in {directory} cannot be restored: {_first_line(err)}"
         ) from err
     finally:
         manager.close()
+
+
+def steps(directory: Path) -> list[int]:
+    """The complete steps in ``directory``, newest first."""
+    directory = Path(directory).absolute()
+    if not directory.exists():
+        return []
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(create=False),
+        item_names=("state", "meta"),
+    )
+    try:
+        return sorted(manager.all_steps(), reverse=True)
+    finally:
+        manager.close()
+
+
+def newest_readable_meta(
+    directory: Path,
+    step: int | None = None,
+    strict: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[int, dict[str, Any]]:
+    """``(step, meta)`` of ``step``, or of the newest step whose metadata reads (each one
+    passed over is named on ``log``; with ``strict``, the first failure is the error)."""
+    if step is not None:
+        return read_meta(directory, step)
+    candidates = steps(directory)
+    if not candidates:
+        return read_meta(directory)  # the "train the run first" error
+    for i, s in enumerate(candidates):
+        try:
+            return read_meta(directory, s)
+        except CheckpointError as err:
+            if strict or i == len(candidates) - 1:
+                raise
+            log(f"warning: {err}; trying step {candidates[i + 1]}")
+    raise AssertionError("unreachable")
+
+
+def restore_newest_good(
+    directory: Path,
+    target: Any,
+    step: int,
+    strict: bool = False,
+    log: Callable[[str], None] = print,
+    compatible: Callable[[Mapping[str, Any]], None] = lambda meta: None,
+) -> tuple[int, dict[str, Any], Any]:
+    """``(step, meta, state)`` of ``step`` if it reads and verifies, else of the newest older
+    step that does, saying which step was passed over and why. ``strict``: the first failure
+    is the error. ``compatible(meta)`` raises for a step the caller cannot use."""
+    candidates = [s for s in steps(directory) if s <= step] or [step]
+    if strict:
+        candidates = candidates[:1]
+    for i, s in enumerate(candidates):
+        try:
+            _, meta = read_meta(directory, s)
+            compatible(meta)
+            state = restore_state(directory, s, target)
+            verify(state, meta, s, directory)
+        except CheckpointError as err:
+            if i == len(candidates) - 1:
+                raise
+            log(f"warning: {err}; falling back to step {candidates[i + 1]}")
+            continue
+        if i:
+            log(f"restored step {s}, the newest good checkpoint in {directory}")
+        return s, meta, state
+    raise AssertionError("unreachable")
+
+
+_dropping = False
+
+
+def _drop_late_loop_callbacks() -> None:
+    """After a failed restore, TensorStore's reads still in flight finish on their own
+    threads and try to wake an event loop that Orbax has closed; each would print a
+    traceback ("Event loop is closed") long after the one-line error. Those, and only those,
+    are dropped from then on."""
+    global _dropping
+    if _dropping:
+        return
+    _dropping = True
+    previous = sys.unraisablehook
+
+    def hook(args: Any) -> None:
+        late = isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(
+            args.exc_value
+        )
+        if not late:
+            previous(args)
+
+    sys.unraisablehook = hook
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

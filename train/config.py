@@ -103,6 +103,11 @@ class TrainLoopConfig:
     # stop (checkpoint, exit cleanly) after this many steps of this invocation, as a preemption
     # or SIGTERM does; rerunning continues towards train.steps
     stop_after: int | None = None
+    # resume from this checkpoint step instead of the latest; later steps are set aside
+    resume_step: int | None = None
+    # auto: resume only under the settings the run was trained with (those that change how
+    # or what it learns); force: resume under changed ones
+    resume: str = "auto"
 
 
 @dataclass
@@ -110,6 +115,8 @@ class CheckpointConfig:
     every: int = 500
     max_to_keep: int = 3
     async_save: bool = True
+    # a corrupt or unreadable checkpoint is an error, instead of falling back to an older one
+    strict: bool = False
 
 
 @dataclass
@@ -183,6 +190,7 @@ def from_container(data: Any, schema: type = Config) -> Any:
 class SummaryConfig:
     run_dir: str = "runs/default"
     step: int | None = None  # default: the latest checkpoint
+    strict: bool = False  # a corrupt latest checkpoint is an error, not a fallback
     draws: int = 1000
     seed: int = 0
 
@@ -197,6 +205,7 @@ class ScoreDataConfig:
 class ScoreConfig:
     run_dir: str = "runs/default"
     step: int | None = None  # default: the latest checkpoint
+    strict: bool = False  # a corrupt latest checkpoint is an error, not a fallback
     output: str = "runs/default/scores"
     data: ScoreDataConfig = field(default_factory=ScoreDataConfig)
     passthrough: list[str] | None = None  # default: every non-feature column

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -33,7 +34,7 @@ from train.cores import reserve as reserve_cores
 from train.dedup import host_rows
 from train.guide_plan import service_guide
 from train.model import Columns, build_model, configured_link_kwargs
-from train.settings import check_posterior_settings, check_settings
+from train.settings import check_posterior_settings, check_resume_settings, check_settings
 from train.sparse import (
     COUNT,
     LOCAL,
@@ -259,9 +260,10 @@ def _train(
         store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check)
     sizes = {c: v.size for c, v in vocabs.items()}
     ckpt_dir = run_dir / "checkpoints"
-    latest, saved = _latest_meta(ckpt_dir)
+    latest, saved = _latest_meta(cfg, ckpt_dir, log)
     if saved is not None:
         cfg = keep_saved_guide(cfg, saved, log)
+        check_resume_settings(saved.get("config", {}), cfg)
     setup = make_setup(
         cfg,
         sizes,
@@ -285,9 +287,21 @@ def _train(
 
     start_state = None
     if latest is not None:
-        ckpt.check_compatible(saved, setup.fingerprint, setup.sites, ckpt_dir)
         target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
-        start_state = ckpt.restore_state(ckpt_dir, latest, target)
+        restored, saved, start_state = ckpt.restore_newest_good(
+            ckpt_dir,
+            target,
+            latest,
+            strict=cfg.checkpoint.strict or cfg.train.resume_step is not None,
+            log=log,
+            compatible=lambda meta: ckpt.check_compatible(
+                meta, setup.fingerprint, setup.sites, ckpt_dir
+            ),
+        )
+        # every process lists the steps (Orbax's managers synchronize them); one moves them
+        set_aside_after(ckpt_dir, restored, log, move=jax.process_index() == 0)
+        distributed.barrier("blayers-checkpoints-set-aside")
+        latest = restored
         log(f"resumed from step {latest} in {ckpt_dir}")
     state = (
         start_state
@@ -646,16 +660,42 @@ def make_run_recenter(
     return recenter_lib.make_recenter(found, setup.guide, setup.shardings, counts), cadence
 
 
-def _latest_meta(ckpt_dir: Path) -> tuple[int | None, dict[str, Any] | None]:
-    """The newest complete checkpoint's metadata, or ``(None, None)`` for a fresh run."""
-    if not ckpt_dir.exists():
+def _latest_meta(
+    cfg: Any, ckpt_dir: Path, log: Callable[[str], None]
+) -> tuple[int | None, dict[str, Any] | None]:
+    """The metadata of the step to resume from (``train.resume_step``, else the newest whose
+    metadata reads), or ``(None, None)`` for a fresh run."""
+    if not ckpt.steps(ckpt_dir):
+        if cfg.train.resume_step is not None:
+            raise ConfigError(
+                f"train.resume_step={cfg.train.resume_step}: {ckpt_dir} holds no checkpoint"
+            )
         return None, None
     try:
-        return ckpt.read_meta(ckpt_dir)
+        return ckpt.newest_readable_meta(
+            ckpt_dir, cfg.train.resume_step, cfg.checkpoint.strict, log
+        )
     except ckpt.CheckpointError as err:
-        if "no complete checkpoint" in str(err):
-            return None, None
+        if cfg.train.resume_step is not None:
+            raise ConfigError(f"train.resume_step={cfg.train.resume_step}: {err}") from None
         raise
+
+
+def set_aside_after(
+    ckpt_dir: Path, step: int, log: Callable[[str], None], move: bool = True
+) -> None:
+    """Move every checkpoint newer than ``step`` (corrupt ones passed over, or those after a
+    ``train.resume_step``) to ``run_dir/set_aside/``, so that the run saves those steps
+    anew instead of keeping the old ones; nothing is deleted."""
+    newer = [s for s in ckpt.steps(ckpt_dir) if s > step]
+    if not newer or not move:
+        return
+    aside = ckpt_dir.parent / "set_aside"
+    aside.mkdir(exist_ok=True)
+    for s in newer:
+        target = aside / f"{s}-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.rename(ckpt_dir / str(s), target)
+    log(f"set aside checkpoint step(s) {sorted(newer)} in {aside}; training continues from {step}")
 
 
 def _flat_params(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -294,7 +294,7 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         )
     distributed.maybe_initialize(cfg.distributed)
     run_dir = Path(cfg.run_dir)
-    setup, state, meta = restore_run(run_dir, cfg.step)
+    setup, state, meta = restore_run(run_dir, cfg.step, bool(cfg.strict), log)
     columns = setup.columns
     vocabs = vocab_lib.load_all(run_dir / "vocab", columns.categorical)
     dataset = data_lib.open_dataset(cfg.data.path)

@@ -6,10 +6,11 @@ type cannot rule out. The batch size is checked against the mesh in ``train.loop
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from blayers import guides
-from train.config import ConfigError
+from train.config import ConfigError, from_container, to_container, with_saved_defaults
 from train.state import OPTIMIZERS, SCHEDULES
 
 
@@ -45,6 +46,8 @@ def check_run_settings(cfg: Any) -> None:
     _positive(cfg.data.shuffle_block, "data.shuffle_block", "must be positive (1: per-row)")
     if cfg.data.prefetch < 0:
         raise ConfigError(f"data.prefetch={cfg.data.prefetch} must be >= 0")
+    if cfg.train.resume not in ("auto", "force"):
+        raise ConfigError(f"train.resume={cfg.train.resume!r}: choose auto or force")
 
 
 def check_posterior_settings(cfg: Any) -> None:
@@ -79,3 +82,62 @@ def check_score_settings(cfg: Any) -> None:
     if len(set(levels)) != len(levels):
         raise ConfigError(f"quantiles={levels} repeats a level; list each once")
     _positive(cfg.data.batch_size, "data.batch_size", "must be positive")
+
+
+# settings that change neither what a run learns nor how: where and how long it runs, how
+# often it logs and saves, the devices and the placement (a checkpoint restores onto any mesh)
+SAFE_TO_CHANGE = (
+    "run_dir",
+    "dry_run",
+    "train.steps",
+    "train.stop_after",
+    "train.progress",
+    "train.log_every",
+    "train.resume_step",
+    "train.resume",
+    "train.until",
+    "train.convergence",
+    "checkpoint",
+    "data.prefetch",
+    "data.dedicated_cores",
+    "data.generate_default",
+    "data.default_rows",
+    "mesh",
+    "sharding",
+    "distributed",
+)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def changed_settings(saved_config: Mapping[str, Any], cfg: Any) -> list[str]:
+    """``key: saved → now`` for every setting that differs from the one a run was trained
+    with, beyond :data:`SAFE_TO_CHANGE` (keys a run saved before they existed count at their
+    defaults)."""
+    saved = _flat(to_container(from_container(with_saved_defaults(dict(saved_config)))))
+    now = _flat(to_container(cfg))
+    keys = sorted(
+        k
+        for k in set(saved) | set(now)
+        if not any(k == p or k.startswith(p + ".") for p in SAFE_TO_CHANGE)
+    )
+    return [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def check_resume_settings(saved_config: Mapping[str, Any], cfg: Any) -> None:
+    """Refuse to resume a run under changed settings, naming them, unless
+    ``train.resume=force``."""
+    changed = changed_settings(saved_config, cfg)
+    if changed and cfg.train.resume != "force":
+        raise ConfigError(
+            f"the run in {cfg.run_dir} was trained with other settings ({'; '.join(changed)}): "
+            "use a new run_dir, restore those settings, or pass train.resume=force to continue "
+            "under the new ones"
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +37,40 @@ def restore_mesh(cfg: Any, pad_multiple: int) -> Mesh:
     return make_mesh({"data": -1, "model": model})
 
 
-def restore_run(run_dir: Path, step: int | None = None) -> tuple[Setup, Any, dict[str, Any]]:
-    """Setup, restored state and metadata of a run, needing nothing but its directory."""
+def restore_run(
+    run_dir: Path, step: int | None = None, strict: bool = False, log: Callable[[str], None] = print
+) -> tuple[Setup, Any, dict[str, Any]]:
+    """Setup, restored state and metadata of a run, needing nothing but its directory: the
+    given ``step``, else the newest that reads and verifies (``strict``: the latest or an
+    error)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
-    step, meta = ckpt.read_meta(ckpt_dir, step)
+    strict = strict or step is not None  # a step asked for by name is that step or an error
+    step, meta = ckpt.newest_readable_meta(ckpt_dir, step, strict, log)
     cfg = from_container(with_saved_defaults(meta["config"]))
     pad = int(meta.get("table_pad_multiple", 1))
     setup = make_setup(cfg, meta["table_sizes"], int(meta["num_data"]), restore_mesh(cfg, pad), pad)
-    ckpt.check_compatible(meta, setup.fingerprint, setup.sites, ckpt_dir)
     target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
-    state = ckpt.restore_state(ckpt_dir, step, target)
+    step, meta, state = ckpt.restore_newest_good(
+        ckpt_dir,
+        target,
+        step,
+        strict=strict,
+        log=log,
+        compatible=lambda m: ckpt.check_compatible(m, setup.fingerprint, setup.sites, ckpt_dir),
+    )
     return setup, state, {**meta, "step": step}
 
 
 def summarize(
-    run_dir: Path, step: int | None = None, draws: int = 1000, seed: int = 0
+    run_dir: Path,
+    step: int | None = None,
+    draws: int = 1000,
+    seed: int = 0,
+    strict: bool = False,
+    log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """One row per element of each global site: mean, std and quantiles of guide draws."""
-    setup, state, _ = restore_run(run_dir, step)
+    setup, state, _ = restore_run(run_dir, step, strict, log)
     names = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
     guide = setup.guide
     view = {n: state.params[n] for n in names}

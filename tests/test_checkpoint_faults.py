@@ -1,0 +1,166 @@
+"""Checkpoints that are corrupt, unreadable or superseded: every array's checksum is saved and
+verified; a bad latest step is named in one line and restore falls back to the newest good one
+(or fails, when strict); ``train.resume_step`` resumes from an earlier step; and a run that
+fell back finishes bit-for-bit equal to an undisturbed one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from tests.service_helpers import REPO, load_params, small_config, small_dataset
+from train import checkpoint as ckpt
+from train import loop
+from train.config import ConfigError
+from train.summary import restore_run
+
+SETTINGS = {"train.steps": 30, "checkpoint.every": 10, "train.log_every": 1000}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The data, and undisturbed runs that stopped at step 10 or 20 of 30 and then went on to
+    40: what a run that resumes from step 10 or 20 must equal (the schedule spans the total
+    steps, so it is not a 40-step run from the start)."""
+    base = tmp_path_factory.mktemp("ckpt_faults")
+    data = small_dataset(base / "data")
+    for stop in (10, 20):
+        ref = base / f"ref{stop}"
+        loop.train(small_config(data, ref, **{**SETTINGS, "train.stop_after": stop}), print)
+        loop.train(small_config(data, ref, **{**SETTINGS, "train.steps": 40}), print)
+    return base, data
+
+
+def _trained(runs, tmp_path) -> Path:
+    _base, data = runs
+    run = tmp_path / "run"
+    loop.train(small_config(data, run, **SETTINGS), log=lambda _: None)
+    assert ckpt.steps(run / "checkpoints") == [30, 20, 10]
+    return run
+
+
+def _flip(path: Path, offset_fraction: float = 0.5, width: int = 16) -> None:
+    raw = bytearray(path.read_bytes())
+    at = int(len(raw) * offset_fraction)
+    raw[at : at + width] = bytes(b ^ 0xFF for b in raw[at : at + width])
+    path.write_bytes(bytes(raw))
+
+
+def _array_files(step_dir: Path) -> list[Path]:
+    """The files holding a step's array data (TensorStore's chunks), largest first."""
+    found = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+    return sorted(found, key=lambda p: -p.stat().st_size)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_changed_array_fails_its_checksum(runs, tmp_path):
+    run = _trained(runs, tmp_path)
+    _, state, meta = restore_run(run)
+    ckpt.verify(state, meta, 30, run)  # intact
+    leaf = state.params["InterceptLayer_bias_beta"]["loc"]
+    changed = state._replace(
+        params={
+            **state.params,
+            "InterceptLayer_bias_beta": {
+                **state.params["InterceptLayer_bias_beta"],
+                "loc": leaf.at[0].set(jax.numpy.nextafter(leaf[0], np.inf)),  # one ulp
+            },
+        }
+    )
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"step 30 .* corrupt: .*InterceptLayer_bias_beta"
+    ):
+        ckpt.verify(changed, meta, 30, run)
+
+
+def test_a_corrupt_latest_step_is_named_and_restore_falls_back(runs, tmp_path):
+    run = _trained(runs, tmp_path)
+    expected = load_params(run, 20)
+    for f in _array_files(run / "checkpoints" / "30"):
+        _flip(f)
+    said = []
+    _, _state, meta = restore_run(run, log=said.append)
+    assert meta["step"] == 20
+    assert any("step 30" in line and "falling back to step 20" in line for line in said), said
+    assert all("\n" not in line for line in said)
+    assert _same(load_params(run, 20), expected)
+    with pytest.raises(ckpt.CheckpointError, match="step 30"):
+        restore_run(run, strict=True, log=lambda _: None)
+    with pytest.raises(ckpt.CheckpointError, match="step 30"):
+        restore_run(run, step=30, log=lambda _: None)  # a step asked for by name: no fallback
+
+
+def test_unreadable_metadata_is_passed_over(runs, tmp_path):
+    run = _trained(runs, tmp_path)
+    meta_file = next((run / "checkpoints" / "30" / "meta").rglob("*.json"), None) or next(
+        p for p in (run / "checkpoints" / "30" / "meta").rglob("*") if p.is_file()
+    )
+    meta_file.write_text("{not json")
+    said = []
+    _, _, meta = restore_run(run, log=said.append)
+    assert meta["step"] == 20 and any("step 30" in line for line in said)
+
+
+def test_a_run_that_fell_back_finishes_equal_to_an_undisturbed_one(runs, tmp_path):
+    base, data = runs
+    run = _trained(runs, tmp_path)
+    for f in _array_files(run / "checkpoints" / "30"):
+        _flip(f)
+    said = []
+    result = loop.train(small_config(data, run, **{**SETTINGS, "train.steps": 40}), said.append)
+    assert result["step"] == 40
+    assert any("resumed from step 20" in line for line in said), said
+    assert (run / "set_aside").is_dir() and len(list((run / "set_aside").iterdir())) == 1
+    assert _same(load_params(run), load_params(base / "ref20"))
+    _, _state, meta = restore_run(run, step=30, log=lambda _: None)  # saved anew, verified
+    assert meta["step"] == 30
+
+
+def test_resume_step_continues_from_an_earlier_step(runs, tmp_path):
+    base, data = runs
+    run = _trained(runs, tmp_path)
+    said = []
+    cfg = small_config(data, run, **{**SETTINGS, "train.steps": 40, "train.resume_step": 10})
+    assert loop.train(cfg, said.append)["step"] == 40
+    assert any("resumed from step 10" in line for line in said), said
+    assert len(list((run / "set_aside").iterdir())) == 2  # steps 20 and 30, kept
+    assert _same(load_params(run), load_params(base / "ref10"))
+    with pytest.raises(ConfigError, match=r"train\.resume_step=15"):
+        loop.train(small_config(data, run, **{**SETTINGS, "train.resume_step": 15}), lambda _: None)
+
+
+def test_a_corrupt_checkpoint_on_the_command_line_is_one_line(runs, tmp_path):
+    _base, data = runs
+    run = _trained(runs, tmp_path)
+    for f in _array_files(run / "checkpoints" / "30"):
+        _flip(f)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    code = "from train.cli import score_main; score_main()"
+    args = [f"run_dir={run}", f"data.path={data}", f"output={tmp_path / 'scores'}", "draws=4"]
+    strict = subprocess.run(
+        [sys.executable, "-c", code, *args, "strict=true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert strict.returncode == 2, strict.stderr[-3000:]
+    lines = strict.stderr.strip().splitlines()
+    assert len(lines) == 1 and "checkpoint step 30" in lines[0], lines
+    assert not (tmp_path / "scores").exists()
+    fallback = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert fallback.returncode == 0, fallback.stderr[-3000:]
+    assert fallback.stderr.strip() == "", fallback.stderr[-3000:]  # no late tracebacks
+    warned = [line for line in fallback.stdout.splitlines() if "step 30" in line]
+    assert len(warned) == 1 and "falling back to step 20" in warned[0], fallback.stdout
