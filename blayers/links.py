@@ -239,6 +239,7 @@ def ordinal_link(
     if num_classes > 2:
         gaps = _global("ordinal_gaps", dists.Exponential(1.0).expand([num_classes - 2]).to_event(1))
         cutpoints = jnp.concatenate([c0[None], c0 + jnp.cumsum(gaps)])
+    y = None if y is None else jnp.asarray(y).astype(jnp.int32)  # class indices, any dtype
     return _observe(dists.OrderedLogistic(mu, cutpoints), y, mu.shape[0], num_data)
 
 

@@ -105,3 +105,44 @@ def test_a_changed_setting_on_an_existing_run_is_refused_naming_it(tmp_path):
     assert loop.train(more, log=lambda _: None)["step"] == 30
     forced = small_config(data, run, **{**changed, "train.steps": 40, "train.resume": "force"})
     assert loop.train(forced, log=lambda _: None)["step"] == 40
+
+
+def test_a_full_disk_mid_prepare_loses_nothing_and_the_rerun_matches(tmp_path, monkeypatch):
+    import errno
+
+    from train import files
+
+    data = small_dataset(tmp_path / "data")
+    real = files.atomic_write
+
+    def disk_full(path, write):
+        if path.name == "train.arrow":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, write)
+
+    monkeypatch.setattr(files, "atomic_write", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        loop.train(small_config(data, tmp_path / "run"), log=lambda _: None)
+    left = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    assert left == ["data"], left  # no partial store, vocabulary or checkpoint
+    monkeypatch.undo()
+    loop.train(small_config(data, tmp_path / "run"), log=lambda _: None)
+    loop.train(small_config(data, tmp_path / "ref"), log=lambda _: None)
+    mine, ref = load_params(tmp_path / "run"), load_params(tmp_path / "ref")
+    assert all(np.array_equal(mine[k], ref[k]) for k in ref)
+
+
+def test_a_storage_error_on_the_command_line_is_one_line_naming_the_path(capsys):
+    import errno
+
+    from train import cli
+    from train.config import Config
+
+    def fails(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoints")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli._friendly(fails, Config)(small_config("/nowhere", "/runs/x"))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "/runs/x/checkpoints: No space left on device" in lines[0]

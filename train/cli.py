@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -33,6 +34,10 @@ USER_ERRORS = (
     RunDirBusyError,
 )
 
+# storage the user must fix (space, quota, permissions, a read-only disk); writes are atomic
+# (train.files), so what was written before is intact
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
 config_lib.register()
 config_lib.register_tools()
 
@@ -50,6 +55,16 @@ def _friendly(fn: Callable[[DictConfig], Any], schema: type) -> Callable[[DictCo
             return fn(config_lib.from_container(cfg, schema))
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as err:
+            if err.errno not in STORAGE_ERRNOS:
+                raise
+            where = f" {err.filename}" if err.filename else ""
+            print(
+                f"error: cannot write{where}: {err.strerror}; fix it and rerun: a run resumes "
+                "from its last checkpoint and scoring redoes only unfinished parts",
+                file=sys.stderr,
+            )
             sys.exit(2)
 
     run.__name__ = fn.__name__

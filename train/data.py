@@ -114,6 +114,35 @@ def check_columns(
             )
 
 
+def _family(typ: pa.DataType) -> str:
+    return "string" if pat.is_string(typ) or pat.is_large_string(typ) else "number"
+
+
+def check_files(
+    files: Sequence[str], numeric: Sequence[str], categorical: Sequence[str], target: str | None
+) -> None:
+    """:func:`check_columns` on every file's own schema (footers only), and the categorical
+    columns of the same kind (ints or strings) in every file, so that parts whose schemas
+    drift fail before any pass, naming the file and the column."""
+    first: dict[str, str] = {}
+    for path in files:
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{path}: cannot read as Parquet ({err})") from None
+        try:
+            check_columns(schema, numeric, categorical, target)
+        except DataError as err:
+            raise DataError(f"{path}: {err}") from None
+        for col in categorical:
+            kind = _family(schema.field(col).type)
+            if first.setdefault(col, kind) != kind:
+                raise DataError(
+                    f"{path}: column {col!r} holds {kind}s, but {files[0]} holds "
+                    f"{first[col]}s; every file must encode a category the same way"
+                )
+
+
 def numeric_block(batch: pa.RecordBatch, columns: Sequence[str]) -> np.ndarray:
     """``(n, d)`` float32 features, refusing NaN / inf with the column named."""
     out = np.empty((batch.num_rows, len(columns)), np.float32)
@@ -330,7 +359,10 @@ def _encode_batch(
     if target is not None:
         y = numeric_block(batch, [target])[:, 0]
         if link is not None:
-            links.check_target(link, y, column=target)
+            try:
+                links.check_target(link, y, column=target)
+            except ValueError as err:
+                raise DataError(str(err)) from None
         cols[TARGET] = y
     return cols
 
@@ -456,8 +488,15 @@ def prepare(
         data_cfg.target,
     )
     check_columns(dataset.schema, numeric, categorical, target)
-    if dataset.count_rows() == 0:  # from Parquet footers, no data read
+    check_files(dataset.files, numeric, categorical, target)
+    rows = dataset.count_rows()  # from Parquet footers, no data read
+    if rows == 0:
         raise DataError(f"the dataset at data.path {data_cfg.path!r} is empty (0 rows)")
+    if data_cfg.batch_size > rows:
+        raise DataError(
+            f"data.batch_size={data_cfg.batch_size} is larger than the data ({rows:,} rows): "
+            f"use a batch of at most {rows:,}"
+        )
     columns = [*numeric, *categorical, target]
     files = parquet_files(data_cfg.path)
     fingerprint = source_fingerprint(files, columns)
@@ -467,7 +506,10 @@ def prepare(
 
     vocabs = _saved_vocab(run_dir, categorical)
     if vocabs is None:
-        vocabs = vocab_lib.build(categorical, scan(dataset, categorical, read_batch_rows))
+        try:
+            vocabs = vocab_lib.build(categorical, scan(dataset, categorical, read_batch_rows))
+        except ValueError as err:  # null or unusable categorical values, named by column
+            raise DataError(str(err)) from None
     if store_path.exists() and stamp.exists():
         stamped = _read_stamp(stamp)
         if stamped.get("fingerprint") == fingerprint:

@@ -249,6 +249,7 @@ def _train(
     mesh = build_mesh(cfg)
     check_batch_size(cfg, mesh)
     check_settings(cfg)
+    check_terms(cfg)
     if jax.process_index() == 0:  # one lock per run, from before its first write
         held.enter_context(rundir.locked(run_dir))
     link = str(cfg.model.link)
@@ -679,6 +680,16 @@ def _latest_meta(
         if cfg.train.resume_step is not None:
             raise ConfigError(f"train.resume_step={cfg.train.resume_step}: {err}") from None
         raise
+
+
+def check_terms(cfg: Any) -> None:
+    """The configured terms built once against the configured columns, before the data is
+    read: an unknown layer, argument, input column or prior value fails here, naming the
+    term (table sizes are not known yet and do not matter to these checks)."""
+    if cfg.model.get("_target_"):
+        return
+    columns = Columns(tuple(cfg.data.numeric), tuple(cfg.data.categorical))
+    build_model(cfg.model, columns, dict.fromkeys(columns.categorical, 1))
 
 
 def set_aside_after(

@@ -182,6 +182,26 @@ def _indices(
     return tuple(out)
 
 
+def _check_prior_values(layer: L.BLayer, where: str) -> None:
+    """Each prior the layer holds (``<x>_dist`` with ``<x>_kwargs``) built once with NumPyro's
+    argument validation, so a value outside a parameter's support (a StudentT ``df`` of -1) is
+    refused at load, naming the term, instead of failing inside the first step."""
+    for attr, dist in sorted(vars(layer).items()):
+        kwargs = getattr(layer, attr.removesuffix("_dist") + "_kwargs", None)
+        if not attr.endswith("_dist") or not isinstance(kwargs, dict):
+            continue
+        try:
+            try:
+                dist(**kwargs, validate_args=True)
+            except TypeError:  # a parameter the layer supplies itself (the scale λ)
+                dist(**{"scale": 1.0, **kwargs}, validate_args=True)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(
+                f"{where}: {attr.removesuffix('_dist')}_kwargs={kwargs} are invalid for "
+                f"{getattr(dist, '__name__', dist)}: {err}"
+            ) from None
+
+
 def build_term(
     spec: Mapping[str, Any],
     columns: Columns,
@@ -225,6 +245,7 @@ def build_term(
         layer = cls(**_resolve_dists(init_kw, where))
     except TypeError as err:
         raise ConfigError(f"{where}: {err}") from err
+    _check_prior_values(layer, where)
 
     def numeric_idx(cols: Sequence[str], what: str = "numeric") -> tuple[int, ...]:
         return _indices(cols, columns.numeric, what, where)

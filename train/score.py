@@ -299,6 +299,7 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
     vocabs = vocab_lib.load_all(run_dir / "vocab", columns.categorical)
     dataset = data_lib.open_dataset(cfg.data.path)
     data_lib.check_columns(dataset.schema, columns.numeric, columns.categorical, None)
+    data_lib.check_files(dataset.files, columns.numeric, columns.categorical, None)
     features = {*columns.numeric, *columns.categorical}
     passthrough = (
         list(cfg.passthrough)

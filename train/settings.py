@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from blayers import guides
+from blayers import guides, links
 from train.config import ConfigError, from_container, to_container, with_saved_defaults
 from train.state import OPTIMIZERS, SCHEDULES
 
@@ -50,6 +50,41 @@ def check_run_settings(cfg: Any) -> None:
         raise ConfigError(f"train.resume={cfg.train.resume!r}: choose auto or force")
 
 
+def check_model_settings(cfg: Any) -> None:
+    """The link (a model of the user's own, ``model._target_``, brings its own) and the
+    sharding rules' mesh axes."""
+    axes = list(cfg.mesh.keys())
+    for rule in cfg.sharding.rules:
+        mesh_axes = rule[1] if len(rule) > 1 else None
+        named = [mesh_axes] if isinstance(mesh_axes, str) else list(mesh_axes or [])
+        unknown = [a for a in named if a not in axes]
+        if unknown:
+            raise ConfigError(
+                f"sharding.rules: {list(rule)} names mesh axis {unknown[0]!r}; the mesh has "
+                f"{axes}"
+            )
+    if cfg.model.get("_target_"):
+        return
+    link = str(cfg.model.link)
+    try:
+        links.get_link(link)
+    except ValueError as err:
+        raise ConfigError(f"model.link: {err}") from None
+    if link == "categorical":
+        raise ConfigError(
+            "model.link=categorical needs one linear predictor per class, which the configured "
+            "terms do not make: use ordinal for ordered classes, or a model of your own "
+            "(model._target_)"
+        )
+    if link == "ordinal":
+        k = (cfg.model.link_kwargs or {}).get("num_classes")
+        if not isinstance(k, int) or k < 2:
+            raise ConfigError(
+                f"model.link=ordinal needs model.link_kwargs.num_classes, an integer >= 2 "
+                f"(the number of ordered classes); got {k!r}"
+            )
+
+
 def check_posterior_settings(cfg: Any) -> None:
     """The guide, start, recentering and convergence settings."""
     conv = cfg.train.convergence
@@ -70,6 +105,7 @@ def check_posterior_settings(cfg: Any) -> None:
 def check_settings(cfg: Any) -> None:
     """Every check above, in order."""
     check_run_settings(cfg)
+    check_model_settings(cfg)
     check_posterior_settings(cfg)
 
 
