@@ -126,3 +126,24 @@ def score_cfg(run_dir: Path, path: Path, output: Path, **overrides: Any) -> Any:
     for k, v in overrides.items():
         OmegaConf.update(cfg, k, v, merge=False)
     return cfg
+
+
+def run_cli(tool: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``blayers-<tool> args`` (train, summary, score) in a fresh CPU process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    code = f"from train.cli import {tool}_main; {tool}_main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def refusal(proc: subprocess.CompletedProcess) -> str:
+    """The one line a refused command printed, after checking it exited 2 with one line."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]

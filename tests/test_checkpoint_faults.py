@@ -5,16 +5,13 @@ fell back finishes bit-for-bit equal to an undisturbed one."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from tests.service_helpers import REPO, load_params, small_config, small_dataset
+from tests.service_helpers import load_params, refusal, run_cli, small_config, small_dataset
 from train import checkpoint as ckpt
 from train import loop
 from train.config import ConfigError
@@ -143,23 +140,10 @@ def test_a_corrupt_checkpoint_on_the_command_line_is_one_line(runs, tmp_path):
     run = _trained(runs, tmp_path)
     for f in _array_files(run / "checkpoints" / "30"):
         _flip(f)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    code = "from train.cli import score_main; score_main()"
     args = [f"run_dir={run}", f"data.path={data}", f"output={tmp_path / 'scores'}", "draws=4"]
-    strict = subprocess.run(
-        [sys.executable, "-c", code, *args, "strict=true"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert strict.returncode == 2, strict.stderr[-3000:]
-    lines = strict.stderr.strip().splitlines()
-    assert len(lines) == 1 and "checkpoint step 30" in lines[0], lines
+    assert "checkpoint step 30" in refusal(run_cli("score", *args, "strict=true"))
     assert not (tmp_path / "scores").exists()
-    fallback = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300
-    )
+    fallback = run_cli("score", *args)
     assert fallback.returncode == 0, fallback.stderr[-3000:]
     assert fallback.stderr.strip() == "", fallback.stderr[-3000:]  # no late tracebacks
     warned = [line for line in fallback.stdout.splitlines() if "step 30" in line]

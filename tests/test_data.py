@@ -29,7 +29,11 @@ def prepared(tmp_path_factory):
     pq.write_table(table, base / "a.parquet", row_group_size=300)
     cfg = OmegaConf.structured(
         DataConfig(
-            path=str(base / "a.parquet"), numeric=["row", "x"], categorical=["city"], target="y"
+            path=str(base / "a.parquet"),
+            numeric=["row", "x"],
+            categorical=["city"],
+            target="y",
+            batch_size=64,
         )
     )
     store, vocabs = data_lib.prepare(cfg, base / "run", "logit")
@@ -113,7 +117,11 @@ def chunked(tmp_path_factory, prepared):
         pq.write_table(table, base / "a.parquet", row_group_size=300)
         cfg = OmegaConf.structured(
             DataConfig(
-                path=str(base / "a.parquet"), numeric=["row", "x"], categorical=["city"], target="y"
+                path=str(base / "a.parquet"),
+                numeric=["row", "x"],
+                categorical=["city"],
+                target="y",
+                batch_size=64,
             )
         )
         store, _ = data_lib.prepare(cfg, base / "run", "logit")

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.service_helpers import REPO, small_config, small_dataset
+from tests.service_helpers import REPO, refusal, run_cli, small_config, small_dataset
 from train import loop, rundir
 from train import vocab as vocab_lib
 from train.data import DataError
@@ -55,16 +55,8 @@ def test_a_second_trainer_is_refused_in_one_line_and_a_killed_holder_leaves_no_s
             "train.steps=10",
             "train.progress=false",
         ]
-        proc = subprocess.run(
-            [sys.executable, "-m", "train", *args],
-            capture_output=True,
-            text=True,
-            env=ENV,
-            timeout=300,
-        )
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"in use by PID {holder.pid} on host" in lines[0], lines
+        line = refusal(run_cli("train", *args))
+        assert f"in use by PID {holder.pid} on host" in line, line
         assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK_NAME]  # nothing written
         with pytest.raises(rundir.RunDirBusyError, match=f"PID {holder.pid}"):
             loop.train(small_config(data, run), log=lambda _: None)

@@ -250,7 +250,13 @@ def restore_newest_good(
     for i, s in enumerate(candidates):
         try:
             _, meta = read_meta(directory, s)
-            compatible(meta)
+        except CheckpointError as err:
+            if i == len(candidates) - 1:
+                raise
+            log(f"warning: {err}; falling back to step {candidates[i + 1]}")
+            continue
+        compatible(meta)  # another model is an error at any step, not a reason to fall back
+        try:
             state = restore_state(directory, s, target)
             verify(state, meta, s, directory)
         except CheckpointError as err:

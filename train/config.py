@@ -181,7 +181,9 @@ def from_container(data: Any, schema: type = Config) -> Any:
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(schema), data)
     except (ConfigKeyError, ValidationError) as err:
-        raise ConfigError(f"config key {err.full_key!r}: {err.msg}") from None
+        # OmegaConf appends "full_key: ... object_type=..." lines: the first says it all
+        reason = str(err.msg).strip().splitlines()[0] if str(err.msg).strip() else "invalid"
+        raise ConfigError(f"config key {err.full_key!r}: {reason}") from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

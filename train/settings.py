@@ -60,8 +60,7 @@ def check_model_settings(cfg: Any) -> None:
         unknown = [a for a in named if a not in axes]
         if unknown:
             raise ConfigError(
-                f"sharding.rules: {list(rule)} names mesh axis {unknown[0]!r}; the mesh has "
-                f"{axes}"
+                f"sharding.rules: {list(rule)} names mesh axis {unknown[0]!r}; the mesh has {axes}"
             )
     if cfg.model.get("_target_"):
         return
@@ -164,7 +163,16 @@ def changed_settings(saved_config: Mapping[str, Any], cfg: Any) -> list[str]:
         for k in set(saved) | set(now)
         if not any(k == p or k.startswith(p + ".") for p in SAFE_TO_CHANGE)
     )
-    return [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    return [_change(k, saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)]
+
+
+def _change(key: str, before: Any, after: Any, width: int = 40) -> str:
+    """``key: before → after``, long values (a list of terms) summarized."""
+    if len(repr(before)) <= width and len(repr(after)) <= width:
+        return f"{key}: {before!r} → {after!r}"
+    if isinstance(before, list) and isinstance(after, list):
+        return f"{key}: changed ({len(before)} → {len(after)} entries)"
+    return f"{key}: changed"
 
 
 def check_resume_settings(saved_config: Mapping[str, Any], cfg: Any) -> None:
