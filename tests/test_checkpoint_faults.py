@@ -5,6 +5,7 @@ fell back finishes bit-for-bit equal to an undisturbed one."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import jax
@@ -31,13 +32,15 @@ def runs(tmp_path_factory):
         ref = base / f"ref{stop}"
         loop.train(small_config(data, ref, **{**SETTINGS, "train.stop_after": stop}), print)
         loop.train(small_config(data, ref, **{**SETTINGS, "train.steps": 40}), print)
+    loop.train(small_config(data, base / "trained", **SETTINGS), log=lambda _: None)
     return base, data
 
 
 def _trained(runs, tmp_path) -> Path:
-    _base, data = runs
+    """A copy of one 30-step run (checkpoints 10, 20, 30) for a test to damage."""
+    base, _ = runs
     run = tmp_path / "run"
-    loop.train(small_config(data, run, **SETTINGS), log=lambda _: None)
+    shutil.copytree(base / "trained", run, symlinks=True)
     assert ckpt.steps(run / "checkpoints") == [30, 20, 10]
     return run
 

@@ -145,3 +145,21 @@ def test_a_column_name_never_becomes_a_path(tmp_path):
     assert loop.train(cfg, log=lambda _: None)["step"] == 20
     assert not list(tmp_path.rglob("escaped*"))
     assert vocab_lib.load_all(run / "vocab", ["../../escaped"])["../../escaped"].size == 100
+
+
+def test_a_planted_link_at_an_output_path_is_replaced_never_written_through(tmp_path):
+    from train import files
+    from train.summary import write_csv
+
+    victim = tmp_path / "elsewhere.txt"
+    victim.write_text("keep me")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("summary.csv", "report.html", "run.json"):
+        (run / name).symlink_to(victim)
+    write_csv([], run / "summary.csv")
+    files.write_text(run / "report.html", "<html></html>")
+    files.write_text(run / "run.json", "{}")
+    assert victim.read_text() == "keep me"
+    assert all(files.is_regular_file(run / n) for n in ("summary.csv", "report.html", "run.json"))
+    assert sorted(p.name for p in run.iterdir()) == ["report.html", "run.json", "summary.csv"]
