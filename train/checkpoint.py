@@ -294,6 +294,11 @@ def _drop_late_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
+def restore_failed() -> bool:
+    """Whether a restore failed in this process (TensorStore may still finish reads late)."""
+    return _dropping
+
+
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings

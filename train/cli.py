@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from blayers.sharding import ShardingError
+from train import checkpoint
 from train import config as config_lib
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
@@ -42,6 +43,18 @@ config_lib.register()
 config_lib.register_tools()
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``. After a failed checkpoint read, skip the interpreter's shutdown:
+    TensorStore's reads still in flight would print tracebacks there, after the one line. By
+    then every output is written and closed (all writes are synchronous and atomic; training
+    waits for its checkpoints before returning)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if checkpoint.restore_failed():
+        os._exit(code)
+    sys.exit(code)
+
+
 def _friendly(fn: Callable[[DictConfig], Any], schema: type) -> Callable[[DictConfig], Any]:
     """Re-check the composed config against ``schema``, then run; bad input → one clear line
     on stderr and exit status 2, not a traceback."""
@@ -52,10 +65,10 @@ def _friendly(fn: Callable[[DictConfig], Any], schema: type) -> Callable[[DictCo
         for name in ("absl", "orbax", "jax"):
             logging.getLogger(name).setLevel(logging.ERROR)
         try:
-            return fn(config_lib.from_container(cfg, schema))
+            result = fn(config_lib.from_container(cfg, schema))
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            _exit(2)
         except OSError as err:
             if err.errno not in STORAGE_ERRNOS:
                 raise
@@ -65,7 +78,10 @@ def _friendly(fn: Callable[[DictConfig], Any], schema: type) -> Callable[[DictCo
                 "from its last checkpoint and scoring redoes only unfinished parts",
                 file=sys.stderr,
             )
-            sys.exit(2)
+            _exit(2)
+        if checkpoint.restore_failed():
+            _exit(0)
+        return result
 
     run.__name__ = fn.__name__
     run.__doc__ = fn.__doc__
