@@ -125,11 +125,11 @@ def test_a_full_disk_mid_prepare_loses_nothing_and_the_rerun_matches(tmp_path, m
 def test_a_storage_error_on_the_command_line_is_one_line_naming_the_path(capsys, monkeypatch):
     import errno
 
-    from train import checkpoint, cli
+    from train import cli, late_reads
     from train.config import Config
 
     # this process may have read a corrupt checkpoint in another test: exit normally here
-    monkeypatch.setattr(checkpoint, "restore_failed", lambda: False)
+    monkeypatch.setattr(late_reads, "restore_failed", lambda: False)
 
     def fails(cfg):
         raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoints")

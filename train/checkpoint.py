@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from blayers import guides
+from train import late_reads
 
 
 class CheckpointError(RuntimeError):
@@ -180,18 +180,20 @@ def restore_state(directory: Path, step: int, target: Any) -> Any:
         options=ocp.CheckpointManagerOptions(create=False),
         item_names=("state", "meta"),
     )
-    try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )
-        return restored["state"]
-    except Exception as err:
-        _drop_late_loop_callbacks()
-        raise CheckpointError(
-            f"checkpoint step {step} in {directory} cannot be restored: {_first_line(err)}"
-        ) from err
-    finally:
-        manager.close()
+    with late_reads.contained() as failed:
+        try:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            )
+        except Exception as err:
+            # not chained: the traceback would keep the failed reads' tasks alive past here
+            reason = _first_line(err)
+        else:
+            return restored["state"]
+        finally:
+            manager.close()
+        failed()
+    raise CheckpointError(f"checkpoint step {step} in {directory} cannot be restored: {reason}")
 
 
 def steps(directory: Path) -> list[int]:
@@ -268,35 +270,6 @@ def restore_newest_good(
             log(f"restored step {s}, the newest good checkpoint in {directory}")
         return s, meta, state
     raise AssertionError("unreachable")
-
-
-_dropping = False
-
-
-def _drop_late_loop_callbacks() -> None:
-    """After a failed restore, TensorStore's reads still in flight finish on their own
-    threads and try to wake an event loop that Orbax has closed; each would print a
-    traceback ("Event loop is closed") long after the one-line error. Those, and only those,
-    are dropped from then on."""
-    global _dropping
-    if _dropping:
-        return
-    _dropping = True
-    previous = sys.unraisablehook
-
-    def hook(args: Any) -> None:
-        late = isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(
-            args.exc_value
-        )
-        if not late:
-            previous(args)
-
-    sys.unraisablehook = hook
-
-
-def restore_failed() -> bool:
-    """Whether a restore failed in this process (TensorStore may still finish reads late)."""
-    return _dropping
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

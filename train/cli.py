@@ -14,8 +14,8 @@ import hydra
 from omegaconf import DictConfig
 
 from blayers.sharding import ShardingError
-from train import checkpoint
 from train import config as config_lib
+from train import late_reads
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 from train.data import DataError
@@ -50,7 +50,7 @@ def _exit(code: int) -> None:
     waits for its checkpoints before returning)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if checkpoint.restore_failed():
+    if late_reads.restore_failed():
         os._exit(code)
     sys.exit(code)
 
@@ -79,7 +79,7 @@ def _friendly(fn: Callable[[DictConfig], Any], schema: type) -> Callable[[DictCo
                 file=sys.stderr,
             )
             _exit(2)
-        if checkpoint.restore_failed():
+        if late_reads.restore_failed():
             _exit(0)
         return result
 
