@@ -85,12 +85,14 @@ def crossed_config(
     return quiet_config(data, run_dir, {**settings, **overrides})
 
 
-def load_params(run_dir: Path, step: int | None = None) -> dict[str, np.ndarray]:
+def load_params(
+    run_dir: Path, step: int | None = None, trust_model: str | None = None
+) -> dict[str, np.ndarray]:
     """Guide params of a run's checkpoint as flat numpy arrays, read on this process."""
     from train.state import guide_params
     from train.summary import restore_run
 
-    _, state, _ = restore_run(run_dir, step)
+    _, state, _ = restore_run(run_dir, step, trust_model=trust_model)
     params = guide_params(state.params)
     return {f"{s}.{f}": np.asarray(v) for s, fields in params.items() for f, v in fields.items()}
 

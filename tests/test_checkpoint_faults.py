@@ -151,3 +151,31 @@ def test_a_corrupt_checkpoint_on_the_command_line_is_one_line(runs, tmp_path):
     assert fallback.stderr.strip() == "", fallback.stderr[-3000:]  # no late tracebacks
     warned = [line for line in fallback.stdout.splitlines() if "step 30" in line]
     assert len(warned) == 1 and "falling back to step 20" in warned[0], fallback.stdout
+
+
+def test_a_model_function_planted_in_checkpoint_metadata_is_never_imported(
+    runs, tmp_path, monkeypatch
+):
+    """Metadata is only as trustworthy as whoever could write the run dir: a ``_target_``
+    planted there is refused, naming ``trust_model``, before anything imports it."""
+    import json
+
+    run = _trained(runs, tmp_path)
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    sentinel = tmp_path / "imported"
+    (planted / "planted_model.py").write_text(
+        f"open({str(sentinel)!r}, 'w').close()\ndef fn(*a, **k):\n    raise SystemExit\n"
+    )
+    monkeypatch.syspath_prepend(str(planted))
+    for step in (10, 20, 30):
+        meta_file = run / "checkpoints" / str(step) / "meta" / "metadata"
+        meta = json.loads(meta_file.read_text())
+        inner = meta.get("meta", meta)
+        inner["config"]["model"]["_target_"] = "planted_model.fn"
+        meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"trust_model.*planted_model\.fn"):
+        restore_run(run, log=lambda _: None)
+    assert not sentinel.exists()
+    said = refusal(run_cli("summary", f"run_dir={run}"))
+    assert "trust_model=planted_model.fn" in said and not sentinel.exists()

@@ -173,9 +173,10 @@ def test_summary_csv_has_global_sites_named_by_term(dataset, tmp_path):
 
 def test_user_model_target(dataset, tmp_path):
     cfg = small_config(dataset, tmp_path / "run")
-    cfg.model._target_ = "tests.user_models.random_intercepts"
+    target = "tests.user_models.random_intercepts"
+    cfg.model._target_ = target
     loop.train(cfg, log=lambda _: None)
-    params = load_params(tmp_path / "run")
+    params = load_params(tmp_path / "run", trust_model=target)
     assert "RandomEffectsLayer_mine_theta.loc" in params
 
 

@@ -249,22 +249,24 @@ def restore_newest_good(
     candidates = [s for s in steps(directory) if s <= step] or [step]
     if strict:
         candidates = candidates[:1]
+
+    def pass_over(i: int, err: CheckpointError) -> None:
+        if i == len(candidates) - 1:
+            raise err
+        log(f"warning: {err}; falling back to step {candidates[i + 1]}")
+
     for i, s in enumerate(candidates):
         try:
             _, meta = read_meta(directory, s)
         except CheckpointError as err:
-            if i == len(candidates) - 1:
-                raise
-            log(f"warning: {err}; falling back to step {candidates[i + 1]}")
+            pass_over(i, err)
             continue
         compatible(meta)  # another model is an error at any step, not a reason to fall back
         try:
             state = restore_state(directory, s, target)
             verify(state, meta, s, directory)
         except CheckpointError as err:
-            if i == len(candidates) - 1:
-                raise
-            log(f"warning: {err}; falling back to step {candidates[i + 1]}")
+            pass_over(i, err)
             continue
         if i:
             log(f"restored step {s}, the newest good checkpoint in {directory}")

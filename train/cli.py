@@ -109,7 +109,9 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 def run_summary(cfg: DictConfig) -> list[dict[str, Any]]:
     from train import summary
 
-    rows = summary.summarize(Path(cfg.run_dir), cfg.step, cfg.draws, cfg.seed, cfg.strict)
+    rows = summary.summarize(
+        Path(cfg.run_dir), cfg.step, cfg.draws, cfg.seed, cfg.strict, trust_model=cfg.trust_model
+    )
     out = Path(cfg.run_dir) / "summary.csv"
     summary.write_csv(rows, out)
     print(summary.format_rows(rows))

@@ -92,6 +92,19 @@ class ConvergenceConfig:
 
 
 @dataclass
+class NonFiniteConfig:
+    """What a run does when its loss or state stops being finite (train/nonfinite.py)."""
+
+    # stop: name the step and the first non-finite site, save nothing non-finite (a rerun
+    # resumes from the last good step); skip: a step whose loss or gradient is not finite
+    # changes nothing; rollback: back to the last good checkpoint with a lower learning rate
+    policy: str = "stop"
+    max_skipped: int = 20  # skip: this many skipped steps in a row stop the run
+    lr_factor: float = 0.5  # rollback: the learning rate is multiplied by this each time
+    max_rollbacks: int = 3  # rollback: after this many the run stops
+
+
+@dataclass
 class TrainLoopConfig:
     steps: int = 2000  # total steps of the run (the cap with until: converged)
     # steps: run train.steps; converged: stop once the ELBO and every global have settled
@@ -108,6 +121,7 @@ class TrainLoopConfig:
     # auto: resume only under the settings the run was trained with (those that change how
     # or what it learns); force: resume under changed ones
     resume: str = "auto"
+    non_finite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
 
 
 @dataclass
@@ -193,6 +207,9 @@ class SummaryConfig:
     run_dir: str = "runs/default"
     step: int | None = None  # default: the latest checkpoint
     strict: bool = False  # a corrupt latest checkpoint is an error, not a fallback
+    # a run trained with a model of the user's own (model._target_) is restored only if this
+    # names that same function: restoring imports it, so it must be code you trust
+    trust_model: str | None = None
     draws: int = 1000
     seed: int = 0
 
@@ -208,6 +225,9 @@ class ScoreConfig:
     run_dir: str = "runs/default"
     step: int | None = None  # default: the latest checkpoint
     strict: bool = False  # a corrupt latest checkpoint is an error, not a fallback
+    # a run trained with a model of the user's own (model._target_) is restored only if this
+    # names that same function: restoring imports it, so it must be code you trust
+    trust_model: str | None = None
     output: str = "runs/default/scores"
     data: ScoreDataConfig = field(default_factory=ScoreDataConfig)
     passthrough: list[str] | None = None  # default: every non-feature column

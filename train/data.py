@@ -487,7 +487,6 @@ def prepare(
         list(data_cfg.categorical),
         data_cfg.target,
     )
-    check_columns(dataset.schema, numeric, categorical, target)
     check_files(dataset.files, numeric, categorical, target)
     rows = dataset.count_rows()  # from Parquet footers, no data read
     if rows == 0:

@@ -4,6 +4,7 @@ first step; a failed start writes no checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from blayers.sharding import ShardingError, assert_sharded, make_mesh
 from blayers.start import FeatureStats, TargetStats
 from train import checkpoint as ckpt
 from train import data as data_lib
-from train import distributed, files, rundir
+from train import distributed, files, nonfinite, rundir
 from train import recenter as recenter_lib
 from train.config import ConfigError, from_container, to_container, with_saved_defaults
 from train.convergence import ConvergenceTracker, window_steps
@@ -46,7 +47,6 @@ from train.sparse import (
 )
 from train.starts import prior_warnings, starting_scales, starting_values
 from train.state import (
-    NonFiniteError,
     TrainState,
     bytes_per_device,
     format_plan,
@@ -81,6 +81,7 @@ class Setup:
     optimizer_name: str
     init: Callable[[], TrainState]  # builds the state; jit it with out_shardings=shardings
     guide: guides.MeanFieldGuide  # the posterior family: every read of the posterior
+    lr_scale: float = 1.0  # the learning rate's factor after rollbacks (train.nonfinite)
 
 
 def build_mesh(cfg: Any) -> Mesh:
@@ -304,6 +305,9 @@ def _train(
         distributed.barrier("blayers-checkpoints-set-aside")
         latest = restored
         log(f"resumed from step {latest} in {ckpt_dir}")
+        setup = with_lr_scale(setup, cfg, float(saved.get("lr_scale", 1.0)))
+        if setup.lr_scale != 1.0:
+            log(f"the learning rate is optim.lr × {setup.lr_scale:g}, after rollbacks")
     state = (
         start_state
         if start_state is not None
@@ -325,12 +329,16 @@ def _train(
             "numeric": list(setup.columns.numeric),
             "categorical": list(setup.columns.categorical),
         },
+        "lr_scale": setup.lr_scale,
+        "rollbacks": int(saved.get("rollbacks", 0)) if saved else 0,
     }
     tracker = make_tracker(cfg, setup, saved if latest is not None else None)
     global_sites = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
     conv_every = cfg.train.convergence.sample_every
     vocab_counts = {c: v.counts for c, v in vocabs.items()}
-    step_fn = make_train_step(setup, vocab_counts)
+    on_non_finite = cfg.train.non_finite
+    skips = nonfinite.SkipCount() if on_non_finite.policy == "skip" else None
+    step_fn = make_train_step(setup, vocab_counts, skip_non_finite=skips is not None)
     recenter, recenter_every = make_run_recenter(
         setup, vocab_counts, cfg.optim.recenter_every, cfg.data.batch_size
     )
@@ -354,67 +362,93 @@ def _train(
         ) as bar,
     ):
         t_log, rows_since = time.perf_counter(), 0
-        batches = WaitClock(device_batches(store, cfg, step_fn, first, total, cores))
-        for batch in batches:
-            state, loss = step_fn(state, batch)
-            step += 1
-            if recenter is not None and step % recenter_every == 0:
-                state = recenter(state)
-            if step % conv_every == 0:
-                lr = float(setup.schedule(step - 1))
-                tracker.sample(
-                    step,
-                    -float(loss) / store.num_rows,
-                    lr,
-                    *globals_now(state, global_sites, setup.guide),
-                )
-                if cfg.train.until == "converged" and tracker.converged:
-                    stop.requested = True
-            rows_since += cfg.data.batch_size
-            if block_every_step:
-                loss.block_until_ready()
-            if step % cfg.train.log_every == 0 or step == total:
-                last_loss = float(loss)
-                if not np.isfinite(last_loss):
-                    raise non_finite(
-                        f"the loss became {last_loss} at step {step}; nothing was saved past "
-                        f"step {checkpointer.latest_step()}",
-                        cfg,
-                    )
-                now = time.perf_counter()
-                rate = rows_since / max(now - t_log, 1e-9)
-                input_wait = batches.lap() / max(now - t_log, 1e-9)
-                t_log, rows_since = now, 0
-                elbo_row = -last_loss / store.num_rows
-                bar.set_postfix(elbo_per_row=f"{elbo_row:.4f}", ex_per_s=f"{rate:,.0f}")
-                if jax.process_index() == 0:
-                    metrics.write(
-                        json.dumps(
-                            {
-                                "step": step,
-                                "loss": last_loss,
-                                "elbo_per_row": elbo_row,
-                                "examples_per_s": rate,
-                                "input_wait": input_wait,
-                                "time": time.time(),
-                            }
+        while True:  # once, unless a rollback restarts from an earlier step
+            diverged = None
+            batches = WaitClock(device_batches(store, cfg, step_fn, step, total, cores))
+            for batch in batches:
+                state, loss = step_fn(state, batch)
+                step += 1
+                if skips is not None:
+                    skips.add(loss)
+                if recenter is not None and step % recenter_every == 0:
+                    state = recenter(state)
+                if step % conv_every == 0:
+                    elbo_row = -float(loss) / store.num_rows
+                    if np.isfinite(elbo_row):  # a skipped step's loss is NaN
+                        lr = float(setup.schedule(step - 1))
+                        tracker.sample(
+                            step, elbo_row, lr, *globals_now(state, global_sites, setup.guide)
                         )
-                        + "\n"
-                    )
-                    metrics.flush()
-            bar.update(1)
-            if step % cfg.checkpoint.every == 0 and step != total:
-                save_finite(checkpointer, step, state, {**meta, **tracker_meta(tracker)}, cfg)
-            if cfg.train.stop_after is not None and step - first >= cfg.train.stop_after:
-                stop.requested = True
-            if stop.requested and step != total:
-                if tracker.converged and cfg.train.until == "converged":
-                    log(f"{tracker.status()}: checkpointing and stopping")
-                else:
-                    log(f"stopping at step {step} of {total}: checkpointing; rerun to continue")
+                    if cfg.train.until == "converged" and tracker.converged:
+                        stop.requested = True
+                rows_since += cfg.data.batch_size
+                if block_every_step:
+                    loss.block_until_ready()
+                if step % cfg.train.log_every == 0 or step == total:
+                    last_loss = float(loss)
+                    in_a_row, skipped = skips.read() if skips is not None else (0, 0)
+                    if in_a_row >= on_non_finite.max_skipped:
+                        raise nonfinite.stop_error(
+                            f"the last {in_a_row} steps up to step {step} had a non-finite loss "
+                            f"or gradient and were skipped (train.non_finite.max_skipped="
+                            f"{on_non_finite.max_skipped}); nothing was saved past step "
+                            f"{checkpointer.latest_step()}",
+                            cfg.optim.lr * setup.lr_scale,
+                        )
+                    if not np.isfinite(last_loss) and skips is None:
+                        diverged = (
+                            f"the loss became {last_loss} at step {step}; nothing was saved "
+                            f"past step {checkpointer.latest_step()}"
+                        )
+                        break
+                    now = time.perf_counter()
+                    rate = rows_since / max(now - t_log, 1e-9)
+                    input_wait = batches.lap() / max(now - t_log, 1e-9)
+                    t_log, rows_since = now, 0
+                    elbo_row = -last_loss / store.num_rows
+                    bar.set_postfix(elbo_per_row=f"{elbo_row:.4f}", ex_per_s=f"{rate:,.0f}")
+                    if jax.process_index() == 0:
+                        record = {
+                            "step": step,
+                            "loss": last_loss,
+                            "elbo_per_row": elbo_row,
+                            "examples_per_s": rate,
+                            "input_wait": input_wait,
+                            "time": time.time(),
+                        }
+                        if skips is not None:
+                            record["skipped"] = skipped
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                bar.update(1)
+                if step % cfg.checkpoint.every == 0 and step != total:
+                    diverged = save_finite(checkpointer, step, state, meta, tracker)
+                    if diverged:
+                        break
+                if cfg.train.stop_after is not None and step - first >= cfg.train.stop_after:
+                    stop.requested = True
+                if stop.requested and step != total:
+                    if tracker.converged and cfg.train.until == "converged":
+                        log(f"{tracker.status()}: checkpointing and stopping")
+                    else:
+                        log(f"stopping at step {step} of {total}: checkpointing; rerun to continue")
+                    break
+            if diverged is None:
                 break
+            exhausted = meta["rollbacks"] >= on_non_finite.max_rollbacks
+            if on_non_finite.policy != "rollback" or exhausted:
+                raise nonfinite.stop_error(diverged, cfg.optim.lr * setup.lr_scale)
+            setup, state, tracker = roll_back(
+                setup, cfg, checkpointer, ckpt_dir, meta, diverged, log
+            )
+            step = int(state.step)
+            step_fn = make_train_step(setup, vocab_counts)
+            bar.reset(total)
+            bar.update(step)
+    diverged = save_finite(checkpointer, step, state, meta, tracker)
+    if diverged:
+        raise nonfinite.stop_error(diverged, cfg.optim.lr * setup.lr_scale)
     input_wait = batches.total_fraction()
-    save_finite(checkpointer, step, state, {**meta, **tracker_meta(tracker)}, cfg)
     checkpointer.close()
     hint = input_bound_hint(input_wait, cores is not None)
     if hint:
@@ -530,14 +564,23 @@ def device_batches(
     return data_lib.iterate(batches, first, total, cfg.data.prefetch, cores)
 
 
-def make_train_step(setup: Setup, vocab_counts: Mapping[str, np.ndarray]) -> TrainStep:
+def make_train_step(
+    setup: Setup, vocab_counts: Mapping[str, np.ndarray], skip_non_finite: bool = False
+) -> TrainStep:
     """The dense step, or the row-sparse one when any table term is sparse. With one process
     the sparse tables' rows are deduplicated on the host, in the data pipeline's threads; with
-    several, each process holds only part of the batch, so the step deduplicates on device."""
+    several, each process holds only part of the batch, so the step deduplicates on device.
+    ``skip_non_finite``: see :mod:`train.nonfinite`."""
     batch_sh = batch_shardings(setup.mesh)
     if not setup.sparse:
         step = make_step(
-            setup.model, setup.guide, setup.optimizer, setup.num_data, setup.shardings, batch_sh
+            setup.model,
+            setup.guide,
+            setup.optimizer,
+            setup.num_data,
+            setup.shardings,
+            batch_sh,
+            skip_non_finite,
         )
         return TrainStep(step, lambda b: b, batch_sh)
     host_dedup = jax.process_count() == 1
@@ -564,6 +607,7 @@ def make_train_step(setup: Setup, vocab_counts: Mapping[str, np.ndarray]) -> Tra
         setup.shardings,
         batch_sh,
         counts_sh,
+        skip_non_finite,
     )
 
     tables = table_rows(setup.sparse)  # once, not per batch
@@ -575,25 +619,66 @@ def make_train_step(setup: Setup, vocab_counts: Mapping[str, np.ndarray]) -> Tra
 
 
 def save_finite(
-    checkpointer: ckpt.Checkpointer, step: int, state: TrainState, meta: dict[str, Any], cfg: Any
-) -> None:
-    """Checkpoint ``state`` at ``step`` only if every array in it is finite; otherwise stop,
-    naming the step, the first non-finite site and the last good checkpoint."""
+    checkpointer: ckpt.Checkpointer,
+    step: int,
+    state: TrainState,
+    meta: dict[str, Any],
+    tracker: ConvergenceTracker,
+) -> str | None:
+    """Checkpoint ``state`` at ``step`` if every array in it is finite; otherwise save
+    nothing and return what is wrong (the step, the first non-finite site, the last good
+    checkpoint)."""
     bad = non_finite_sites(state)
     if bad:
-        raise non_finite(
+        return (
             f"the state is not finite at step {step} (first: {bad[0]}); it was not saved, the "
-            f"last good checkpoint is step {checkpointer.latest_step()}",
-            cfg,
+            f"last good checkpoint is step {checkpointer.latest_step()}"
         )
-    checkpointer.save(step, state, {**meta, "step": step})
+    checkpointer.save(step, state, {**meta, **tracker_meta(tracker), "step": step})
+    return None
 
 
-def non_finite(what: str, cfg: Any) -> NonFiniteError:
-    """The one-line stop for a diverged run: what went non-finite, then the fix."""
-    return NonFiniteError(
-        f"{what}: lower optim.lr (now {cfg.optim.lr:g}) or check the data, and rerun to resume "
-        "from there"
+def roll_back(
+    setup: Setup,
+    cfg: Any,
+    checkpointer: ckpt.Checkpointer,
+    ckpt_dir: Path,
+    meta: dict[str, Any],
+    diverged: str,
+    log: Callable[[str], None],
+) -> tuple[Setup, TrainState, ConvergenceTracker]:
+    """``train.non_finite.policy=rollback``: the newest good checkpoint (the start, if none was
+    saved) under a lower learning rate; ``meta`` records the new scale and count, so later
+    checkpoints carry them."""
+    checkpointer.wait()
+    scale = setup.lr_scale * float(cfg.train.non_finite.lr_factor)
+    setup = with_lr_scale(setup, cfg, scale)
+    good = checkpointer.latest_step()
+    if good is None:
+        state, saved = jax.jit(setup.init, out_shardings=setup.shardings)(), None
+    else:
+        target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
+        good, saved, state = ckpt.restore_newest_good(ckpt_dir, target, good, log=log)
+    meta["lr_scale"] = scale
+    meta["rollbacks"] += 1
+    log(
+        f"warning: {diverged}; rolled back to step {int(state.step)} with the learning rate "
+        f"optim.lr × {scale:g} (rollback {meta['rollbacks']} of "
+        f"{cfg.train.non_finite.max_rollbacks})"
+    )
+    return setup, state, make_tracker(cfg, setup, saved)
+
+
+def with_lr_scale(setup: Setup, cfg: Any, scale: float) -> Setup:
+    """``setup`` with its optimizer and schedule at ``optim.lr × scale`` (the optimizer
+    state's structure is the same, so a restored state fits)."""
+    if scale == setup.lr_scale:
+        return setup
+    return dataclasses.replace(
+        setup,
+        optimizer=make_optimizer(cfg.optim, cfg.train.steps, scale),
+        schedule=make_schedule(cfg.optim, cfg.train.steps, scale),
+        lr_scale=scale,
     )
 
 

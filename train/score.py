@@ -294,11 +294,10 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         )
     distributed.maybe_initialize(cfg.distributed)
     run_dir = Path(cfg.run_dir)
-    setup, state, meta = restore_run(run_dir, cfg.step, bool(cfg.strict), log)
+    setup, state, meta = restore_run(run_dir, cfg.step, bool(cfg.strict), log, cfg.trust_model)
     columns = setup.columns
     vocabs = vocab_lib.load_all(run_dir / "vocab", columns.categorical)
     dataset = data_lib.open_dataset(cfg.data.path)
-    data_lib.check_columns(dataset.schema, columns.numeric, columns.categorical, None)
     data_lib.check_files(dataset.files, columns.numeric, columns.categorical, None)
     features = {*columns.numeric, *columns.categorical}
     passthrough = (

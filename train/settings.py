@@ -11,6 +11,7 @@ from typing import Any
 
 from blayers import guides, links
 from train.config import ConfigError, from_container, to_container, with_saved_defaults
+from train.nonfinite import POLICIES
 from train.state import OPTIMIZERS, SCHEDULES
 
 
@@ -48,6 +49,17 @@ def check_run_settings(cfg: Any) -> None:
         raise ConfigError(f"data.prefetch={cfg.data.prefetch} must be >= 0")
     if cfg.train.resume not in ("auto", "force"):
         raise ConfigError(f"train.resume={cfg.train.resume!r}: choose auto or force")
+    check_non_finite_settings(cfg.train.non_finite)
+
+
+def check_non_finite_settings(nf: Any) -> None:
+    """``train.non_finite``: the policy and its limits."""
+    if nf.policy not in POLICIES:
+        raise ConfigError(f"train.non_finite.policy={nf.policy!r}: choose one of {list(POLICIES)}")
+    _positive(nf.max_skipped, "train.non_finite.max_skipped")
+    _positive(nf.max_rollbacks, "train.non_finite.max_rollbacks")
+    if not 0 < nf.lr_factor < 1:
+        raise ConfigError(f"train.non_finite.lr_factor={nf.lr_factor} must lie in (0, 1), e.g. 0.5")
 
 
 def check_model_settings(cfg: Any) -> None:
@@ -120,7 +132,8 @@ def check_score_settings(cfg: Any) -> None:
 
 
 # settings that change neither what a run learns nor how: where and how long it runs, how
-# often it logs and saves, the devices and the placement (a checkpoint restores onto any mesh)
+# often it logs and saves, the devices and the placement (a checkpoint restores onto any mesh),
+# and what it does if it diverges (changed to rerun a run that did)
 SAFE_TO_CHANGE = (
     "run_dir",
     "dry_run",
@@ -130,6 +143,7 @@ SAFE_TO_CHANGE = (
     "train.log_every",
     "train.resume_step",
     "train.resume",
+    "train.non_finite",
     "train.until",
     "train.convergence",
     "checkpoint",

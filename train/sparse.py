@@ -34,6 +34,7 @@ from numpyro import handlers
 from blayers import guides
 from train.dedup import COUNT, LOCAL, UNIQ, TableRows
 from train.model import GatheredRows
+from train.nonfinite import all_finite, keep_if, reported_loss
 from train.state import (
     COUPLING_STATE,
     ROW_STATE,
@@ -175,9 +176,12 @@ def make_sparse_step(
     state_shardings: TrainState,
     batch_shardings: Mapping[str, NamedSharding],
     counts_shardings: Mapping[str, NamedSharding],
+    skip_non_finite: bool = False,
 ) -> Callable[..., tuple[TrainState, jax.Array]]:
     """``step(state, batch, counts) -> (state, loss)``; the state is donated and tables are
-    updated in place, row by row."""
+    updated in place, row by row. ``skip_non_finite``: as in :func:`train.step.make_step`,
+    the select applied to the gathered rows before they are scattered back, so a skipped
+    step costs no pass over the tables."""
     if row_optimizer not in ROW_OPTIMIZERS:
         raise ValueError(
             f"optim.name={row_optimizer!r}: the row-sparse path supports "
@@ -210,7 +214,12 @@ def make_sparse_step(
             dense, gathered, key, batch, local, weights
         )
         updates, dense_opt = dense_optimizer.update(g_dense, state.opt_state["dense"], dense)
-        dense = optax.apply_updates(dense, updates)
+        new_dense = optax.apply_updates(dense, updates)
+        ok = jnp.isfinite(value) & all_finite(g_dense, g_rows) if skip_non_finite else None
+        if ok is not None:
+            new_dense = keep_if(ok, new_dense, dense)
+            dense_opt = keep_if(ok, dense_opt, state.opt_state["dense"])
+            value = reported_loss(ok, value)
 
         lr = schedule(state.step)
         t = (state.step + 1).astype(jnp.float32)
@@ -239,6 +248,8 @@ def make_sparse_step(
                 )
                 new.update(zip(names, moments, strict=True))
             updated = jnp.stack([new[f] for f in fields], axis=1)
+            if ok is not None:
+                updated = keep_if(ok, updated, r)
             new_tables[s] = {ROW_STATE: _scatter(tables[s][ROW_STATE], uniq[s], updated, distinct)}
             if s in coupling:
                 c = coupling[s]
@@ -246,10 +257,12 @@ def make_sparse_step(
                     c[:, 0], g_rows[s][guides.COUPLING], [c[:, i + 1] for i in range(per_field)]
                 )
                 stacked = jnp.stack([value_c, *moments_c], axis=1)
+                if ok is not None:
+                    stacked = keep_if(ok, stacked, c)
                 new_tables[s][COUPLING_STATE] = _scatter(
                     tables[s][COUPLING_STATE], uniq[s], stacked, distinct
                 )
-        params = {**dense, **new_tables}
+        params = {**new_dense, **new_tables}
         opt_state = {"dense": dense_opt}
         return TrainState(state.step + 1, params, opt_state, state.rng), value
 

@@ -119,9 +119,11 @@ OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagr
 SCHEDULES = ("constant", "cosine")
 
 
-def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
-    """Learning rate by step from ``optim`` config (cosine horizon: decay_steps or the total)."""
-    lr, end = float(cfg.lr), float(cfg.lr) * float(cfg.end_lr_factor)
+def make_schedule(cfg: Any, total_steps: int, lr_scale: float = 1.0) -> optax.Schedule:
+    """Learning rate by step from ``optim`` config (cosine horizon: decay_steps or the total),
+    times ``lr_scale`` (below 1 after a rollback, ``train.nonfinite``)."""
+    lr = float(cfg.lr) * lr_scale
+    end = lr * float(cfg.end_lr_factor)
     if cfg.schedule == "constant":
         schedule: Any = lr
     elif cfg.schedule == "cosine":
@@ -134,9 +136,11 @@ def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
     return schedule if callable(schedule) else optax.constant_schedule(schedule)
 
 
-def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: Any, total_steps: int, lr_scale: float = 1.0
+) -> optax.GradientTransformation:
     """Optimizer from ``optim`` config; the schedule spans the run's total steps."""
-    schedule = make_schedule(cfg, total_steps)
+    schedule = make_schedule(cfg, total_steps, lr_scale)
     if cfg.name not in OPTIMIZERS:  # refused before any data pass too (train.settings)
         raise ValueError(f"optim.name={cfg.name!r}: choose one of {sorted(OPTIMIZERS)}")
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []

@@ -6,10 +6,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from blayers import guides
+from train.nonfinite import all_finite, keep_if, reported_loss
 from train.state import TrainState
 
 
@@ -31,9 +33,12 @@ def make_step(
     num_data: int,
     state_shardings: TrainState,
     batch_shardings: Mapping[str, NamedSharding],
+    skip_non_finite: bool = False,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, jax.Array]]:
     """``step(state, batch) -> (state, loss)``. The step key is ``fold_in(rng, step)``, so a
-    resumed run draws exactly what an uninterrupted one would."""
+    resumed run draws exactly what an uninterrupted one would. ``skip_non_finite``: a step
+    whose loss or gradient is not finite leaves the parameters and optimizer state as they
+    were and reports a NaN loss (``train.nonfinite``)."""
     loss = loss_fn(model, guide, num_data)
     replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
 
@@ -42,6 +47,11 @@ def make_step(
         value, grads = jax.value_and_grad(loss)(state.params, key, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if skip_non_finite:
+            ok = jnp.isfinite(value) & all_finite(grads)
+            params = keep_if(ok, params, state.params)
+            opt_state = keep_if(ok, opt_state, state.opt_state)
+            value = reported_loss(ok, value)
         return TrainState(state.step + 1, params, opt_state, state.rng), value
 
     return jax.jit(

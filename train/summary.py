@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +38,52 @@ def restore_mesh(cfg: Any, pad_multiple: int) -> Mesh:
 
 
 def restore_run(
-    run_dir: Path, step: int | None = None, strict: bool = False, log: Callable[[str], None] = print
+    run_dir: Path,
+    step: int | None = None,
+    strict: bool = False,
+    log: Callable[[str], None] = print,
+    trust_model: str | None = None,
 ) -> tuple[Setup, Any, dict[str, Any]]:
     """Setup, restored state and metadata of a run, needing nothing but its directory: the
     given ``step``, else the newest that reads and verifies (``strict``: the latest or an
-    error)."""
+    error). A run of a model of the user's own is restored only if ``trust_model`` names it
+    (see :func:`check_trusted`)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     strict = strict or step is not None  # a step asked for by name is that step or an error
     step, meta = ckpt.newest_readable_meta(ckpt_dir, step, strict, log)
+    check_trusted(meta, run_dir, trust_model)
     cfg = from_container(with_saved_defaults(meta["config"]))
     pad = int(meta.get("table_pad_multiple", 1))
     setup = make_setup(cfg, meta["table_sizes"], int(meta["num_data"]), restore_mesh(cfg, pad), pad)
     target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
+
+    def usable(m: Mapping[str, Any]) -> None:  # an older step, fallen back to, is checked too
+        check_trusted(m, run_dir, trust_model)
+        ckpt.check_compatible(m, setup.fingerprint, setup.sites, ckpt_dir)
+
     step, meta, state = ckpt.restore_newest_good(
         ckpt_dir,
         target,
         step,
         strict=strict,
         log=log,
-        compatible=lambda m: ckpt.check_compatible(m, setup.fingerprint, setup.sites, ckpt_dir),
+        compatible=usable,
     )
     return setup, state, {**meta, "step": step}
+
+
+def check_trusted(meta: Mapping[str, Any], run_dir: Path, trust_model: str | None) -> None:
+    """Refuse a run whose metadata names a model function (``model._target_``) other than
+    ``trust_model``: building the model imports it, and metadata is only as trustworthy as
+    whoever could write the run directory."""
+    model = meta.get("config", {}).get("model") or {}
+    target = model.get("_target_") if isinstance(model, Mapping) else None
+    if target and target != trust_model:
+        raise ConfigError(
+            f"trust_model: {run_dir} was trained with a model of the user's own "
+            f"(model._target_={target!r}); restoring it imports that code, so pass "
+            f"trust_model={target} if it is yours"
+        )
 
 
 def summarize(
@@ -68,9 +93,10 @@ def summarize(
     seed: int = 0,
     strict: bool = False,
     log: Callable[[str], None] = print,
+    trust_model: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per element of each global site: mean, std and quantiles of guide draws."""
-    setup, state, _ = restore_run(run_dir, step, strict, log)
+    setup, state, _ = restore_run(run_dir, step, strict, log, trust_model)
     names = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
     guide = setup.guide
     view = {n: state.params[n] for n in names}
