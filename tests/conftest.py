@@ -1,6 +1,8 @@
 """Fake 8 CPU devices before JAX starts, so sharding is exercised without accelerators."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [
@@ -11,10 +13,18 @@ os.environ["XLA_FLAGS"] = " ".join(
     ]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# one compilation cache per test session, made by the first process (xdist's controller, which
+# loads this file before it starts the workers) and shared by every worker and the processes
+# they start: the suite compiles the same small steps dozens of times (40% of the fault tests'
+# time). Removed when the session ends, unless it was the caller's own.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="blayers-tests-xla-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import jax
-import numpy as np
-import pytest
+import jax  # noqa: E402  (after the environment above)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 
@@ -39,3 +49,8 @@ SLOW_FILES = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

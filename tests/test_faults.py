@@ -4,6 +4,8 @@ good step and finishes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -139,3 +141,34 @@ def test_a_storage_error_on_the_command_line_is_one_line_naming_the_path(capsys,
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "/runs/x/checkpoints: No space left on device" in lines[0]
+
+
+def test_a_full_disk_at_a_checkpoint_loses_nothing_and_the_rerun_matches(tmp_path, monkeypatch):
+    """ENOSPC while step 20 is being saved (a half-written temporary step left behind, as a
+    save cut short leaves it): the run stops naming the path, the steps before stay good, and
+    the rerun after freeing space equals an undisturbed run bit for bit."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    data = small_dataset(tmp_path / "data")
+    settings = {"train.steps": 30, "checkpoint.every": 10, "train.log_every": 1000}
+    real = ocp.CheckpointManager.save
+
+    def disk_full(self, step, *args, **kwargs):
+        if step == 20:
+            partial = Path(self.directory) / "20.orbax-checkpoint-tmp-0"
+            (partial / "state").mkdir(parents=True)
+            (partial / "state" / "half").write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device", str(partial))
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        loop.train(small_config(data, tmp_path / "run", **settings), log=lambda _: None)
+    assert _steps(tmp_path / "run") == [10]
+    monkeypatch.undo()
+    assert loop.train(small_config(data, tmp_path / "run", **settings), print)["step"] == 30
+    loop.train(small_config(data, tmp_path / "ref", **settings), log=lambda _: None)
+    mine, ref = load_params(tmp_path / "run"), load_params(tmp_path / "ref")
+    assert all(np.array_equal(mine[k], ref[k]) for k in ref)

@@ -118,3 +118,27 @@ def test_an_output_path_that_is_a_file_is_refused(run, tmp_path):
     with pytest.raises(DataError, match="is a file"):
         score_lib.score(score_cfg(run / "run", run / "multi.parquet", out), log=lambda _: None)
     assert out.read_text() == "not a directory"
+
+
+def test_a_full_disk_mid_score_loses_nothing_and_the_rerun_matches(run, tmp_path, monkeypatch):
+    import errno
+
+    from train import files
+
+    real = files.atomic_write
+
+    def disk_full(path, write):
+        if path.name == "part-00001.parquet":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, write)
+
+    out, ref = tmp_path / "scores", tmp_path / "ref"
+    monkeypatch.setattr(files, "atomic_write", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        score_lib.score(score_cfg(run / "run", run / "multi.parquet", out), log=lambda _: None)
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet"]  # nothing partial
+    monkeypatch.undo()
+    score_lib.score(score_cfg(run / "run", run / "multi.parquet", out), log=lambda _: None)
+    assert _skipped(out) == [0]  # the part written before the fault is kept
+    score_lib.score(score_cfg(run / "run", run / "multi.parquet", ref), log=lambda _: None)
+    assert pq.read_table(out).equals(pq.read_table(ref))
