@@ -32,6 +32,11 @@ def all_finite(*trees: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def step_ok(loss: jax.Array, *grads: Any) -> jax.Array:
+    """Whether a step may be applied: its loss and every gradient finite."""
+    return jnp.isfinite(loss) & all_finite(*grads)
+
+
 def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
     """``new`` where ``ok``, else ``old``, leaf by leaf: a select, which XLA fuses into the
     update that made ``new``, where a branch would hold both states."""

@@ -34,7 +34,7 @@ from numpyro import handlers
 from blayers import guides
 from train.dedup import COUNT, LOCAL, UNIQ, TableRows
 from train.model import GatheredRows
-from train.nonfinite import all_finite, keep_if, reported_loss
+from train.nonfinite import keep_if, reported_loss, step_ok
 from train.state import (
     COUPLING_STATE,
     ROW_STATE,
@@ -215,7 +215,7 @@ def make_sparse_step(
         )
         updates, dense_opt = dense_optimizer.update(g_dense, state.opt_state["dense"], dense)
         new_dense = optax.apply_updates(dense, updates)
-        ok = jnp.isfinite(value) & all_finite(g_dense, g_rows) if skip_non_finite else None
+        ok = step_ok(value, g_dense, g_rows) if skip_non_finite else None
         if ok is not None:
             new_dense = keep_if(ok, new_dense, dense)
             dense_opt = keep_if(ok, dense_opt, state.opt_state["dense"])

@@ -6,12 +6,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from blayers import guides
-from train.nonfinite import all_finite, keep_if, reported_loss
+from train.nonfinite import keep_if, reported_loss, step_ok
 from train.state import TrainState
 
 
@@ -48,7 +47,7 @@ def make_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if skip_non_finite:
-            ok = jnp.isfinite(value) & all_finite(grads)
+            ok = step_ok(value, grads)
             params = keep_if(ok, params, state.params)
             opt_state = keep_if(ok, opt_state, state.opt_state)
             value = reported_loss(ok, value)
