@@ -10,7 +10,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from blayers import guides
-from train.nonfinite import keep_if, reported_loss, step_ok
+from train.nonfinite import reported_loss, step_ok
 from train.state import TrainState
 
 
@@ -44,13 +44,17 @@ def make_step(
     def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, jax.Array]:
         key = jax.random.fold_in(state.rng, state.step)
         value, grads = jax.value_and_grad(loss)(state.params, key, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if skip_non_finite:
+
+        def update() -> tuple[guides.Params, Any]:
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        if skip_non_finite:  # a branch, not a select per leaf (measured cheaper on CPU)
             ok = step_ok(value, grads)
-            params = keep_if(ok, params, state.params)
-            opt_state = keep_if(ok, opt_state, state.opt_state)
+            params, opt_state = jax.lax.cond(ok, update, lambda: (state.params, state.opt_state))
             value = reported_loss(ok, value)
+        else:
+            params, opt_state = update()
         return TrainState(state.step + 1, params, opt_state, state.rng), value
 
     return jax.jit(
