@@ -442,7 +442,7 @@ def _train(
                 setup, cfg, checkpointer, ckpt_dir, meta, diverged, log
             )
             step = int(state.step)
-            step_fn = make_train_step(setup, vocab_counts)
+            step_fn = make_train_step(setup, vocab_counts, skip_non_finite=skips is not None)
             bar.reset(total)
             bar.update(step)
     diverged = save_finite(checkpointer, step, state, meta, tracker)

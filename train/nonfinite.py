@@ -19,6 +19,7 @@ Whatever the policy, a non-finite state is never checkpointed (``loop.save_finit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,14 +36,18 @@ def all_finite(*trees: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def step_ok(loss: jax.Array, *grads: Any) -> jax.Array:
-    """Whether a step may be applied: its loss and every gradient finite."""
-    return jnp.isfinite(loss) & all_finite(*grads)
-
-
-def reported_loss(ok: jax.Array, value: jax.Array) -> jax.Array:
-    """A skipped step's loss is NaN, even where only a gradient was not finite."""
-    return jnp.where(ok, value, jnp.nan)
+def apply_if_finite(
+    loss: jax.Array,
+    grads: Any,
+    update: Callable[[], Any],
+    unchanged: Callable[[], Any],
+) -> tuple[Any, jax.Array, jax.Array]:
+    """``(update() or unchanged(), reported loss, ok)`` for a step under ``skip``: one
+    ``lax.cond`` on whether the loss and every gradient are finite (a select per leaf made a
+    cheap step 3× slower on CPU). A skipped step's loss is NaN, even where only a gradient was
+    not finite: that is what :class:`SkipCount` counts."""
+    ok = jnp.isfinite(loss) & all_finite(grads)
+    return jax.lax.cond(ok, update, unchanged), jnp.where(ok, loss, jnp.nan), ok
 
 
 @jax.jit

@@ -34,7 +34,7 @@ from numpyro import handlers
 from blayers import guides
 from train.dedup import COUNT, LOCAL, UNIQ, TableRows
 from train.model import GatheredRows
-from train.nonfinite import reported_loss, step_ok
+from train.nonfinite import apply_if_finite
 from train.state import (
     COUPLING_STATE,
     ROW_STATE,
@@ -217,14 +217,13 @@ def make_sparse_step(
             updates, opt = dense_optimizer.update(g_dense, state.opt_state["dense"], dense)
             return optax.apply_updates(dense, updates), opt
 
-        ok = step_ok(value, g_dense, g_rows) if skip_non_finite else None
-        if ok is None:
-            new_dense, dense_opt = dense_update()
-        else:  # a branch, not a select per leaf: the selects cost 3x a cheap step on CPU
-            new_dense, dense_opt = jax.lax.cond(
-                ok, dense_update, lambda: (dense, state.opt_state["dense"])
+        ok = None
+        if skip_non_finite:
+            (new_dense, dense_opt), value, ok = apply_if_finite(
+                value, (g_dense, g_rows), dense_update, lambda: (dense, state.opt_state["dense"])
             )
-            value = reported_loss(ok, value)
+        else:
+            new_dense, dense_opt = dense_update()
 
         lr = schedule(state.step)
         t = (state.step + 1).astype(jnp.float32)
