@@ -161,6 +161,13 @@ class MeanFieldGuide:
         (for a table's rows: given the globals)."""
         return self.loc_scale(p)
 
+    def row_marginal(
+        self, name: str, rows: Mapping[str, Any], params: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[Any, Any]:
+        """Mean and sd of each element of some rows of table ``name`` (``rows``: their guide
+        parameters), unconditionally: here, the rows' own Normal. ``params``: the globals'."""
+        return self.loc_scale(rows)
+
     def init_params(
         self,
         init_scale: float = 0.1,
@@ -308,6 +315,19 @@ class StructuredGuide(MeanFieldGuide):
             return loc, scale
         coupling = p[COUPLING] * self._mask(name)
         return loc, jnp.sqrt(scale**2 + jnp.sum(coupling**2, axis=-1))
+
+    def row_marginal(
+        self, name: str, rows: Mapping[str, Any], params: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[Any, Any]:
+        r"""With :math:`u_r = m_r + s_r\varepsilon_r + A_r L_r \varepsilon_g` (:math:`L_r`: the
+        rows of :math:`L` of the globals the table follows), :math:`E u_r = m_r` and
+        :math:`\mathrm{Var}\, u_r = s_r^2 + \lVert A_r L_r \rVert^2`: the row's own spread
+        plus what it inherits from the globals (the realized group means' uncertainty)."""
+        loc, scale = self.loc_scale(rows)
+        if COUPLING not in rows or name not in self.row_index:
+            return loc, scale
+        inherited = rows[COUPLING] @ self.global_factor(params)[self.row_index[name]]
+        return loc, jnp.sqrt(scale**2 + jnp.sum(inherited**2, axis=-1))
 
     def _extra_params(self, params: Params, dtype: Any) -> Params:
         """Every global's row of :math:`T` and every coupled row's :math:`A_r`, at 0."""

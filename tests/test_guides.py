@@ -125,6 +125,24 @@ def test_structured_marginal_sd_matches_draws(rng):
         )
 
 
+def test_row_marginal_matches_draws_of_the_rows(rng):
+    """A coupled table row's marginal (what blayers-effects writes) against 20,000 draws."""
+    sites = small_model_sites()
+    table = "RandomEffectsLayer_g_theta"
+    for guide in (guides.StructuredGuide(sites, coupled=[table]), guides.MeanFieldGuide(sites)):
+        params = random_params(guide, rng)
+        keys = jax.random.split(jax.random.PRNGKey(2), 20_000)
+        rows = np.asarray(
+            jax.vmap(lambda k, g=guide, p=params: g.draw(k, p)[table].value)(keys)
+        )
+        globals_ = {n: params[n] for n in sites if guides.is_global(sites[n])}
+        loc, sd = guide.row_marginal(table, params[table], globals_)
+        assert_allclose(rows.std(0), np.asarray(sd), rtol=0.03)
+        assert_allclose(rows.mean(0), np.asarray(loc), atol=0.03 * float(np.max(sd)))
+        if isinstance(guide, guides.StructuredGuide):  # the inherited spread is there
+            assert np.all(np.asarray(sd) > guide.loc_scale(params[table])[1] * 1.05)
+
+
 def test_a_run_resumes_and_restores_with_the_guide_it_was_trained_with(tmp_path):
     from tests.service_helpers import small_config, small_dataset
     from train import loop

@@ -1,4 +1,5 @@
-"""Command-line entry points: ``blayers-train``, ``blayers-summary`` (Hydra)."""
+"""Command-line entry points: ``blayers-train``, ``blayers-summary``, ``blayers-score``,
+``blayers-effects`` (Hydra)."""
 
 from __future__ import annotations
 
@@ -119,6 +120,22 @@ def run_summary(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def run_effects(cfg: DictConfig) -> Path:
+    from train import effects, summary
+
+    out = Path(cfg.output or Path(cfg.run_dir) / "effects" / f"{cfg.term}.parquet")
+    setup, state, _ = summary.restore_run(
+        Path(cfg.run_dir), cfg.step, cfg.strict, trust_model=cfg.trust_model
+    )
+    batches = effects.effect_batches(
+        setup, state, Path(cfg.run_dir) / "vocab", cfg.term, cfg.quantiles, cfg.chunk_rows
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = effects.write(batches, out)
+    print(f"wrote {rows:,} rows of term {cfg.term!r} to {out}")
+    return out
+
+
 def run_score(cfg: DictConfig) -> dict[str, Any]:
     from train import score
 
@@ -141,3 +158,9 @@ def summary_main(cfg: DictConfig) -> None:
 def score_main(cfg: DictConfig) -> None:
     """Score a Parquet dataset with a trained run's posterior; write Parquet parts."""
     _friendly(run_score, config_lib.ScoreConfig)(cfg)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="effects", version_base="1.3")
+def effects_main(cfg: DictConfig) -> None:
+    """Write a table term's per-level posterior effects (one row per category) as Parquet."""
+    _friendly(run_effects, config_lib.EffectsConfig)(cfg)

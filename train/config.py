@@ -215,6 +215,18 @@ class SummaryConfig:
 
 
 @dataclass
+class EffectsConfig:
+    run_dir: str = "runs/default"
+    term: str = "???"  # a table term's name in model.terms (e.g. user)
+    output: str | None = None  # default: <run_dir>/effects/<term>.parquet
+    step: int | None = None  # default: the latest checkpoint
+    strict: bool = False  # a corrupt latest checkpoint is an error, not a fallback
+    trust_model: str | None = None  # as for blayers-summary
+    quantiles: list[float] = field(default_factory=lambda: [0.05, 0.5, 0.95])
+    chunk_rows: int = 262144  # categories per read: host memory is flat in the table size
+
+
+@dataclass
 class ScoreDataConfig:
     path: str = "data/default/train.parquet"
     batch_size: int = 4096
@@ -243,3 +255,4 @@ def register_tools() -> None:
     cs = ConfigStore.instance()
     cs.store(name="summary_schema", node=SummaryConfig)
     cs.store(name="score_schema", node=ScoreConfig)
+    cs.store(name="effects_schema", node=EffectsConfig)

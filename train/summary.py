@@ -97,6 +97,13 @@ def summarize(
 ) -> list[dict[str, Any]]:
     """One row per element of each global site: mean, std and quantiles of guide draws."""
     setup, state, _ = restore_run(run_dir, step, strict, log, trust_model)
+    return summary_rows(setup, state, draws, seed)
+
+
+def summary_rows(
+    setup: Setup, state: Any, draws: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """:func:`summarize` of a restored run."""
     names = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
     guide = setup.guide
     view = {n: state.params[n] for n in names}

@@ -9,7 +9,7 @@ handled explicitly by the caller (an error in training, the prior at scoring).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,12 +122,11 @@ def save_all(vocabs: dict[str, Vocab], directory: Path) -> None:
         (tmp / MANIFEST).write_text(json.dumps({"columns": names}, indent=2))
 
 
-def load_all(directory: Path, columns: Iterable[str]) -> dict[str, Vocab]:
-    """Every requested column's vocabulary from a directory :func:`save_all` wrote (or the
-    earlier one-file-per-column layout); :class:`IncompleteVocabError` naming what is missing
-    or unreadable otherwise."""
+def column_file(directory: Path, column: str) -> Path:
+    """The file that holds ``column``'s vocabulary in a directory :func:`save_all` wrote (or
+    the earlier one-file-per-column layout); :class:`IncompleteVocabError` naming what is
+    missing or unreadable otherwise."""
     directory = Path(directory)
-    columns = list(columns)
     manifest = directory / MANIFEST
     if files.is_regular_file(manifest):
         try:
@@ -135,13 +134,20 @@ def load_all(directory: Path, columns: Iterable[str]) -> dict[str, Vocab]:
         except (ValueError, KeyError, TypeError):
             raise IncompleteVocabError(f"{manifest} is unreadable") from None
     else:  # the earlier layout: one file per column, named by the column
-        names = {c: f"{c}.parquet" for c in columns if "/" not in c and not c.startswith(".")}
+        plain = "/" not in column and not column.startswith(".")
+        names = {column: f"{column}.parquet"} if plain else {}
+    name = names.get(column)
+    path = directory / name if isinstance(name, str) and "/" not in name else None
+    if path is None or not files.is_regular_file(path):
+        raise IncompleteVocabError(f"no vocabulary for column {column!r} in {directory}")
+    return path
+
+
+def load_all(directory: Path, columns: Iterable[str]) -> dict[str, Vocab]:
+    """Every requested column's vocabulary (see :func:`column_file`)."""
     out = {}
     for column in columns:
-        name = names.get(column)
-        path = directory / name if isinstance(name, str) and "/" not in name else None
-        if path is None or not files.is_regular_file(path):
-            raise IncompleteVocabError(f"no vocabulary for column {column!r} in {directory}")
+        path = column_file(directory, column)
         try:
             out[column] = Vocab.read(path, column)
         except (OSError, pa.ArrowException, KeyError):
@@ -149,3 +155,19 @@ def load_all(directory: Path, columns: Iterable[str]) -> dict[str, Vocab]:
                 f"the vocabulary of column {column!r} ({path}) is unreadable"
             ) from None
     return out
+
+
+def stream(
+    directory: Path, column: str, chunk_rows: int
+) -> Iterator[tuple[pa.Array, np.ndarray]]:
+    """``column``'s vocabulary in id order, ``chunk_rows`` ids at a time as ``(values,
+    counts)``, so a 10⁷-category vocabulary is read in bounded memory."""
+    path = column_file(directory, column)
+    try:
+        reader = pq.ParquetFile(path)
+        for batch in reader.iter_batches(batch_size=chunk_rows, columns=["value", "count"]):
+            yield batch.column(0), batch.column(1).to_numpy()
+    except (OSError, pa.ArrowException, KeyError):
+        raise IncompleteVocabError(
+            f"the vocabulary of column {column!r} ({path}) is unreadable"
+        ) from None
