@@ -130,8 +130,10 @@ def score_cfg(run_dir: Path, path: Path, output: Path, **overrides: Any) -> Any:
     return cfg
 
 
-def run_cli(tool: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``blayers-<tool> args`` (train, summary, score) in a fresh CPU process."""
+def run_cli(
+    tool: str, *args: str, timeout: int = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``blayers-<tool> args`` (train, summary, score, effects) in a fresh CPU process."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     code = f"from train.cli import {tool}_main; {tool}_main()"
     return subprocess.run(
@@ -140,6 +142,7 @@ def run_cli(tool: str, *args: str, timeout: int = 300) -> subprocess.CompletedPr
         text=True,
         env=env,
         timeout=timeout,
+        cwd=cwd,
     )
 
 

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 
 from blayers.sharding import ShardingError
 from train import config as config_lib
@@ -142,10 +145,32 @@ def run_score(cfg: DictConfig) -> dict[str, Any]:
     return score.score(cfg)
 
 
+def sweep_job_dir(run_dir: str, job_overrides: list[str], argv: list[str]) -> str:
+    """A multirun job's own run directory: ``run_dir`` joined with the values this job takes
+    of the keys the command line sweeps (``optim.lr=0.01,0.05`` → ``<run_dir>/optim.lr=0.01``),
+    so jobs never share a run, and rerunning the same sweep with more steps resumes each."""
+    parser = OverridesParser.create()
+    given = [a for a in argv if "=" in a and not a.startswith("-")]
+    swept = {o.key_or_group for o in parser.parse_overrides(given) if o.is_sweep_override()}
+    mine = [o for o in parser.parse_overrides(job_overrides) if o.key_or_group in swept]
+    name = ",".join(f"{o.key_or_group}={o.value()}" for o in mine).replace("/", "_")
+    return str(Path(run_dir) / (name or "job"))
+
+
+def _per_job(cfg: DictConfig) -> DictConfig:
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return cfg
+    run_dir = sweep_job_dir(cfg.run_dir, list(hc.overrides.task), sys.argv[1:])
+    with open_dict(cfg):
+        cfg.run_dir = run_dir
+    return cfg
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def train_main(cfg: DictConfig) -> None:
     """Train (or resume) a model described by the config."""
-    _friendly(run_train, config_lib.Config)(cfg)
+    _friendly(run_train, config_lib.Config)(_per_job(cfg))
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="summary", version_base="1.3")

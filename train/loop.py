@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from blayers import guides
@@ -82,6 +83,9 @@ class Setup:
     init: Callable[[], TrainState]  # builds the state; jit it with out_shardings=shardings
     guide: guides.MeanFieldGuide  # the posterior family: every read of the posterior
     lr_scale: float = 1.0  # the learning rate's factor after rollbacks (train.nonfinite)
+
+
+RESOLVED_CONFIG = "config.yaml"  # the last start's resolved config, in the run dir
 
 
 def build_mesh(cfg: Any) -> Mesh:
@@ -308,6 +312,8 @@ def _train(
         setup = with_lr_scale(setup, cfg, float(saved.get("lr_scale", 1.0)))
         if setup.lr_scale != 1.0:
             log(f"the learning rate is optim.lr × {setup.lr_scale:g}, after rollbacks")
+    if jax.process_index() == 0:  # the resolved config this start runs under, beside the run
+        files.write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(to_container(cfg)))
     state = (
         start_state
         if start_state is not None
