@@ -16,7 +16,8 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY blayers ./blayers
 COPY train ./train
 COPY configs ./configs
-# configs are read from the source tree; runs and data live on a mounted volume
+# the default configs ship inside the package; this points at the source tree's copy, so a
+# mounted configs/ can replace it. Runs and data live on a mounted volume
 ENV BLAYERS_CONFIG_DIR=/app/configs
 
 # ---- NVIDIA GPU runtime -------------------------------------------------------------------

@@ -22,7 +22,7 @@ train: $(STAMP)
 	$(BIN)/blayers-train run_dir=$(RUN_DIR) $(ARGS)
 	$(BIN)/blayers-summary run_dir=$(RUN_DIR)
 	$(BIN)/blayers-score run_dir=$(RUN_DIR)
-	$(BIN)/python -m train.report $(RUN_DIR)
+	$(BIN)/blayers-report $(RUN_DIR)
 	@echo "results in $(RUN_DIR): checkpoints/ metrics.jsonl summary.csv scores/ report.html"
 
 example: $(STAMP)

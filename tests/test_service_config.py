@@ -59,9 +59,17 @@ def test_score_config_loads_typed():
         _compose(["drawz=7"], name="score")
 
 
+def test_effects_config_composes_and_rejects_typos():
+    cfg = _compose(["run_dir=/x", "term=user"], name="effects")
+    typed = config_lib.from_container(cfg, config_lib.EffectsConfig)
+    assert typed.term == "user" and typed.output is None and typed.chunk_rows > 0
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        _compose(["terms=user"], name="effects")
+
+
 def test_every_yaml_is_covered():
     top = {p.stem for p in Path(CONFIG_DIR).glob("*.yaml")}
-    assert top <= {"config", "summary", "score"}, top
+    assert top <= {"config", "summary", "score", "effects"}, top
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 .. code-block:: python
 
-    from train.api import Run, fit
+    from .api import Run, fit
 
     run = fit({"run_dir": "runs/nb", "train.steps": 500})  # or ["train.steps=500", ...]
     run.summary()                # global sites: mean, std, quantiles
@@ -30,9 +30,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from train import cli, effects, score, summary
-from train import config as config_lib
-from train.config import ConfigError
+from . import cli, effects, score, summary
+from . import config as config_lib
+from .config import ConfigError
 
 Settings = Mapping[str, Any] | Sequence[str] | DictConfig | None
 

@@ -23,7 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from blayers import guides
-from train import late_reads
+
+from . import late_reads
 
 
 class CheckpointError(RuntimeError):

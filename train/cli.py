@@ -18,16 +18,21 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from blayers.sharding import ShardingError
-from train import config as config_lib
-from train import late_reads
-from train.checkpoint import CheckpointError
-from train.config import ConfigError
-from train.data import DataError
-from train.rundir import RunDirBusyError
-from train.state import NonFiniteError
 
+from . import config as config_lib
+from . import late_reads
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data import DataError
+from .rundir import RunDirBusyError
+from .state import NonFiniteError
+
+_HERE = Path(__file__).resolve().parent
+# installed (blayers.train), the default configs ship inside the package; in the repo they
+# are its top-level configs/
 CONFIG_DIR = os.environ.get(
-    "BLAYERS_CONFIG_DIR", str(Path(__file__).resolve().parent.parent / "configs")
+    "BLAYERS_CONFIG_DIR",
+    str(_HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"),
 )
 USER_ERRORS = (
     ConfigError,
@@ -93,7 +98,7 @@ def _friendly(fn: Callable[[DictConfig], Any], schema: type) -> Callable[[DictCo
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
-    from train import loop, synth
+    from . import loop, synth
 
     path = Path(cfg.data.path)
     # only the shipped default path is ever generated: a mistyped or missing path of the
@@ -111,7 +116,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run_summary(cfg: DictConfig) -> list[dict[str, Any]]:
-    from train import summary
+    from . import summary
 
     rows = summary.summarize(
         Path(cfg.run_dir), cfg.step, cfg.draws, cfg.seed, cfg.strict, trust_model=cfg.trust_model
@@ -124,7 +129,7 @@ def run_summary(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def run_effects(cfg: DictConfig) -> Path:
-    from train import effects, summary
+    from . import effects, summary
 
     out = Path(cfg.output or Path(cfg.run_dir) / "effects" / f"{cfg.term}.parquet")
     setup, state, _ = summary.restore_run(
@@ -140,7 +145,7 @@ def run_effects(cfg: DictConfig) -> Path:
 
 
 def run_score(cfg: DictConfig) -> dict[str, Any]:
-    from train import score
+    from . import score
 
     return score.score(cfg)
 

@@ -36,9 +36,10 @@ import pyarrow.types as pat
 
 from blayers import links
 from blayers.start import FeatureStats, TargetStats
-from train import files as files_lib
-from train import vocab as vocab_lib
-from train.cores import CoreSplit, pipeline_threads
+
+from . import files as files_lib
+from . import vocab as vocab_lib
+from .cores import CoreSplit, pipeline_threads
 
 CHUNK_ROWS = 1 << 22  # rows per Arrow record batch in the encoded file
 

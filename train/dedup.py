@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from train.data import aligned_arrays
+from .data import aligned_arrays
 
 UNIQ, COUNT, LOCAL = "uniq:", "count:", "local:"
 

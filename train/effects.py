@@ -28,11 +28,12 @@ import pyarrow.parquet as pq
 from numpyro.distributions import constraints
 
 from blayers import guides
-from train import files
-from train import vocab as vocab_lib
-from train.config import ConfigError
-from train.model import Term
-from train.state import guide_rows
+
+from . import files
+from . import vocab as vocab_lib
+from .config import ConfigError
+from .model import Term
+from .state import guide_rows
 
 QUANTILES = (0.05, 0.5, 0.95)
 TABLE_KINDS = ("table", "categorical_fm")

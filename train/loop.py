@@ -25,19 +25,20 @@ from tqdm import tqdm
 from blayers import guides
 from blayers.sharding import ShardingError, assert_sharded, make_mesh
 from blayers.start import FeatureStats, TargetStats
-from train import checkpoint as ckpt
-from train import data as data_lib
-from train import distributed, files, nonfinite, rundir
-from train import recenter as recenter_lib
-from train.config import ConfigError, from_container, to_container, with_saved_defaults
-from train.convergence import ConvergenceTracker, window_steps
-from train.cores import CoreSplit
-from train.cores import reserve as reserve_cores
-from train.dedup import host_rows
-from train.guide_plan import service_guide
-from train.model import Columns, build_model, configured_link_kwargs
-from train.settings import check_posterior_settings, check_resume_settings, check_settings
-from train.sparse import (
+
+from . import checkpoint as ckpt
+from . import data as data_lib
+from . import distributed, files, nonfinite, rundir
+from . import recenter as recenter_lib
+from .config import ConfigError, from_container, to_container, with_saved_defaults
+from .convergence import ConvergenceTracker, window_steps
+from .cores import CoreSplit
+from .cores import reserve as reserve_cores
+from .dedup import host_rows
+from .guide_plan import service_guide
+from .model import Columns, build_model, configured_link_kwargs
+from .settings import check_posterior_settings, check_resume_settings, check_settings
+from .sparse import (
     COUNT,
     LOCAL,
     UNIQ,
@@ -46,8 +47,8 @@ from train.sparse import (
     row_counts,
     table_rows,
 )
-from train.starts import prior_warnings, starting_scales, starting_values
-from train.state import (
+from .starts import prior_warnings, starting_scales, starting_values
+from .state import (
     TrainState,
     bytes_per_device,
     format_plan,
@@ -60,7 +61,7 @@ from train.state import (
     state_shardings,
     table_axis_multiple,
 )
-from train.step import make_step
+from .step import make_step
 
 
 @dataclass

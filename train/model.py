@@ -39,7 +39,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from blayers import layers as L
 from blayers import links
 from blayers.sharding import pad_to_multiple
-from train.config import ConfigError
+
+from .config import ConfigError
 
 INTERCEPT = {"InterceptLayer"}
 DENSE = {

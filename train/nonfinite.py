@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from train.state import NonFiniteError
+from .state import NonFiniteError
 
 POLICIES = ("stop", "skip", "rollback")
 

@@ -52,7 +52,8 @@ from numpyro.distributions import biject_to
 from numpyro.distributions.transforms import ExpTransform
 
 from blayers import guides
-from train.state import TrainState, guide_field, row_sharding, with_guide_field
+
+from .state import TrainState, guide_field, row_sharding, with_guide_field
 
 SHIFTABLE = ("RandomEffectsLayer", "EmbeddingLayer")
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from train import files
+from . import files
 
 
 def _svg_curve(steps: list[float], values: list[float], width: int = 640, height: int = 220) -> str:

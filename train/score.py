@@ -36,14 +36,15 @@ from numpyro import handlers
 from numpyro.distributions import Normal
 
 from blayers import guides
-from train import data as data_lib
-from train import files
-from train import vocab as vocab_lib
-from train.model import LINEAR_PREDICTOR
-from train.settings import check_score_settings
-from train.sparse import row_counts
-from train.state import guide_rows, row_sharding
-from train.summary import restore_run
+
+from . import data as data_lib
+from . import files
+from . import vocab as vocab_lib
+from .model import LINEAR_PREDICTOR
+from .settings import check_score_settings
+from .sparse import row_counts
+from .state import guide_rows, row_sharding
+from .summary import restore_run
 
 MANIFEST = "_manifest.json"
 
@@ -284,7 +285,7 @@ def _encode_part(
 
 def score(cfg: Any, log: Any = print) -> dict[str, Any]:
     """Run the scoring job described by ``cfg`` (see ``ScoreConfig``)."""
-    from train import distributed
+    from . import distributed
 
     check_score_settings(cfg)
     out_dir = Path(cfg.output)

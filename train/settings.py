@@ -10,9 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from blayers import guides, links
-from train.config import ConfigError, from_container, to_container, with_saved_defaults
-from train.nonfinite import POLICIES
-from train.state import OPTIMIZERS, SCHEDULES
+
+from .config import ConfigError, from_container, to_container, with_saved_defaults
+from .nonfinite import POLICIES
+from .state import OPTIMIZERS, SCHEDULES
 
 
 def _positive(value: Any, key: str, what: str = "must be positive") -> None:

@@ -32,10 +32,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from numpyro import handlers
 
 from blayers import guides
-from train.dedup import COUNT, LOCAL, UNIQ, TableRows
-from train.model import GatheredRows
-from train.nonfinite import apply_if_finite
-from train.state import (
+
+from .dedup import COUNT, LOCAL, UNIQ, TableRows
+from .model import GatheredRows
+from .nonfinite import apply_if_finite
+from .state import (
     COUPLING_STATE,
     ROW_STATE,
     TrainState,

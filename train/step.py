@@ -10,8 +10,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from blayers import guides
-from train.nonfinite import apply_if_finite
-from train.state import TrainState
+
+from .nonfinite import apply_if_finite
+from .state import TrainState
 
 
 def loss_fn(

@@ -14,11 +14,12 @@ from jax.sharding import Mesh
 
 from blayers import guides
 from blayers.sharding import make_mesh
-from train import checkpoint as ckpt
-from train import files
-from train.config import ConfigError, from_container, with_saved_defaults
-from train.loop import Setup, build_mesh, make_setup
-from train.state import table_axis_multiple
+
+from . import checkpoint as ckpt
+from . import files
+from .config import ConfigError, from_container, with_saved_defaults
+from .loop import Setup, build_mesh, make_setup
+from .state import table_axis_multiple
 
 QUANTILES = (0.05, 0.5, 0.95)
 FIELDS = ["site", "index", "mean", "std", "q05", "q50", "q95"]

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from train import files
+from . import files
 
 FIELDS = {"user": (50_000, 1.05, 0.5), "item": (5_000, 1.1, 0.3), "region": (100, 0.8, 0.2)}
 BETA = [0.8, -0.5, 0.3, 0.0]

@@ -1,0 +1,409 @@
+r"""Guide families whose parameters are a plain, shardable pytree; every read of the
+posterior (the ELBO, the row-sparse loss, scoring, the summary, recentering, convergence
+checks) goes through one guide object.
+
+:class:`MeanFieldGuide`: for each latent site :math:`z` with support :math:`S` and bijection
+:math:`T: \mathbb{R}^k \to S`:
+
+.. math::
+    u \sim Normal(\text{loc}, \text{softplus}(\rho)), \quad z = T(u), \quad
+    \log q(z) = \log Normal(u; \text{loc}, \text{softplus}(\rho)) - \log|\det J_T(u)|
+
+:class:`StructuredGuide` adds a joint Normal over the global sites and table rows whose means
+are linear in them (its docstring has the math). The ELBO is :math:`E_q[\log p(y, z) - \log
+q(z)]`, estimated with one reparameterised draw, as NumPyro's ``AutoNormal`` with
+``Trace_ELBO``. Parameters live in ``{site: {"loc", "raw_scale"[, "coupling"]}}`` so that each
+table keeps its own (sharded) parameters, state can be created already sharded (shapes come
+from ``jax.eval_shape``, no prototype draw of the tables), and a row-sparse update can gather
+rows of any site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+from numpyro.distributions import biject_to, constraints
+from numpyro.infer.util import log_density
+
+from blayers import axes as ax
+
+Params = dict[str, dict[str, jax.Array]]
+
+
+@dataclass(frozen=True)
+class LatentSite:
+    """What the guide needs to know about one latent site."""
+
+    name: str
+    shape: tuple[int, ...]  # constrained value shape
+    unconstrained_shape: tuple[int, ...]
+    support: constraints.Constraint
+    logical_axes: ax.LogicalAxes | None
+
+
+def is_global(site: LatentSite) -> bool:
+    """A site without a table axis: intercept, coefficients, scales, link globals."""
+    return ax.CATEGORIES not in (site.logical_axes or ())
+
+
+def latent_sites(model: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, LatentSite]:
+    """Latent sites of ``model`` found by an abstract trace: no parameter value is ever built.
+
+    ``args`` may be arrays or ``jax.ShapeDtypeStruct``s; ``kwargs`` are static (e.g. sizes).
+    """
+    found: dict[str, LatentSite] = {}
+
+    def probe(*a: Any) -> int:
+        trace = handlers.trace(handlers.seed(model, 0)).get_trace(*a, **kwargs)
+        for name, site in trace.items():
+            if site["type"] != "sample" or site["is_observed"]:
+                continue
+            support = site["fn"].support
+            shape = tuple(jnp.shape(site["value"]))
+            unconstrained = tuple(biject_to(support).inverse_shape(shape))
+            found[name] = LatentSite(name, shape, unconstrained, support, ax.site_axes(site))
+        return 0
+
+    jax.eval_shape(probe, *args)
+    return found
+
+
+def init_params(
+    sites: Mapping[str, LatentSite],
+    init_scale: float = 0.1,
+    dtype: Any = jnp.float32,
+    start: Mapping[str, Any] | None = None,
+    scales: Mapping[str, Any] | None = None,
+) -> Params:
+    """Guide parameters: ``loc = 0`` in unconstrained space (the prior median for the layers'
+    zero-centred priors) unless ``start`` gives a site's constrained starting value, and
+    ``scale = init_scale``, or ``scales[site]`` where that is smaller. Cheap to trace under
+    ``jit`` with ``out_shardings`` so large tables are born sharded."""
+    start, scales = start or {}, scales or {}
+
+    def raw_scale(site: LatentSite) -> jax.Array:
+        sd = np.minimum(np.asarray(scales.get(site.name, init_scale), np.float64), init_scale)
+        raw = np.log(np.expm1(np.broadcast_to(sd, site.unconstrained_shape)))  # softplus^-1
+        return jnp.asarray(raw, dtype)
+
+    def loc(site: LatentSite) -> jax.Array:
+        if site.name not in start:
+            return jnp.zeros(site.unconstrained_shape, dtype)
+        value = jnp.broadcast_to(jnp.asarray(start[site.name], dtype), site.shape)
+        return biject_to(site.support).inv(value).astype(dtype)
+
+    return {
+        name: {
+            "loc": loc(site),
+            "raw_scale": raw_scale(site),
+        }
+        for name, site in sites.items()
+    }
+
+
+def param_logical_axes(sites: Mapping[str, LatentSite]) -> dict[str, dict[str, Any]]:
+    """Logical axes per guide parameter (same as its site's when shapes agree)."""
+    out = {}
+    for name, site in sites.items():
+        axes = site.logical_axes if site.unconstrained_shape == site.shape else None
+        out[name] = {"loc": axes, "raw_scale": axes}
+    return out
+
+
+class SiteDraw(NamedTuple):
+    """One site's reparameterised draw: the constrained ``value``, the standard-normal
+    ``noise`` behind it, and the guide's log-density split into its Normal part (elementwise,
+    the unconstrained shape) and the bijection's ``log|det J|`` (the transform's shape)."""
+
+    value: jax.Array
+    noise: jax.Array
+    log_normal: jax.Array
+    log_det: jax.Array
+
+    def total(self) -> jax.Array:
+        r""":math:`\log q` of the whole site."""
+        return jnp.sum(self.log_normal) - jnp.sum(self.log_det)
+
+    def per_row(self) -> jax.Array:
+        r""":math:`\log q` of each leading row (a table's rows), ``(rows,)``."""
+        lq = self.log_normal - jnp.broadcast_to(self.log_det, self.log_normal.shape)
+        return lq.reshape(lq.shape[0], -1).sum(1)
+
+
+class MeanFieldGuide:
+    r"""The per-site mean-field Normal guide: every read of its posterior goes through here.
+
+    The ELBO (:func:`elbo_loss`), the row-sparse loss, scoring, the summary, recentering and
+    the convergence check all call it: :meth:`draw` on whole sites or on gathered table rows
+    (any leading subset of a site's rows, since rows are independent given the globals),
+    :meth:`loc_scale` for a site's unconstrained mean and sd. A guide family is one class.
+    """
+
+    name = "mean_field"
+
+    def __init__(self, sites: Mapping[str, LatentSite]) -> None:
+        self.sites = dict(sites)
+
+    @staticmethod
+    def loc_scale(p: Mapping[str, Any]) -> tuple[Any, Any]:
+        """Mean and sd of a site's (or rows') unconstrained marginal posterior, without the
+        spread a structured guide adds through the globals."""
+        return p["loc"], jax.nn.softplus(p["raw_scale"])
+
+    def marginal(self, name: str, p: Mapping[str, Any]) -> tuple[Any, Any]:
+        """Mean and sd of each element of a global site's unconstrained marginal posterior
+        (for a table's rows: given the globals)."""
+        return self.loc_scale(p)
+
+    def row_marginal(
+        self, name: str, rows: Mapping[str, Any], params: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[Any, Any]:
+        """Mean and sd of each element of some rows of table ``name`` (``rows``: their guide
+        parameters), unconditionally: here, the rows' own Normal. ``params``: the globals'."""
+        return self.loc_scale(rows)
+
+    def init_params(
+        self,
+        init_scale: float = 0.1,
+        dtype: Any = jnp.float32,
+        start: Mapping[str, Any] | None = None,
+        scales: Mapping[str, Any] | None = None,
+    ) -> Params:
+        """This family's starting parameters (see :func:`init_params`)."""
+        return self._extra_params(init_params(self.sites, init_scale, dtype, start, scales), dtype)
+
+    def _extra_params(self, params: Params, dtype: Any) -> Params:
+        """A family's parameters beyond each site's ``loc`` and ``raw_scale``: none here."""
+        return params
+
+    def param_logical_axes(self) -> dict[str, dict[str, Any]]:
+        """Logical axes of every parameter leaf, by site and field."""
+        return param_logical_axes(self.sites)
+
+    def _site_draw(
+        self, name: str, p: Mapping[str, jax.Array], eps: jax.Array, shift: Any = 0.0
+    ) -> SiteDraw:
+        loc, scale = self.loc_scale(p)
+        u = loc + scale * eps + shift
+        transform = biject_to(self.sites[name].support)
+        value = transform(u)
+        log_normal = -0.5 * eps**2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
+        return SiteDraw(value, eps, log_normal, transform.log_abs_det_jacobian(u, value))
+
+    @staticmethod
+    def _noise(key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, Any]:
+        names = sorted(params)
+        keys = jax.random.split(key, max(len(names), 1))
+        return {
+            n: jax.random.normal(k, params[n]["loc"].shape, params[n]["loc"].dtype)
+            for k, n in zip(keys, names, strict=False)
+        }
+
+    def draw(
+        self, key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]]
+    ) -> dict[str, SiteDraw]:
+        """A draw of every site in ``params`` (whole or gathered rows), keys split in site
+        order."""
+        eps = self._noise(key, params)
+        return {n: self._site_draw(n, params[n], e) for n, e in eps.items()}
+
+    def sample(
+        self, key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]]
+    ) -> tuple[dict[str, jax.Array], jax.Array]:
+        """Constrained values of every site and the total guide log-density."""
+        draws = self.draw(key, params)
+        log_q = sum((d.total() for d in draws.values()), jnp.zeros(()))
+        return {n: d.value for n, d in draws.items()}, log_q
+
+
+COUPLING = "coupling"
+
+
+class StructuredGuide(MeanFieldGuide):
+    r"""Partially factorized: a joint Normal over the global sites, and each coupled table
+    row's mean linear in them (after Goplerud, Papaspiliopoulos & Zanella's partially
+    factorized VI for high-dimensional mixed models).
+
+    With :math:`g \in \mathbb{R}^D` every global site's unconstrained elements in site
+    order and :math:`\varepsilon` standard normal noise of matching shapes:
+
+    .. math::
+        g = \mu + L \varepsilon_g, \quad L = \mathrm{diag}(s) + T \ (T \text{ strictly lower}),
+        \qquad u_r = m_r + s_r \varepsilon_r + A_r (g - \mu)
+
+    so :math:`q(g, u) = N(g; \mu, LL^\top) \prod_r N(u_r; m_r + A_r(g - \mu), s_r^2)`. The map
+    from noise to :math:`(g, u)` is triangular with diagonal :math:`(s, s_r)`, hence
+
+    .. math:: \log q = \textstyle\sum -\tfrac12 \varepsilon^2 - \log s - \tfrac12\log 2\pi
+        - \log|\det J_T|
+
+    exactly as for the mean-field guide: only the values move. Rows stay independent given
+    :math:`g`, so any subset of rows (a batch's gathered rows) is drawn from its own
+    parameters and the globals' draw, and a row's ELBO terms can be weighted row by row as
+    the row-sparse loss does. Parameters: each global site carries ``coupling`` ``(*shape,
+    D)``, its rows of :math:`T` (entries on or above the diagonal are masked out); each
+    coupled table ``coupling`` ``(rows, *event, D_r)``, the :math:`A_r`, sharded with its
+    rows: :math:`O(D_r)` more per row, where :math:`D_r \le D` counts the globals a row
+    follows (``row_globals``, for all tables or per table; the service picks the intercept and
+    the dense coefficients: a row's conditional mean is linear in exactly those for a gaussian
+    likelihood, while scales act at second order, and every extra coupling is noise that SGD
+    must average out). :math:`T = 0, A = 0` is the mean-field guide, where it starts.
+    """
+
+    name = "structured"
+
+    def __init__(
+        self,
+        sites: Mapping[str, LatentSite],
+        coupled: Iterable[str] = (),
+        row_globals: Mapping[str, Iterable[str]] | Iterable[str] | None = None,
+    ) -> None:
+        super().__init__(sites)
+        self.globals = tuple(sorted(n for n, site in self.sites.items() if is_global(site)))
+        sizes = [int(np.prod(self.sites[n].unconstrained_shape)) for n in self.globals]
+        starts = np.cumsum([0, *sizes[:-1]]).tolist() if sizes else []
+        self.offsets = dict(zip(self.globals, starts, strict=True))
+        self.dim = int(sum(sizes))
+        self.coupled = tuple(sorted(set(coupled) - set(self.globals)))
+        # per coupled table, the globals its rows' means follow (default: all), as indices
+        # into g
+        self.row_index: dict[str, np.ndarray] = {}
+        for table in self.coupled:
+            wanted = row_globals.get(table) if isinstance(row_globals, Mapping) else row_globals
+            chosen = [n for n in self.globals if wanted is None or n in set(wanted)]
+            self.row_index[table] = np.concatenate(
+                [self.offsets[n] + np.arange(sizes[self.globals.index(n)]) for n in chosen]
+                or [np.zeros(0, np.int64)]
+            ).astype(np.int64)
+
+    def row_column(self, table: str, name: str) -> int | None:
+        """The column of ``table``'s coupling that holds global ``name``'s first element."""
+        found = np.flatnonzero(self.row_index[table] == self.offsets[name])
+        return int(found[0]) if found.size else None
+
+    def _mask(self, name: str) -> np.ndarray:
+        """The columns of :math:`T` a global site's elements may use: those before them."""
+        shape = self.sites[name].unconstrained_shape
+        rows = self.offsets[name] + np.arange(int(np.prod(shape)))
+        mask = np.arange(self.dim)[None, :] < rows[:, None]
+        return mask.astype(np.float32).reshape((*shape, self.dim))
+
+    def global_factor(self, params: Mapping[str, Mapping[str, Any]]) -> jax.Array:
+        """:math:`L`, the ``(D, D)`` lower-triangular factor of the globals' covariance."""
+        blocks = []
+        for n in self.globals:
+            size = int(np.prod(self.sites[n].unconstrained_shape))
+            scale = self.loc_scale(params[n])[1].reshape(-1)
+            coupling = (params[n][COUPLING] * self._mask(n)).reshape(size, self.dim)
+            diag = (
+                jnp.zeros((size, self.dim))
+                .at[:, self.offsets[n] : self.offsets[n] + size]
+                .set(jnp.diag(scale))
+            )
+            blocks.append(coupling + diag)
+        return jnp.concatenate(blocks) if blocks else jnp.zeros((0, 0))
+
+    def marginal(self, name: str, p: Mapping[str, Any]) -> tuple[Any, Any]:
+        loc, scale = self.loc_scale(p)
+        if name not in self.offsets:
+            return loc, scale
+        coupling = p[COUPLING] * self._mask(name)
+        return loc, jnp.sqrt(scale**2 + jnp.sum(coupling**2, axis=-1))
+
+    def row_marginal(
+        self, name: str, rows: Mapping[str, Any], params: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[Any, Any]:
+        r"""With :math:`u_r = m_r + s_r\varepsilon_r + A_r L_r \varepsilon_g` (:math:`L_r`: the
+        rows of :math:`L` of the globals the table follows), :math:`E u_r = m_r` and
+        :math:`\mathrm{Var}\, u_r = s_r^2 + \lVert A_r L_r \rVert^2`: the row's own spread
+        plus what it inherits from the globals (the realized group means' uncertainty)."""
+        loc, scale = self.loc_scale(rows)
+        if COUPLING not in rows or name not in self.row_index:
+            return loc, scale
+        inherited = rows[COUPLING] @ self.global_factor(params)[self.row_index[name]]
+        return loc, jnp.sqrt(scale**2 + jnp.sum(inherited**2, axis=-1))
+
+    def _extra_params(self, params: Params, dtype: Any) -> Params:
+        """Every global's row of :math:`T` and every coupled row's :math:`A_r`, at 0."""
+        for name in (*self.globals, *self.coupled):
+            width = self.dim if name in self.offsets else len(self.row_index[name])
+            shape = (*self.sites[name].unconstrained_shape, width)
+            params[name] = {**params[name], COUPLING: jnp.zeros(shape, dtype)}
+        return params
+
+    def param_logical_axes(self) -> dict[str, dict[str, Any]]:
+        out = super().param_logical_axes()
+        for name in (*self.globals, *self.coupled):
+            axes = out[name]["loc"]
+            out[name][COUPLING] = None if axes is None else (*axes, None)
+        return out
+
+    def draw(
+        self, key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]]
+    ) -> dict[str, SiteDraw]:
+        missing = [n for n in self.globals if n not in params]
+        if missing:
+            raise ValueError(f"structured guide: a draw needs every global site; missing {missing}")
+        eps = self._noise(key, params)
+        out: dict[str, SiteDraw] = {}
+        centred = []  # g - mu, in global order
+        eps_g = jnp.concatenate([eps[n].reshape(-1) for n in self.globals]) if self.dim else None
+        for n in self.globals:
+            p = params[n]
+            shift = (p[COUPLING] * self._mask(n)) @ eps_g
+            out[n] = self._site_draw(n, p, eps[n], shift)
+            centred.append((self.loc_scale(p)[1] * eps[n] + shift).reshape(-1))
+        z = jnp.concatenate(centred) if centred else None
+        for n in sorted(eps):
+            if n not in out:
+                p = params[n]
+                coupled = COUPLING in p and z is not None
+                shift = p[COUPLING] @ z[self.row_index[n]] if coupled else 0.0
+                out[n] = self._site_draw(n, p, eps[n], shift)
+        return out
+
+
+GUIDES = ("structured", "mean_field")
+
+
+def make_guide(
+    name: str,
+    sites: Mapping[str, LatentSite],
+    coupled: Iterable[str] = (),
+    row_globals: Mapping[str, Iterable[str]] | Iterable[str] | None = None,
+) -> MeanFieldGuide:
+    """The guide family ``name`` over ``sites``; ``coupled``: the tables whose rows a
+    structured guide ties to the globals."""
+    if name == "mean_field":
+        return MeanFieldGuide(sites)
+    if name == "structured":
+        return StructuredGuide(sites, coupled, row_globals)
+    raise ValueError(f"unknown guide {name!r}; choose one of {list(GUIDES)}")
+
+
+def sample_latents(
+    key: jax.Array, params: Params, sites: Mapping[str, LatentSite]
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """One reparameterised draw of every latent (constrained) and its guide log-density."""
+    return MeanFieldGuide(sites).sample(key, params)
+
+
+def elbo_loss(
+    key: jax.Array,
+    params: Params,
+    guide: MeanFieldGuide,
+    model: Callable[..., Any],
+    *args: Any,
+    **kwargs: Any,
+) -> jax.Array:
+    """Negative single-draw ELBO estimate: :math:`\\log q(z) - \\log p(y, z)`."""
+    draw_key, model_key = jax.random.split(key)
+    values, log_q = guide.sample(draw_key, params)
+    log_p, _ = log_density(handlers.seed(model, model_key), args, kwargs, values)
+    return log_q - log_p

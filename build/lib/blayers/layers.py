@@ -1,0 +1,986 @@
+r"""Bayesian layers on JAX + NumPyro.
+
+Three levels of configuration:
+
+- class level: the generic model form and how coefficients meet data (``class FMLayer(BLayer)``);
+- instance level: which distributions and prior parameters (``FMLayer(scale_dist=...)``). An
+  instance holds no parameters: it is a reusable factory, callable many times under new names;
+- call level: ``layer(name, x, ...)`` emits NumPyro ``sample`` sites for one batch and returns the
+  output. Layers are pure NumPyro, so they run under SVI, NUTS, ``Predictive`` and any handler.
+
+Notation: ``n`` rows in a batch, ``c`` categories, ``d`` features, ``l`` low-rank dim, ``m``
+embedding dim, ``u`` units (output dim).
+
+Sample sites are named ``"{LayerClass}_{name}_{param}"`` (``param`` is ``scale`` for the
+hierarchical :math:`\lambda`). Every site declares logical sharding axes (``blayers.axes``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+from numpyro import distributions, handlers
+from numpyro.primitives import _PYRO_STACK
+
+from blayers import axes as ax
+from blayers._checks import as_2d, check_id_range, check_ids, check_kwargs
+
+Activation = Callable[[jax.Array], jax.Array]
+identity: Activation = jax.nn.identity
+
+__all__ = [
+    "AdaptiveLayer",
+    "AttentionLayer",
+    "BLayer",
+    "BilinearLayer",
+    "CategoricalFMLayer",
+    "EmbeddingLayer",
+    "FM3Layer",
+    "FMLayer",
+    "FixedPriorLayer",
+    "HorseshoeLayer",
+    "InteractionLayer",
+    "InterceptLayer",
+    "LowRankBilinearLayer",
+    "LowRankInteractionLayer",
+    "RandomEffectsLayer",
+    "RandomWalkLayer",
+    "SpikeAndSlabLayer",
+    "pairwise_interactions",
+]
+
+
+def pairwise_interactions(x: jax.Array, z: jax.Array) -> jax.Array:
+    r"""Row-wise flattened outer product.
+
+    .. math:: \text{out}_{n, (i, j)} = x_{n,i}\, z_{n,j}
+
+    Args:
+        x: ``(n, d1)`` (or ``(n,)``).
+        z: ``(n, d2)`` (or ``(n,)``).
+
+    Returns:
+        ``(n, d1 * d2)``, column ``i * d2 + j`` holding :math:`x_i z_j`.
+    """
+    x = as_2d(x, "pairwise_interactions x")
+    z = as_2d(z, "pairwise_interactions z")
+    if x.shape[0] != z.shape[0]:
+        raise ValueError(f"pairwise_interactions: x has {x.shape[0]} rows but z has {z.shape[0]}")
+    return jnp.einsum("ni,nj->nij", x, z).reshape(x.shape[0], -1)
+
+
+def _refuse_duplicate(site: str, name: str) -> None:
+    """Raise if ``site`` was already recorded by an enclosing trace (two layers, one name)."""
+    for frame in _PYRO_STACK:
+        if isinstance(frame, handlers.trace) and site in frame.trace:
+            raise ValueError(
+                f"layer name clash: sample site {site!r} already exists in this model; "
+                f"give each call of this layer class a distinct name (not {name!r} twice)"
+            )
+
+
+class BLayer(ABC):
+    """Abstract base class for Bayesian layers. Lays out an interface."""
+
+    @abstractmethod
+    def __init__(self, *args: Any) -> None:
+        """Store the prior family and its parameters (no sampling happens here)."""
+
+    @abstractmethod
+    def __call__(self, *args: Any) -> jax.Array:
+        """Emit sample sites for one batch and return the layer output."""
+
+    def _site(self, name: str, param: str) -> str:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{type(self).__name__}: name must be a non-empty str, got {name!r}")
+        return f"{type(self).__name__}_{name}_{param}"
+
+    def _sample(
+        self,
+        name: str,
+        param: str,
+        fn: distributions.Distribution,
+        shape: tuple[int, ...],
+        logical_axes: ax.LogicalAxes,
+    ) -> jax.Array:
+        """Sample a parameter block of ``shape`` as one site with event shape ``shape``."""
+        if len(shape) != len(logical_axes):
+            raise AssertionError(f"axes {logical_axes} do not match shape {shape}")
+        if shape:
+            fn = fn.expand(shape).to_event(len(shape))
+        site = self._site(name, param)
+        _refuse_duplicate(site, name)
+        return numpyro.sample(site, fn, infer=ax.tag(logical_axes))
+
+
+class _HierarchicalLayer(BLayer):
+    r"""Shared constructor for the adaptive layers: :math:`\lambda \sim` ``scale_dist``,
+    coefficients :math:`\sim` ``coef_dist(scale=\lambda, **coef_kwargs)``."""
+
+    def __init__(
+        self,
+        scale_dist: type[distributions.Distribution] = distributions.HalfNormal,
+        coef_dist: type[distributions.Distribution] = distributions.Normal,
+        coef_kwargs: dict[str, float] = {"loc": 0.0},  # noqa: B006 - published default
+        scale_kwargs: dict[str, float] = {"scale": 1.0},  # noqa: B006 - published default
+    ) -> None:
+        """
+        Args:
+            scale_dist: NumPyro distribution class for the scale (λ) of the prior.
+            coef_dist: NumPyro distribution class for the coefficient prior; it receives
+                ``scale=λ`` plus ``coef_kwargs``.
+            coef_kwargs: Parameters for the coefficient prior.
+            scale_kwargs: Parameters for the scale distribution.
+
+        Raises:
+            TypeError: a distribution cannot take the given kwargs.
+        """
+        check_kwargs(scale_dist, scale_kwargs, "scale")
+        check_kwargs(coef_dist, coef_kwargs, "coef", provided=("scale",))
+        self.scale_dist = scale_dist
+        self.coef_dist = coef_dist
+        self.coef_kwargs = dict(coef_kwargs)
+        self.scale_kwargs = dict(scale_kwargs)
+
+    def _scale(self, name: str, param: str = "scale") -> jax.Array:
+        return self._sample(name, param, self.scale_dist(**self.scale_kwargs), (), ())
+
+    def _coef(
+        self,
+        name: str,
+        param: str,
+        shape: tuple[int, ...],
+        logical_axes: ax.LogicalAxes,
+        scale: jax.Array,
+    ) -> jax.Array:
+        prior = self.coef_dist(scale=scale, **self.coef_kwargs)
+        return self._sample(name, param, prior, shape, logical_axes)
+
+
+class _FixedPriorBase(BLayer):
+    def __init__(
+        self,
+        coef_dist: type[distributions.Distribution] = distributions.Normal,
+        coef_kwargs: dict[str, float] = {"loc": 0.0, "scale": 1.0},  # noqa: B006
+    ) -> None:
+        """
+        Args:
+            coef_dist: NumPyro distribution class for the coefficients.
+            coef_kwargs: Parameters of the (fixed) prior distribution.
+
+        Raises:
+            TypeError: ``coef_dist`` cannot take ``coef_kwargs``.
+        """
+        check_kwargs(coef_dist, coef_kwargs, "coef")
+        self.coef_dist = coef_dist
+        self.coef_kwargs = dict(coef_kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense regression layers
+# --------------------------------------------------------------------------------------------
+
+
+class AdaptiveLayer(_HierarchicalLayer):
+    r"""Bayesian layer with adaptive prior using hierarchical modeling.
+
+    .. math::
+        \lambda \sim HalfNormal(1), \quad \beta \sim Normal(0, \lambda),
+        \quad \beta \in \mathbb{R}^{d \times u}
+
+    .. math:: \text{output} = \text{act}(x \beta) \in \mathbb{R}^{n \times u}
+
+    Sites: ``AdaptiveLayer_{name}_scale`` (scalar), ``AdaptiveLayer_{name}_beta`` ``(d, u)``.
+    """
+
+    def __call__(
+        self, name: str, x: jax.Array, units: int = 1, activation: Activation = identity
+    ) -> jax.Array:
+        """Forward pass with adaptive prior on coefficients.
+
+        Args:
+            name: Variable name.
+            x: Input of shape ``(n, d)`` (``(n,)`` is read as ``(n, 1)``).
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        scale = self._scale(name)
+        beta = self._coef(name, "beta", (x.shape[1], units), (ax.FEATURES, ax.UNITS), scale)
+        return activation(x @ beta)
+
+
+class FixedPriorLayer(_FixedPriorBase):
+    r"""Bayesian layer with a fixed prior distribution over coefficients.
+
+    .. math:: \beta \sim Normal(0, 1), \quad \beta \in \mathbb{R}^{d \times u},
+        \quad \text{output} = \text{act}(x\beta)
+
+    Sites: ``FixedPriorLayer_{name}_beta`` ``(d, u)``.
+    """
+
+    def __call__(
+        self, name: str, x: jax.Array, units: int = 1, activation: Activation = identity
+    ) -> jax.Array:
+        """Forward pass with fixed prior.
+
+        Args:
+            name: Variable name.
+            x: Input of shape ``(n, d)`` (``(n,)`` is read as ``(n, 1)``).
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        prior = self.coef_dist(**self.coef_kwargs)
+        beta = self._sample(name, "beta", prior, (x.shape[1], units), (ax.FEATURES, ax.UNITS))
+        return activation(x @ beta)
+
+
+class InterceptLayer(_FixedPriorBase):
+    r"""Bayesian intercept (bias) term with a fixed prior.
+
+    .. math:: \beta \sim Normal(0, 1), \quad \beta \in \mathbb{R}^{1 \times u},
+        \quad \text{output} = \text{act}(\beta)
+
+    The ``(1, u)`` output broadcasts over the rows of other terms.
+    Sites: ``InterceptLayer_{name}_beta`` ``(1, u)``.
+    """
+
+    def __call__(self, name: str, units: int = 1, activation: Activation = identity) -> jax.Array:
+        """Forward pass with fixed prior.
+
+        Args:
+            name: Variable name.
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(1, u)``.
+        """
+        prior = self.coef_dist(**self.coef_kwargs)
+        return activation(self._sample(name, "beta", prior, (1, units), (None, ax.UNITS)))
+
+
+# --------------------------------------------------------------------------------------------
+# Factorization machines and interactions
+# --------------------------------------------------------------------------------------------
+
+
+def _fm2(xv: jax.Array, x2v2: jax.Array) -> jax.Array:
+    """Rendle's identity: 0.5 Σ_l [(Σ_i x_i v_il)² − Σ_i x_i² v_il²], inputs ``(n, l, u)``."""
+    return 0.5 * jnp.sum(xv**2 - x2v2, axis=1)
+
+
+def _fm3(p1: jax.Array, p2: jax.Array, p3: jax.Array) -> jax.Array:
+    """Newton's identity for the 3rd elementary symmetric polynomial, summed over rank."""
+    return jnp.sum(p1**3 - 3.0 * p2 * p1 + 2.0 * p3, axis=1) / 6.0
+
+
+class FMLayer(_HierarchicalLayer):
+    r"""Bayesian factorization machine layer with adaptive priors (Rendle 2010).
+
+    .. math::
+        \lambda \sim HalfNormal(1), \quad \theta \sim Normal(0, \lambda),
+        \quad \theta \in \mathbb{R}^{d \times l \times u}
+
+    .. math::
+        \text{output}_{\cdot u} = \sum_{i<j} \langle \theta_{i\cdot u}, \theta_{j\cdot u}\rangle
+        x_i x_j = \tfrac12 \sum_l \Big[\big(\textstyle\sum_i x_i\theta_{ilu}\big)^2
+        - \textstyle\sum_i x_i^2 \theta_{ilu}^2\Big]
+
+    Sites: ``FMLayer_{name}_scale``, ``FMLayer_{name}_theta`` ``(d, l, u)``. For categorical
+    fields use :class:`CategoricalFMLayer`, which never builds the one-hot matrix.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        low_rank_dim: int,
+        units: int = 1,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """Forward pass through the factorization machine layer.
+
+        Args:
+            name: Variable name scope.
+            x: Input matrix of shape ``(n, d)``.
+            low_rank_dim: Dimensionality ``l`` of the factors.
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        scale = self._scale(name)
+        theta = self._coef(
+            name,
+            "theta",
+            (x.shape[1], low_rank_dim, units),
+            (ax.FEATURES, ax.RANK, ax.UNITS),
+            scale,
+        )
+        xv = jnp.einsum("nd,dlu->nlu", x, theta)
+        x2v2 = jnp.einsum("nd,dlu->nlu", x**2, theta**2)
+        return activation(_fm2(xv, x2v2))
+
+
+class FM3Layer(_HierarchicalLayer):
+    r"""Bayesian order-3 factorization machine layer with adaptive prior (Blondel et al. 2016).
+
+    .. math::
+        \lambda \sim HalfNormal(1), \quad \theta \sim Normal(0, \lambda),
+        \quad \theta \in \mathbb{R}^{d \times l \times u}
+
+    With power sums :math:`p_k = \sum_i x_i^k \theta_i^k` (per rank and unit),
+
+    .. math::
+        \text{output} = \sum_l \frac{p_1^3 - 3 p_2 p_1 + 2 p_3}{6}
+        = \sum_l \sum_{i<j<k} x_i x_j x_k \theta_{il}\theta_{jl}\theta_{kl}
+
+    Sites: ``FM3Layer_{name}_scale``, ``FM3Layer_{name}_theta`` ``(d, l, u)``.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        low_rank_dim: int,
+        units: int = 1,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """Forward pass through the order-3 factorization machine.
+
+        Args:
+            name: Variable name scope.
+            x: Input matrix of shape ``(n, d)``.
+            low_rank_dim: Dimensionality ``l`` of the factors.
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        scale = self._scale(name)
+        theta = self._coef(
+            name,
+            "theta",
+            (x.shape[1], low_rank_dim, units),
+            (ax.FEATURES, ax.RANK, ax.UNITS),
+            scale,
+        )
+        p1, p2, p3 = (jnp.einsum("nd,dlu->nlu", x**k, theta**k) for k in (1, 2, 3))
+        return activation(_fm3(p1, p2, p3))
+
+
+class LowRankInteractionLayer(_HierarchicalLayer):
+    r"""Bayesian low-rank interaction between two feature sets (UV decomposition).
+
+    .. math::
+        \lambda_1, \lambda_2 \sim HalfNormal(1), \quad
+        \theta_1 \sim Normal(0, \lambda_1) \in \mathbb{R}^{d_1 \times l \times u}, \quad
+        \theta_2 \sim Normal(0, \lambda_2) \in \mathbb{R}^{d_2 \times l \times u}
+
+    .. math:: \text{output}_u = \sum_{r=1}^{l} (x\theta_{1})_{ru} (z\theta_{2})_{ru}
+        = x^\top (\theta_{1\cdot\cdot u}\theta_{2\cdot\cdot u}^\top) z
+
+    Sites: ``..._scale1``, ``..._theta1``, ``..._scale2``, ``..._theta2``.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        z: jax.Array,
+        low_rank_dim: int,
+        units: int = 1,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """Low-rank interaction of ``x`` and ``z``.
+
+        Args:
+            name: Variable name scope.
+            x: ``(n, d1)``.
+            z: ``(n, d2)``.
+            low_rank_dim: Rank ``l``.
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        z = as_2d(z, self._site(name, "z"))
+        scale1 = self._scale(name, "scale1")
+        theta1 = self._coef(
+            name,
+            "theta1",
+            (x.shape[1], low_rank_dim, units),
+            (ax.FEATURES, ax.RANK, ax.UNITS),
+            scale1,
+        )
+        scale2 = self._scale(name, "scale2")
+        theta2 = self._coef(
+            name,
+            "theta2",
+            (z.shape[1], low_rank_dim, units),
+            (ax.FEATURES2, ax.RANK, ax.UNITS),
+            scale2,
+        )
+        xt = jnp.einsum("nd,dlu->nlu", x, theta1)
+        zt = jnp.einsum("nd,dlu->nlu", z, theta2)
+        return activation(jnp.sum(xt * zt, axis=1))
+
+
+class InteractionLayer(_HierarchicalLayer):
+    r"""Bayesian full pairwise interaction layer with adaptive prior.
+
+    .. math::
+        \lambda \sim HalfNormal(1), \quad \beta \sim Normal(0, \lambda),
+        \quad \beta \in \mathbb{R}^{d_1 d_2 \times u}
+
+    .. math:: \text{output} = (x \otimes z)\, \beta
+
+    with :math:`x \otimes z` from :func:`pairwise_interactions`. Prefer
+    :class:`LowRankInteractionLayer` when :math:`d_1 d_2` is large.
+    Sites: ``..._scale``, ``..._beta`` ``(d1*d2, u)``.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        z: jax.Array,
+        units: int = 1,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """All pairwise interactions of ``x`` and ``z``, weighted.
+
+        Args:
+            name: Variable name scope.
+            x: ``(n, d1)``.
+            z: ``(n, d2)``.
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        pairs = pairwise_interactions(x, z)
+        scale = self._scale(name)
+        beta = self._coef(name, "beta", (pairs.shape[1], units), (ax.PAIRS, ax.UNITS), scale)
+        return activation(pairs @ beta)
+
+
+class BilinearLayer(_HierarchicalLayer):
+    r"""Bayesian full bilinear layer with adaptive prior.
+
+    .. math::
+        \lambda \sim HalfNormal(1), \quad W \sim Normal(0, \lambda),
+        \quad W \in \mathbb{R}^{d_1 \times d_2 \times u}
+
+    .. math:: \text{output}_u = x^\top W_{\cdot\cdot u}\, z
+
+    Sites: ``..._scale``, ``..._W`` ``(d1, d2, u)``.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        z: jax.Array,
+        units: int = 1,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """Bilinear form of ``x`` and ``z``.
+
+        Args:
+            name: Variable name scope.
+            x: ``(n, d1)``.
+            z: ``(n, d2)``.
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        z = as_2d(z, self._site(name, "z"))
+        scale = self._scale(name)
+        W = self._coef(
+            name,
+            "W",
+            (x.shape[1], z.shape[1], units),
+            (ax.FEATURES, ax.FEATURES2, ax.UNITS),
+            scale,
+        )
+        return activation(jnp.einsum("ni,iju,nj->nu", x, W, z))
+
+
+class LowRankBilinearLayer(_HierarchicalLayer):
+    r"""Bayesian low-rank bilinear layer with one shared adaptive scale.
+
+    .. math::
+        \lambda \sim HalfNormal(1), \quad A \sim Normal(0, \lambda) \in
+        \mathbb{R}^{d_1 \times l \times u}, \quad B \sim Normal(0, \lambda) \in
+        \mathbb{R}^{d_2 \times l \times u}
+
+    .. math:: \text{output}_u = x^\top A_{\cdot\cdot u} B_{\cdot\cdot u}^\top z
+        = \sum_r (xA)_{ru} (zB)_{ru}
+
+    Sites: ``..._scale``, ``..._A``, ``..._B``.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        z: jax.Array,
+        low_rank_dim: int,
+        units: int = 1,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """Rank-``l`` bilinear form of ``x`` and ``z``.
+
+        Args:
+            name: Variable name scope.
+            x: ``(n, d1)``.
+            z: ``(n, d2)``.
+            low_rank_dim: Rank ``l``.
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        z = as_2d(z, self._site(name, "z"))
+        scale = self._scale(name)
+        A = self._coef(
+            name, "A", (x.shape[1], low_rank_dim, units), (ax.FEATURES, ax.RANK, ax.UNITS), scale
+        )
+        B = self._coef(
+            name, "B", (z.shape[1], low_rank_dim, units), (ax.FEATURES2, ax.RANK, ax.UNITS), scale
+        )
+        xa = jnp.einsum("nd,dlu->nlu", x, A)
+        zb = jnp.einsum("nd,dlu->nlu", z, B)
+        return activation(jnp.sum(xa * zb, axis=1))
+
+
+# --------------------------------------------------------------------------------------------
+# Categorical (table) layers
+# --------------------------------------------------------------------------------------------
+
+
+class EmbeddingLayer(_HierarchicalLayer):
+    r"""Bayesian embedding layer for sparse categorical features.
+
+    .. math::
+        \lambda \sim HalfNormal(1), \quad \theta \sim Normal(0, \lambda),
+        \quad \theta \in \mathbb{R}^{c \times m}, \quad \text{output}_i = \theta[x_i]
+
+    For :math:`m = 1` prefer :class:`RandomEffectsLayer`.
+    Sites: ``EmbeddingLayer_{name}_scale``, ``EmbeddingLayer_{name}_theta`` ``(c, m)`` with logical
+    axes ``("categories", "embed")``.
+    """
+
+    def __call__(
+        self, name: str, x: jax.Array, num_categories: int, embedding_dim: int
+    ) -> jax.Array:
+        """Forward pass through embedding lookup.
+
+        Args:
+            name: Variable name scope.
+            x: Integer ids in ``[0, num_categories)``, shape ``(n,)`` or ``(n, 1)``.
+            num_categories: Number of rows ``c`` of the table.
+            embedding_dim: Embedding size ``m``.
+
+        Returns:
+            ``(n, m)``.
+
+        Raises:
+            TypeError: non-integer ids. ValueError: ids out of range (when concrete).
+        """
+        ids = check_ids(x, num_categories, self._site(name, "x"))
+        scale = self._scale(name)
+        theta = self._coef(
+            name, "theta", (num_categories, embedding_dim), (ax.CATEGORIES, ax.EMBED), scale
+        )
+        return theta[ids]
+
+
+class RandomEffectsLayer(_HierarchicalLayer):
+    r"""Bayesian random-effects layer — a scalar effect per category.
+
+    .. math::
+        \lambda \sim HalfNormal(1), \quad \theta \sim Normal(0, \lambda),
+        \quad \theta \in \mathbb{R}^{c}, \quad \text{output}_i = \theta[x_i]
+
+    A classical mixed-effects intercept with learned variance :math:`\lambda^2`.
+    Sites: ``RandomEffectsLayer_{name}_scale``, ``RandomEffectsLayer_{name}_theta`` ``(c,)`` with
+    logical axes ``("categories",)``.
+    """
+
+    def __call__(self, name: str, x: jax.Array, num_categories: int) -> jax.Array:
+        """Forward pass through the random-effect lookup.
+
+        Args:
+            name: Variable name scope.
+            x: Integer ids in ``[0, num_categories)``, shape ``(n,)`` or ``(n, 1)``.
+            num_categories: Number of groups ``c``.
+
+        Returns:
+            ``(n, 1)``.
+        """
+        ids = check_ids(x, num_categories, self._site(name, "x"))
+        scale = self._scale(name)
+        theta = self._coef(name, "theta", (num_categories,), (ax.CATEGORIES,), scale)
+        return theta[ids][:, None]
+
+
+class RandomWalkLayer(_HierarchicalLayer):
+    r"""Bayesian Gaussian random walk over ordered categories.
+
+    .. math::
+        \lambda \sim HalfNormal(1), \quad \delta_t \sim Normal(0, \lambda)
+        \in \mathbb{R}^{m}, \quad \theta_t = \sum_{s \le t} \delta_s,
+        \quad \text{output}_i = \theta[x_i]
+
+    ``m`` independent walks run in parallel. The increments :math:`\delta` are the sampled site,
+    named ``RandomWalkLayer_{name}_theta`` ``(c, m)`` as in the published layer; positions are
+    their cumulative sum along the category axis.
+    """
+
+    def __call__(
+        self, name: str, x: jax.Array, num_categories: int, embedding_dim: int
+    ) -> jax.Array:
+        """Forward pass: positions of each row's category along the walk.
+
+        Args:
+            name: Variable name scope.
+            x: Integer ids (ordered categories, e.g. time), ``(n,)`` or ``(n, 1)``.
+            num_categories: Number of steps ``c``.
+            embedding_dim: Number of parallel walks ``m``.
+
+        Returns:
+            ``(n, m)``.
+        """
+        ids = check_ids(x, num_categories, self._site(name, "x"))
+        scale = self._scale(name)
+        delta = self._coef(
+            name, "theta", (num_categories, embedding_dim), (ax.CATEGORIES, ax.EMBED), scale
+        )
+        return jnp.cumsum(delta, axis=0)[ids]
+
+
+def _field_offsets(num_categories: int | Sequence[int], num_fields: int, what: str) -> np.ndarray:
+    sizes = (
+        np.full(num_fields, int(num_categories), dtype=np.int64)
+        if np.ndim(num_categories) == 0
+        else np.asarray(num_categories, dtype=np.int64)
+    )
+    if sizes.shape != (num_fields,):
+        raise ValueError(
+            f"{what}: num_categories has {sizes.size} entries but x has {num_fields} fields; "
+            "give one count per column of x (or a single int for all)"
+        )
+    if (sizes < 1).any():
+        raise ValueError(f"{what}: every field needs num_categories >= 1, got {sizes.tolist()}")
+    return sizes
+
+
+class CategoricalFMLayer(_HierarchicalLayer):
+    r"""Factorization machine over categorical fields, backed by one embedding table.
+
+    Equivalent to :class:`FMLayer` on the concatenated one-hot encoding of the ``F`` fields
+    (``d = C = \sum_f c_f`` columns) without ever building that ``(n, C)`` matrix: each row has
+    exactly one active column per field, so with :math:`v_f = \theta[\text{off}_f + x_f]`
+
+    .. math::
+        \lambda \sim HalfNormal(1), \quad \theta \sim Normal(0, \lambda),
+        \quad \theta \in \mathbb{R}^{C \times l \times u}
+
+    .. math::
+        \text{output}_u = \sum_{f<g} \langle v_{f\cdot u}, v_{g\cdot u} \rangle
+        = \tfrac12 \sum_l \Big[\big(\textstyle\sum_f v_{flu}\big)^2
+        - \textstyle\sum_f v_{flu}^2\Big]
+
+    Cost per row is ``O(F l u)``, independent of ``C``. Sites: ``..._scale``, ``..._theta``
+    ``(C, l, u)`` with logical axes ``("categories", "rank", "units")``; field ``f`` owns rows
+    ``[off_f, off_f + c_f)`` of the table.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        num_categories: int | Sequence[int],
+        low_rank_dim: int,
+        units: int = 1,
+        activation: Activation = identity,
+        ids_are_rows: bool = False,
+    ) -> jax.Array:
+        """FM over the categorical fields in the columns of ``x``.
+
+        Args:
+            name: Variable name scope.
+            x: Integer ids, shape ``(n, F)``; column ``f`` holds ids in ``[0, c_f)``.
+            num_categories: ``c_f`` per field (a sequence of ``F`` ints), or one int for all.
+            low_rank_dim: Rank ``l`` of the factors.
+            units: Number of outputs.
+            activation: Applied to the output.
+            ids_are_rows: ``x`` already holds rows of one shared table of ``num_categories``
+                (an int) rows — e.g. fields drawing from one vocabulary, or rows gathered from
+                a larger table.
+
+        Returns:
+            ``(n, u)``.
+        """
+        what = self._site(name, "x")
+        x = as_2d(x, what)
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"{what}: category ids must be integers, got dtype {x.dtype}")
+        if ids_are_rows:
+            if np.ndim(num_categories) != 0:
+                raise ValueError(f"{what}: ids_are_rows needs one table size, not per field")
+            rows_total = int(num_categories)
+            check_id_range(x, rows_total, what)
+            rows = x.astype(jnp.int32)
+        else:
+            sizes = _field_offsets(num_categories, x.shape[1], what)
+            check_id_range(x, sizes[None, :], what)
+            offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            rows_total = int(sizes.sum())
+            rows = x.astype(jnp.int32) + jnp.asarray(offsets, dtype=jnp.int32)
+        scale = self._scale(name)
+        theta = self._coef(
+            name,
+            "theta",
+            (rows_total, low_rank_dim, units),
+            (ax.CATEGORIES, ax.RANK, ax.UNITS),
+            scale,
+        )
+        # One 1-D row gather per field from a flat (C, l*u) view: XLA:CPU is several times
+        # faster at this than at one (n, F) gather of (l, u) slices, forward and backward.
+        flat = theta.reshape(rows_total, low_rank_dim * units)
+        fields = [flat[rows[:, f]] for f in range(rows.shape[1])]
+        shape = (rows.shape[0], low_rank_dim, units)
+        first = sum(fields[1:], fields[0]).reshape(shape)
+        second = sum((v * v for v in fields[1:]), fields[0] * fields[0]).reshape(shape)
+        return activation(_fm2(first, second))
+
+
+# --------------------------------------------------------------------------------------------
+# Sparsity priors
+# --------------------------------------------------------------------------------------------
+
+
+class HorseshoeLayer(BLayer):
+    r"""Bayesian layer with (regularized) horseshoe prior (Piironen & Vehtari 2017).
+
+    .. math::
+        \tau_u \sim HalfCauchy(1), \quad \lambda_{ju} \sim HalfCauchy(1),
+        \quad \beta_{ju} \sim Normal(0, \tau_u \tilde\lambda_{ju})
+
+    with :math:`\tilde\lambda = \lambda` (plain), or when ``slab_scale`` :math:`s` is set
+
+    .. math::
+        c^2 \sim InverseGamma(\nu/2, \nu s^2/2), \quad
+        \tilde\lambda_{ju}^2 = \frac{c^2 \lambda_{ju}^2}{c^2 + \tau_u^2 \lambda_{ju}^2}
+
+    Sites: ``..._tau`` ``(u,)``, ``..._scale`` ``(d, u)``, ``..._c2`` (regularized only),
+    ``..._beta`` ``(d, u)``.
+    """
+
+    def __init__(
+        self,
+        slab_scale: float | None = None,
+        slab_df: float = 4.0,
+        coef_dist: type[distributions.Distribution] = distributions.Normal,
+        coef_kwargs: dict[str, float] = {"loc": 0.0},  # noqa: B006
+    ) -> None:
+        """
+        Args:
+            slab_scale: If set, the regularized horseshoe with this slab scale; ``None`` gives
+                the plain horseshoe.
+            slab_df: Degrees of freedom ``ν`` of the slab variance prior.
+            coef_dist: Coefficient distribution; receives ``scale`` from the shrinkage.
+            coef_kwargs: Extra kwargs for ``coef_dist`` (beyond ``scale``).
+        """
+        if slab_scale is not None and not slab_scale > 0:
+            raise ValueError(f"HorseshoeLayer: slab_scale must be > 0 or None, got {slab_scale}")
+        if not slab_df > 0:
+            raise ValueError(f"HorseshoeLayer: slab_df must be > 0, got {slab_df}")
+        check_kwargs(coef_dist, coef_kwargs, "coef", provided=("scale",))
+        self.slab_scale = slab_scale
+        self.slab_df = float(slab_df)
+        self.coef_dist = coef_dist
+        self.coef_kwargs = dict(coef_kwargs)
+
+    def __call__(
+        self, name: str, x: jax.Array, units: int = 1, activation: Activation = identity
+    ) -> jax.Array:
+        """Forward pass with horseshoe prior on coefficients.
+
+        Args:
+            name: Variable name scope.
+            x: ``(n, d)``.
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        d = x.shape[1]
+        half_cauchy = distributions.HalfCauchy(1.0)
+        tau = self._sample(name, "tau", half_cauchy, (units,), (ax.UNITS,))
+        lam = self._sample(name, "scale", half_cauchy, (d, units), (ax.FEATURES, ax.UNITS))
+        if self.slab_scale is not None:
+            half_df = self.slab_df / 2.0
+            slab = distributions.InverseGamma(half_df, half_df * self.slab_scale**2)
+            c2 = self._sample(name, "c2", slab, (), ())
+            lam = jnp.sqrt(c2 * lam**2 / (c2 + tau**2 * lam**2))
+        prior = self.coef_dist(scale=tau * lam, **self.coef_kwargs)
+        beta = self._sample(name, "beta", prior, (d, units), (ax.FEATURES, ax.UNITS))
+        return activation(x @ beta)
+
+
+class SpikeAndSlabLayer(BLayer):
+    r"""Sparse regression via a continuous spike-and-slab prior.
+
+    .. math::
+        z_{ju} \sim Beta(\alpha, \beta), \quad b_{ju} \sim \text{slab},
+        \quad \text{output} = \text{act}(x (z \odot b))
+
+    The default ``Beta(0.5, 0.5)`` puts mass near 0 and 1; the posterior mean of :math:`z_j`
+    approximates the inclusion probability of feature ``j``.
+    Sites: ``..._z`` ``(d, u)``, ``..._beta`` ``(d, u)``.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        beta: float = 0.5,
+        coef_dist: type[distributions.Distribution] = distributions.Normal,
+        coef_kwargs: dict[str, float] = {"loc": 0.0, "scale": 1.0},  # noqa: B006
+    ) -> None:
+        """
+        Args:
+            alpha: First concentration of the Beta prior on ``z``.
+            beta: Second concentration of the Beta prior on ``z``.
+            coef_dist: Slab distribution class.
+            coef_kwargs: Kwargs for ``coef_dist``.
+        """
+        if not (alpha > 0 and beta > 0):
+            raise ValueError(f"SpikeAndSlabLayer: alpha and beta must be > 0, got {alpha}, {beta}")
+        check_kwargs(coef_dist, coef_kwargs, "coef")
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.coef_dist = coef_dist
+        self.coef_kwargs = dict(coef_kwargs)
+
+    def __call__(
+        self, name: str, x: jax.Array, units: int = 1, activation: Activation = identity
+    ) -> jax.Array:
+        """Forward pass with gated slab coefficients.
+
+        Args:
+            name: Variable name scope.
+            x: ``(n, d)``.
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        shape = (x.shape[1], units)
+        logical = (ax.FEATURES, ax.UNITS)
+        z = self._sample(name, "z", distributions.Beta(self.alpha, self.beta), shape, logical)
+        b = self._sample(name, "beta", self.coef_dist(**self.coef_kwargs), shape, logical)
+        return activation(x @ (z * b))
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+
+class AttentionLayer(_HierarchicalLayer):
+    r"""Multi-head Bayesian self-attention over the feature dimension (FT-Transformer tokens).
+
+    For a row :math:`x \in \mathbb{R}^d`, with token width :math:`D = h \cdot H`:
+
+    .. math::
+        T_j = x_j E_j + b_j \in \mathbb{R}^{D}, \quad
+        Q^{(k)} = T W_Q^{(k)},\; K^{(k)} = T W_K^{(k)},\; V^{(k)} = T W_V^{(k)}
+
+    .. math::
+        A^{(k)} = \text{softmax}\big(Q^{(k)} K^{(k)\top} / \sqrt{h}\big) V^{(k)}, \quad
+        \text{output} = \text{act}\Big(\tfrac1d \textstyle\sum_j [A^{(1)}, \dots, A^{(H)}]_j
+        \, W_O\Big)
+
+    All weights share one adaptive scale :math:`\lambda \sim HalfNormal(1)` and are
+    :math:`Normal(0, \lambda)`. Sites: ``..._scale``, ``..._embed`` ``(d, D)``, ``..._bias``
+    ``(d, D)``, ``..._query``/``..._key``/``..._value`` ``(H, D, h)``, ``..._out`` ``(D, u)``.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        head_dim: int = 8,
+        num_heads: int = 1,
+        units: int = 1,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """Self-attention over the ``d`` feature tokens of each row.
+
+        Args:
+            name: Variable name scope.
+            x: ``(n, d)`` with ``d >= 2``.
+            head_dim: Width ``h`` of each head.
+            num_heads: Number of heads ``H``; token width is ``h * H``.
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        d = x.shape[1]
+        if d < 2:
+            raise ValueError(f"{self._site(name, 'x')}: attention needs d >= 2 features, got {d}")
+        width = head_dim * num_heads
+        scale = self._scale(name)
+        token_axes = (ax.FEATURES, ax.MODEL_DIM)
+        embed = self._coef(name, "embed", (d, width), token_axes, scale)
+        bias = self._coef(name, "bias", (d, width), token_axes, scale)
+        proj_shape = (num_heads, width, head_dim)
+        proj_axes = (ax.HEADS, ax.MODEL_DIM, ax.HEAD_DIM)
+        wq, wk, wv = (
+            self._coef(name, p, proj_shape, proj_axes, scale) for p in ("query", "key", "value")
+        )
+        w_out = self._coef(name, "out", (width, units), (ax.MODEL_DIM, ax.UNITS), scale)
+
+        tokens = x[:, :, None] * embed[None] + bias[None]  # (n, d, D)
+        q, k, v = (jnp.einsum("ndD,hDk->nhdk", tokens, w) for w in (wq, wk, wv))
+        logits = jnp.einsum("nhik,nhjk->nhij", q, k) / jnp.sqrt(float(head_dim))
+        attended = jnp.einsum("nhij,nhjk->nhik", jax.nn.softmax(logits, axis=-1), v)
+        pooled = attended.mean(axis=2).reshape(x.shape[0], width)  # heads concatenated
+        return activation(pooled @ w_out)

@@ -1,0 +1,805 @@
+"""Restore-or-init, then steps, metrics and checkpoints. Everything is validated before the
+first step; a failed start writes no checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from blayers import guides
+from blayers.sharding import ShardingError, assert_sharded, make_mesh
+from blayers.start import FeatureStats, TargetStats
+
+from . import checkpoint as ckpt
+from . import data as data_lib
+from . import distributed, files, nonfinite, rundir
+from . import recenter as recenter_lib
+from .config import ConfigError, from_container, to_container, with_saved_defaults
+from .convergence import ConvergenceTracker, window_steps
+from .cores import CoreSplit
+from .cores import reserve as reserve_cores
+from .dedup import host_rows
+from .guide_plan import service_guide
+from .model import Columns, build_model, configured_link_kwargs
+from .settings import check_posterior_settings, check_resume_settings, check_settings
+from .sparse import (
+    COUNT,
+    LOCAL,
+    UNIQ,
+    SparseTable,
+    make_sparse_step,
+    row_counts,
+    table_rows,
+)
+from .starts import prior_warnings, starting_scales, starting_values
+from .state import (
+    TrainState,
+    bytes_per_device,
+    format_plan,
+    init_fn,
+    make_optimizer,
+    make_schedule,
+    non_finite_sites,
+    row_sharding,
+    sharding_plan,
+    state_shardings,
+    table_axis_multiple,
+)
+from .step import make_step
+
+
+@dataclass
+class Setup:
+    """Everything derived from config + vocabulary sizes + mesh, shared by train and score."""
+
+    mesh: Mesh
+    columns: Columns
+    model: Callable[..., Any]
+    sites: dict[str, guides.LatentSite]
+    abstract: TrainState
+    shardings: TrainState
+    optimizer: Any
+    fingerprint: str
+    num_data: int
+    pad_multiple: int
+    sparse: dict[str, SparseTable]
+    schedule: Any
+    optimizer_name: str
+    init: Callable[[], TrainState]  # builds the state; jit it with out_shardings=shardings
+    guide: guides.MeanFieldGuide  # the posterior family: every read of the posterior
+    lr_scale: float = 1.0  # the learning rate's factor after rollbacks (train.nonfinite)
+
+
+RESOLVED_CONFIG = "config.yaml"  # the last start's resolved config, in the run dir
+
+
+def build_mesh(cfg: Any) -> Mesh:
+    """The job's mesh. Explicit sizes whose product is below the device count use the first
+    devices (one process only: across processes every device must take part)."""
+    sizes = {"data": int(cfg.mesh.data), "model": int(cfg.mesh.model)}
+    devices = None
+    wanted = math.prod(sizes.values())
+    if -1 not in sizes.values() and 0 < wanted < jax.device_count() and jax.process_count() == 1:
+        devices = jax.devices()[:wanted]
+    try:
+        return make_mesh(sizes, devices)
+    except ShardingError as err:
+        raise ConfigError(f"mesh: {err}") from None
+
+
+def batch_shardings(mesh: Mesh, has_target: bool = True) -> dict[str, NamedSharding]:
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    out = {"numeric": rows, "categorical": rows}
+    if has_target:
+        out["target"] = rows
+    return out
+
+
+def abstract_batch(batch_size: int, columns: Columns, has_target: bool = True) -> dict[str, Any]:
+    out = {
+        "numeric": jax.ShapeDtypeStruct((batch_size, len(columns.numeric)), jnp.float32),
+        "categorical": jax.ShapeDtypeStruct((batch_size, len(columns.categorical)), jnp.int32),
+    }
+    if has_target:
+        out["target"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+    return out
+
+
+def check_batch_size(cfg: Any, mesh: Mesh) -> None:
+    b, d = cfg.data.batch_size, mesh.shape["data"]
+    if b < 1:
+        raise ConfigError(f"data.batch_size={b} must be positive")
+    per_process = jax.process_count()
+    if b % (d * per_process) and b % d:
+        raise ConfigError(
+            f"data.batch_size={b} is not divisible by the {d} data-parallel devices "
+            f"(mesh.data); use a multiple of {d}, e.g. {(b // d + 1) * d}"
+        )
+    if b % per_process:
+        raise ConfigError(f"data.batch_size={b} does not divide over {per_process} processes")
+
+
+def make_setup(
+    cfg: Any,
+    table_sizes: Mapping[str, int],
+    num_data: int,
+    mesh: Mesh,
+    pad_multiple: int | None = None,
+    target_stats: TargetStats | None = None,
+    feature_stats: FeatureStats | None = None,
+) -> Setup:
+    """Model, sites, optimizer and state shardings. ``pad_multiple`` is the run's table padding
+    (fixed when the run starts, so it restores on other meshes); None: from this mesh.
+    ``target_stats``: the target's moments, for a data-aware start (``optim.start: data``)."""
+    columns = Columns(tuple(cfg.data.numeric), tuple(cfg.data.categorical))
+    rules = [tuple(r) for r in cfg.sharding.rules]
+    split = table_axis_multiple(mesh, rules)
+    pad = split if pad_multiple is None else int(pad_multiple)
+    if pad % split:
+        raise ConfigError(
+            f"mesh: this run's tables are padded to multiples of {pad} rows, which cannot be "
+            f"split {split} ways; use a mesh.model that divides {pad}"
+        )
+    model = build_model(cfg.model, columns, table_sizes, pad)
+    sites = guides.latent_sites(
+        model, abstract_batch(cfg.data.batch_size, columns), num_data=num_data
+    )
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    terms = getattr(model, "terms", [])
+    sparse = {
+        t.table_site: SparseTable(t.table_site, t, int(sum(t.num_categories)))
+        for t in terms
+        if t.sparse
+    }
+    check_posterior_settings(cfg)
+    link_kwargs = configured_link_kwargs(cfg.model)
+    stats = target_stats if cfg.optim.start == "data" else None
+    start = starting_values(terms, sites, str(cfg.model.link), link_kwargs, stats)
+    levels = {
+        t.table_site: sum(table_sizes[columns.categorical[i]] for i in t.categorical_idx)
+        for t in terms
+        if t.categorical_idx
+    }
+    scales = starting_scales(
+        terms, sites, str(cfg.model.link), link_kwargs, stats, feature_stats, num_data, levels
+    )
+    guide = service_guide(str(cfg.optim.guide), terms, sites)
+    init = init_fn(
+        guide,
+        optimizer,
+        cfg.train.seed,
+        cfg.optim.guide_init_scale,
+        frozenset(sparse),
+        cfg.optim.name,
+        start,
+        scales,
+    )
+    abstract = jax.eval_shape(init)
+    try:
+        shardings = state_shardings(abstract, guide, mesh, rules)
+    except ShardingError as err:
+        raise ConfigError(f"sharding.rules: {err}") from None
+    return Setup(
+        mesh,
+        columns,
+        model,
+        sites,
+        abstract,
+        shardings,
+        optimizer,
+        ckpt.fingerprint(sites, str(cfg.model.link), sorted(sparse), guide.name),
+        num_data,
+        pad,
+        sparse,
+        make_schedule(cfg.optim, cfg.train.steps),
+        str(cfg.optim.name),
+        init,
+        guide,
+    )
+
+
+class _Stop:
+    """SIGTERM/SIGINT → finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # signals only install on the main thread
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the training job described by ``cfg``; returns a result summary.
+    The run directory is locked for the whole job (:mod:`train.rundir`): a second trainer on
+    it is refused before it reads or writes anything."""
+    multi_process = distributed.maybe_initialize(cfg.distributed)
+    with contextlib.ExitStack() as held:
+        return _train(cfg, log, multi_process, held)
+
+
+def _train(
+    cfg: Any, log: Callable[[str], None], multi_process: bool, held: contextlib.ExitStack
+) -> dict[str, Any]:
+    cores = None
+    if cfg.data.dedicated_cores and not multi_process:  # before anything creates the backend
+        cores, placed = reserve_cores(cfg.data.prefetch)
+        log(placed)
+    run_dir = Path(cfg.run_dir)
+    mesh = build_mesh(cfg)
+    check_batch_size(cfg, mesh)
+    check_settings(cfg)
+    check_terms(cfg)
+    if jax.process_index() == 0:  # one lock per run, from before its first write
+        held.enter_context(rundir.locked(run_dir))
+    link = str(cfg.model.link)
+    link_check = None if cfg.model.get("_target_") else link
+    if jax.process_index() == 0:  # one writer for the run's vocabulary and encoded store
+        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check)
+    distributed.barrier("blayers-data-prepared")
+    if jax.process_index() != 0:
+        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check)
+    sizes = {c: v.size for c, v in vocabs.items()}
+    ckpt_dir = run_dir / "checkpoints"
+    latest, saved = _latest_meta(cfg, ckpt_dir, log)
+    if saved is not None:
+        cfg = keep_saved_guide(cfg, saved, log)
+        check_resume_settings(saved.get("config", {}), cfg)
+    setup = make_setup(
+        cfg,
+        sizes,
+        store.num_rows,
+        mesh,
+        saved.get("table_pad_multiple") if saved else None,
+        store.target_stats,
+        store.feature_stats,
+    )
+    if latest is None and jax.process_index() == 0:
+        link_kwargs = configured_link_kwargs(cfg.model)
+        for line in prior_warnings(
+            getattr(setup.model, "terms", []), link, link_kwargs, store.target_stats
+        ):
+            log(f"warning: {line}")
+    plan = sharding_plan(setup.abstract, setup.shardings, setup.guide)
+    if cfg.dry_run:
+        opt = bytes_per_device(setup.abstract.opt_state, setup.shardings.opt_state)
+        log(format_plan(plan, mesh, opt))
+        return {"dry_run": True, "plan": plan}
+
+    start_state = None
+    if latest is not None:
+        target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
+        restored, saved, start_state = ckpt.restore_newest_good(
+            ckpt_dir,
+            target,
+            latest,
+            strict=cfg.checkpoint.strict or cfg.train.resume_step is not None,
+            log=log,
+            compatible=lambda meta: ckpt.check_compatible(
+                meta, setup.fingerprint, setup.sites, ckpt_dir
+            ),
+        )
+        # every process lists the steps (Orbax's managers synchronize them); one moves them
+        set_aside_after(ckpt_dir, restored, log, move=jax.process_index() == 0)
+        distributed.barrier("blayers-checkpoints-set-aside")
+        latest = restored
+        log(f"resumed from step {latest} in {ckpt_dir}")
+        setup = with_lr_scale(setup, cfg, float(saved.get("lr_scale", 1.0)))
+        if setup.lr_scale != 1.0:
+            log(f"the learning rate is optim.lr × {setup.lr_scale:g}, after rollbacks")
+    if jax.process_index() == 0:  # the resolved config this start runs under, beside the run
+        files.write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(to_container(cfg)))
+    state = (
+        start_state
+        if start_state is not None
+        else jax.jit(setup.init, out_shardings=setup.shardings)()
+    )
+    assert_sharded(_flat_params(state.params), _flat_params(setup.shardings.params))
+
+    checkpointer = ckpt.Checkpointer(
+        ckpt_dir, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save
+    )
+    meta = {
+        "fingerprint": setup.fingerprint,
+        "structure": ckpt.structure(setup.sites),
+        "config": to_container(cfg),
+        "table_sizes": sizes,
+        "table_pad_multiple": setup.pad_multiple,
+        "num_data": store.num_rows,
+        "columns": {
+            "numeric": list(setup.columns.numeric),
+            "categorical": list(setup.columns.categorical),
+        },
+        "lr_scale": setup.lr_scale,
+        "rollbacks": int(saved.get("rollbacks", 0)) if saved else 0,
+    }
+    tracker = make_tracker(cfg, setup, saved if latest is not None else None)
+    global_sites = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
+    conv_every = cfg.train.convergence.sample_every
+    vocab_counts = {c: v.counts for c, v in vocabs.items()}
+    on_non_finite = cfg.train.non_finite
+    skips = nonfinite.SkipCount() if on_non_finite.policy == "skip" else None
+    step_fn = make_train_step(setup, vocab_counts, skip_non_finite=skips is not None)
+    recenter, recenter_every = make_run_recenter(
+        setup, vocab_counts, cfg.optim.recenter_every, cfg.data.batch_size
+    )
+    first = int(state.step)
+    total = int(cfg.train.steps)
+    # fake CPU devices can deadlock on un-blocked collective loops (see DESIGN); block each step
+    block_every_step = jax.default_backend() == "cpu" and setup.mesh.devices.size > 1
+    metrics_path = run_dir / "metrics.jsonl"
+    last_loss = float("nan")
+    step = first
+    with (
+        distributed.explain_peer_failure("training"),
+        _Stop() as stop,
+        open(metrics_path, "a") as metrics,
+        tqdm(
+            total=total,
+            initial=first,
+            disable=not cfg.train.progress or jax.process_index() != 0,
+            unit="step",
+            dynamic_ncols=True,
+        ) as bar,
+    ):
+        t_log, rows_since = time.perf_counter(), 0
+        while True:  # once, unless a rollback restarts from an earlier step
+            diverged = None
+            batches = WaitClock(device_batches(store, cfg, step_fn, step, total, cores))
+            for batch in batches:
+                state, loss = step_fn(state, batch)
+                step += 1
+                if skips is not None:
+                    skips.add(loss)
+                if recenter is not None and step % recenter_every == 0:
+                    state = recenter(state)
+                if step % conv_every == 0:
+                    elbo_row = -float(loss) / store.num_rows
+                    if np.isfinite(elbo_row):  # a skipped step's loss is NaN
+                        lr = float(setup.schedule(step - 1))
+                        tracker.sample(
+                            step, elbo_row, lr, *globals_now(state, global_sites, setup.guide)
+                        )
+                    if cfg.train.until == "converged" and tracker.converged:
+                        stop.requested = True
+                rows_since += cfg.data.batch_size
+                if block_every_step:
+                    loss.block_until_ready()
+                if step % cfg.train.log_every == 0 or step == total:
+                    last_loss = float(loss)
+                    in_a_row, skipped = skips.read() if skips is not None else (0, 0)
+                    if in_a_row >= on_non_finite.max_skipped:
+                        raise nonfinite.stop_error(
+                            f"the last {in_a_row} steps up to step {step} had a non-finite loss "
+                            f"or gradient and were skipped (train.non_finite.max_skipped="
+                            f"{on_non_finite.max_skipped}); nothing was saved past step "
+                            f"{checkpointer.latest_step()}",
+                            cfg.optim.lr * setup.lr_scale,
+                        )
+                    if not np.isfinite(last_loss) and skips is None:
+                        diverged = (
+                            f"the loss became {last_loss} at step {step}; nothing was saved "
+                            f"past step {checkpointer.latest_step()}"
+                        )
+                        break
+                    now = time.perf_counter()
+                    rate = rows_since / max(now - t_log, 1e-9)
+                    input_wait = batches.lap() / max(now - t_log, 1e-9)
+                    t_log, rows_since = now, 0
+                    elbo_row = -last_loss / store.num_rows
+                    bar.set_postfix(elbo_per_row=f"{elbo_row:.4f}", ex_per_s=f"{rate:,.0f}")
+                    if jax.process_index() == 0:
+                        record = {
+                            "step": step,
+                            "loss": last_loss,
+                            "elbo_per_row": elbo_row,
+                            "examples_per_s": rate,
+                            "input_wait": input_wait,
+                            "time": time.time(),
+                        }
+                        if skips is not None:
+                            record["skipped"] = skipped
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                bar.update(1)
+                if step % cfg.checkpoint.every == 0 and step != total:
+                    diverged = save_finite(checkpointer, step, state, meta, tracker)
+                    if diverged:
+                        break
+                if cfg.train.stop_after is not None and step - first >= cfg.train.stop_after:
+                    stop.requested = True
+                if stop.requested and step != total:
+                    if tracker.converged and cfg.train.until == "converged":
+                        log(f"{tracker.status()}: checkpointing and stopping")
+                    else:
+                        log(f"stopping at step {step} of {total}: checkpointing; rerun to continue")
+                    break
+            if diverged is None:
+                break
+            exhausted = meta["rollbacks"] >= on_non_finite.max_rollbacks
+            if on_non_finite.policy != "rollback" or exhausted:
+                raise nonfinite.stop_error(diverged, cfg.optim.lr * setup.lr_scale)
+            setup, state, tracker = roll_back(
+                setup, cfg, checkpointer, ckpt_dir, meta, diverged, log
+            )
+            step = int(state.step)
+            step_fn = make_train_step(setup, vocab_counts, skip_non_finite=skips is not None)
+            bar.reset(total)
+            bar.update(step)
+    diverged = save_finite(checkpointer, step, state, meta, tracker)
+    if diverged:
+        raise nonfinite.stop_error(diverged, cfg.optim.lr * setup.lr_scale)
+    input_wait = batches.total_fraction()
+    checkpointer.close()
+    hint = input_bound_hint(input_wait, cores is not None)
+    if hint:
+        log(hint)
+    result = {
+        "run_dir": str(run_dir),
+        "step": step,
+        "loss": last_loss,
+        "checkpoint": str(ckpt_dir / str(step)),
+        "metrics": str(metrics_path),
+        "stopped_early": step < total and not tracker.converged,
+        "input_wait": input_wait,
+        "convergence": tracker.status(),
+        "converged_at": tracker.converged_at,
+        "convergence_check": tracker.last,
+    }
+    log(tracker.status())
+    if jax.process_index() == 0:
+        files.write_text(run_dir / "run.json", json.dumps(result, indent=2))
+    return result
+
+
+class WaitClock:
+    """An iterator of batches that keeps the time the training loop spent waiting for them:
+    the share of wall time the data pipeline, not the step, held training up. The run's share
+    counts from the first :meth:`lap` on, past the pipeline's start and the step's compile."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self._batches = batches
+        self._lap = 0.0
+        self._total = 0.0
+        self._steady_since: float | None = None
+
+    def __iter__(self) -> WaitClock:
+        return self
+
+    def __next__(self) -> Any:
+        t = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            self._lap += time.perf_counter() - t
+
+    def lap(self) -> float:
+        """Seconds waited since the last lap."""
+        lap, self._lap = self._lap, 0.0
+        if self._steady_since is None:
+            self._steady_since = time.perf_counter()
+        else:
+            self._total += lap
+        return lap
+
+    def total_fraction(self) -> float:
+        """Share of the wall time from the first lap to the last spent waiting for batches
+        (0 before a second lap)."""
+        if self._steady_since is None:
+            return 0.0
+        return self._total / max(time.perf_counter() - self._steady_since, 1e-9)
+
+
+INPUT_BOUND = 0.2  # share of time waiting for batches from which a run is told so
+
+
+def input_bound_hint(fraction: float, dedicated: bool) -> str | None:
+    """A line for a run whose steps waited for the data pipeline much of the time."""
+    if fraction < INPUT_BOUND:
+        return None
+    line = f"the data pipeline held training up {fraction:.0%} of the time"
+    one_cpu_device = jax.default_backend() == "cpu" and jax.device_count() == 1
+    if one_cpu_device and jax.process_count() == 1 and not dedicated:
+        line += (
+            "; on a CPU host with a cheap step, data.dedicated_cores=true may help (README, Data)"
+        )
+    return line
+
+
+@dataclass
+class TrainStep:
+    """A compiled step plus what feeds it: host-side batch preparation and batch shardings."""
+
+    step: Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, jax.Array]]
+    prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    batch_shardings: dict[str, NamedSharding]
+
+    def __call__(self, state: TrainState, batch: Mapping[str, jax.Array]) -> Any:
+        return self.step(state, batch)
+
+
+def device_batches(
+    store: data_lib.Store,
+    cfg: Any,
+    step_fn: TrainStep,
+    first: int,
+    total: int,
+    cores: CoreSplit | None = None,
+) -> Iterator[dict[str, jax.Array]]:
+    """Global batches for steps ``first..total-1``. Gathering and host-side preparation (and,
+    with several processes, assembling the global arrays) run in the data pipeline's threads
+    (on ``cores.data`` when given), so the main thread only dispatches steps."""
+
+    def to_device(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return distributed.step_inputs(step_fn.prepare(local), step_fn.batch_shardings)
+
+    batches = data_lib.StepBatches(
+        store,
+        cfg.data.batch_size,
+        cfg.train.seed,
+        jax.process_index(),
+        jax.process_count(),
+        transform=to_device,
+        block=cfg.data.shuffle_block,
+    )
+    return data_lib.iterate(batches, first, total, cfg.data.prefetch, cores)
+
+
+def make_train_step(
+    setup: Setup, vocab_counts: Mapping[str, np.ndarray], skip_non_finite: bool = False
+) -> TrainStep:
+    """The dense step, or the row-sparse one when any table term is sparse. With one process
+    the sparse tables' rows are deduplicated on the host, in the data pipeline's threads; with
+    several, each process holds only part of the batch, so the step deduplicates on device.
+    ``skip_non_finite``: see :mod:`train.nonfinite`."""
+    batch_sh = batch_shardings(setup.mesh)
+    if not setup.sparse:
+        step = make_step(
+            setup.model,
+            setup.guide,
+            setup.optimizer,
+            setup.num_data,
+            setup.shardings,
+            batch_sh,
+            skip_non_finite,
+        )
+        return TrainStep(step, lambda b: b, batch_sh)
+    host_dedup = jax.process_count() == 1
+    if host_dedup:
+        replicated = NamedSharding(setup.mesh, PartitionSpec())
+        rows = batch_sh["categorical"]
+        for site in setup.sparse:
+            batch_sh[UNIQ + site] = replicated
+            batch_sh[COUNT + site] = replicated
+            batch_sh[LOCAL + site] = rows
+    counts_sh = {s: row_sharding(setup.shardings, s) for s in setup.sparse}
+    counts = {
+        s: jax.device_put(row_counts(t.term, vocab_counts, setup.columns), counts_sh[s])
+        for s, t in setup.sparse.items()
+    }
+    step = make_sparse_step(
+        setup.model,
+        setup.guide,
+        setup.sparse,
+        setup.optimizer,
+        setup.schedule,
+        setup.optimizer_name,
+        setup.num_data,
+        setup.shardings,
+        batch_sh,
+        counts_sh,
+        skip_non_finite,
+    )
+
+    tables = table_rows(setup.sparse)  # once, not per batch
+
+    def prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**batch, **host_rows(batch["categorical"], tables)} if host_dedup else batch
+
+    return TrainStep(lambda state, batch: step(state, batch, counts), prepare, batch_sh)
+
+
+def save_finite(
+    checkpointer: ckpt.Checkpointer,
+    step: int,
+    state: TrainState,
+    meta: dict[str, Any],
+    tracker: ConvergenceTracker,
+) -> str | None:
+    """Checkpoint ``state`` at ``step`` if every array in it is finite; otherwise save
+    nothing and return what is wrong (the step, the first non-finite site, the last good
+    checkpoint)."""
+    bad = non_finite_sites(state)
+    if bad:
+        return (
+            f"the state is not finite at step {step} (first: {bad[0]}); it was not saved, the "
+            f"last good checkpoint is step {checkpointer.latest_step()}"
+        )
+    checkpointer.save(step, state, {**meta, **tracker_meta(tracker), "step": step})
+    return None
+
+
+def roll_back(
+    setup: Setup,
+    cfg: Any,
+    checkpointer: ckpt.Checkpointer,
+    ckpt_dir: Path,
+    meta: dict[str, Any],
+    diverged: str,
+    log: Callable[[str], None],
+) -> tuple[Setup, TrainState, ConvergenceTracker]:
+    """``train.non_finite.policy=rollback``: the newest good checkpoint (the start, if none was
+    saved) under a lower learning rate; ``meta`` records the new scale and count, so later
+    checkpoints carry them."""
+    checkpointer.wait()
+    scale = setup.lr_scale * float(cfg.train.non_finite.lr_factor)
+    setup = with_lr_scale(setup, cfg, scale)
+    good = checkpointer.latest_step()
+    if good is None:
+        state, saved = jax.jit(setup.init, out_shardings=setup.shardings)(), None
+    else:
+        target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
+        good, saved, state = ckpt.restore_newest_good(ckpt_dir, target, good, log=log)
+    meta["lr_scale"] = scale
+    meta["rollbacks"] += 1
+    log(
+        f"warning: {diverged}; rolled back to step {int(state.step)} with the learning rate "
+        f"optim.lr × {scale:g} (rollback {meta['rollbacks']} of "
+        f"{cfg.train.non_finite.max_rollbacks})"
+    )
+    return setup, state, make_tracker(cfg, setup, saved)
+
+
+def with_lr_scale(setup: Setup, cfg: Any, scale: float) -> Setup:
+    """``setup`` with its optimizer and schedule at ``optim.lr × scale`` (the optimizer
+    state's structure is the same, so a restored state fits)."""
+    if scale == setup.lr_scale:
+        return setup
+    return dataclasses.replace(
+        setup,
+        optimizer=make_optimizer(cfg.optim, cfg.train.steps, scale),
+        schedule=make_schedule(cfg.optim, cfg.train.steps, scale),
+        lr_scale=scale,
+    )
+
+
+def keep_saved_guide(cfg: Any, saved: Mapping[str, Any], log: Callable[[str], None]) -> Any:
+    """A run resumes with the guide family it was trained with: one saved before the family
+    was a setting ran mean-field, whatever today's default is."""
+    ran = with_saved_defaults(saved.get("config", {})).get("optim", {}).get("guide")
+    if ran is None or ran == cfg.optim.guide:
+        return cfg
+    log(f"resuming with optim.guide={ran}, the guide this run was trained with")
+    data = to_container(cfg)
+    data["optim"]["guide"] = ran
+    return from_container(data)
+
+
+def make_tracker(cfg: Any, setup: Setup, saved: Mapping[str, Any] | None) -> ConvergenceTracker:
+    """The run's convergence tracker: restored from the checkpoint being resumed, else new."""
+    conv = cfg.train.convergence
+    if saved is not None and saved.get("convergence"):
+        return ConvergenceTracker.from_json(saved["convergence"])
+    epoch = setup.num_data / cfg.data.batch_size
+    return ConvergenceTracker(
+        window=window_steps(epoch, conv.sample_every, conv.window),
+        epoch_steps=epoch,
+        base_lr=float(cfg.optim.lr),
+        drift_tol=float(conv.drift_tol),
+        elbo_tol=float(conv.elbo_tol),
+        patience=int(conv.patience),
+    )
+
+
+def tracker_meta(tracker: ConvergenceTracker) -> dict[str, Any]:
+    return {"convergence": tracker.to_json()}
+
+
+def globals_now(
+    state: TrainState, sites: list[str], guide: guides.MeanFieldGuide
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Guide locs and sds of the global sites, read from this process's replica."""
+    locs, sds = {}, {}
+    for site in sites:
+        p = {f: v.addressable_data(0) for f, v in state.params[site].items()}
+        loc, sd = guide.marginal(site, p)
+        locs[site], sds[site] = np.asarray(loc), np.asarray(sd)
+    return locs, sds
+
+
+def make_run_recenter(
+    setup: Setup, vocab_counts: Mapping[str, np.ndarray], every: int, batch_size: int
+) -> tuple[Callable[[TrainState], TrainState] | None, int]:
+    """The run's recentering move (:mod:`train.recenter`) and its cadence in steps, or
+    ``(None, 0)`` when off or when no term qualifies. The move reads every row of the
+    tables it shifts, so it runs at most once per ``rows / batch_size`` steps: its cost
+    spread over the steps stays within one batch's worth of rows, whatever the table size."""
+    terms = getattr(setup.model, "terms", [])
+    found = recenter_lib.plan(terms, setup.sites) if every else None
+    if found is None:
+        return None, 0
+    by_site = {t.table_site: t for t in terms}
+    counts = {
+        t.site: row_counts(by_site[t.site], vocab_counts, setup.columns) for t in found.tables
+    }
+    rows = sum(len(c) for c in counts.values())
+    cadence = max(every, -(-rows // batch_size))
+    return recenter_lib.make_recenter(found, setup.guide, setup.shardings, counts), cadence
+
+
+def _latest_meta(
+    cfg: Any, ckpt_dir: Path, log: Callable[[str], None]
+) -> tuple[int | None, dict[str, Any] | None]:
+    """The metadata of the step to resume from (``train.resume_step``, else the newest whose
+    metadata reads), or ``(None, None)`` for a fresh run."""
+    if not ckpt.steps(ckpt_dir):
+        if cfg.train.resume_step is not None:
+            raise ConfigError(
+                f"train.resume_step={cfg.train.resume_step}: {ckpt_dir} holds no checkpoint"
+            )
+        return None, None
+    try:
+        return ckpt.newest_readable_meta(
+            ckpt_dir, cfg.train.resume_step, cfg.checkpoint.strict, log
+        )
+    except ckpt.CheckpointError as err:
+        if cfg.train.resume_step is not None:
+            raise ConfigError(f"train.resume_step={cfg.train.resume_step}: {err}") from None
+        raise
+
+
+def check_terms(cfg: Any) -> None:
+    """The configured terms built once against the configured columns, before the data is
+    read: an unknown layer, argument, input column or prior value fails here, naming the
+    term (table sizes are not known yet and do not matter to these checks)."""
+    if cfg.model.get("_target_"):
+        return
+    columns = Columns(tuple(cfg.data.numeric), tuple(cfg.data.categorical))
+    build_model(cfg.model, columns, dict.fromkeys(columns.categorical, 1))
+
+
+def set_aside_after(
+    ckpt_dir: Path, step: int, log: Callable[[str], None], move: bool = True
+) -> None:
+    """Move every checkpoint newer than ``step`` (corrupt ones passed over, or those after a
+    ``train.resume_step``) to ``run_dir/set_aside/``, so that the run saves those steps
+    anew instead of keeping the old ones; nothing is deleted."""
+    newer = [s for s in ckpt.steps(ckpt_dir) if s > step]
+    if not newer or not move:
+        return
+    aside = ckpt_dir.parent / "set_aside"
+    aside.mkdir(exist_ok=True)
+    for s in newer:
+        target = aside / f"{s}-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.rename(ckpt_dir / str(s), target)
+    log(f"set aside checkpoint step(s) {sorted(newer)} in {aside}; training continues from {step}")
+
+
+def _flat_params(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    return {f"{site}.{f}": v for site, fields in params.items() for f, v in fields.items()}

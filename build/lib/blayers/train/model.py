@@ -1,0 +1,400 @@
+"""Config terms → a NumPyro model over a packed batch.
+
+A term is ``{layer: <class in blayers.layers>, name: <str>, inputs: [columns], ...}`` plus that
+layer's constructor kwargs (``scale_dist``, ``coef_kwargs``, …) and call kwargs
+(``low_rank_dim``, ``embedding_dim``, ``units``, …) at the same level. Extra keys:
+
+- ``z_inputs``: the second input of two-input layers (``InteractionLayer``, ``BilinearLayer``,
+  ``LowRank*``);
+- ``slopes``: numeric columns an ``EmbeddingLayer`` output is dotted with (varying slopes);
+  without it the embedding's dimensions are summed.
+
+``FMLayer`` over categorical inputs becomes the embedding-backed ``CategoricalFMLayer`` (no
+one-hot). Table sizes come from the vocabulary plus one out-of-vocabulary (OOV) row per field
+— never seen in training, so the ELBO's prior term alone shapes it and scoring maps unseen
+values there — padded to the mesh's table axis.
+
+Gathered mode: ``model(batch, num_data, gathered={term: local_ids})`` runs each gatherable table
+term on a small table of the ``K = n * F`` rows its batch touches (``local_ids`` index those
+rows); ``GatheredRows(local_ids, K)`` sets a smaller ``K`` when fewer distinct rows occur.
+Scoring and the row-sparse step substitute the gathered rows' values, so no step ever
+draws or differentiates a whole table.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dists
+from hydra.utils import get_method
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from blayers import layers as L
+from blayers import links
+from blayers.sharding import pad_to_multiple
+
+from .config import ConfigError
+
+INTERCEPT = {"InterceptLayer"}
+DENSE = {
+    "AdaptiveLayer",
+    "FixedPriorLayer",
+    "HorseshoeLayer",
+    "SpikeAndSlabLayer",
+    "AttentionLayer",
+    "FMLayer",
+    "FM3Layer",
+}
+PAIR = {"InteractionLayer", "BilinearLayer", "LowRankInteractionLayer", "LowRankBilinearLayer"}
+TABLE = {"EmbeddingLayer", "RandomEffectsLayer", "RandomWalkLayer"}
+CATEGORICAL_FM = {"CategoricalFMLayer"}
+GATHERABLE = {"EmbeddingLayer", "RandomEffectsLayer", "CategoricalFMLayer"}
+TERM_KEYS = {"layer", "name", "inputs", "z_inputs", "slopes", "sparse"}
+SPARSE_AUTO_ROWS = 100_000  # dense is cheap below this and converges rare rows in fewer epochs
+SUPPLIED = {"name", "x", "z", "num_categories", "self"}  # call args the builder fills in
+
+Model = Callable[..., Any]
+LINEAR_PREDICTOR = "linear_predictor"
+
+
+@dataclass(frozen=True)
+class Columns:
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+
+
+def _columns(matrix: jax.Array, idx: tuple[int, ...]) -> jax.Array:
+    """Columns ``idx`` of ``matrix``: a slice (no gather) when they are contiguous."""
+    if idx and list(idx) == list(range(idx[0], idx[0] + len(idx))):
+        return matrix[:, idx[0] : idx[0] + len(idx)]
+    return matrix[:, list(idx)]
+
+
+class GatheredRows(NamedTuple):
+    """A term's local ids ``(n, F)`` into a gathered table of ``rows`` rows."""
+
+    local: jax.Array
+    rows: int
+
+
+@dataclass
+class Term:
+    layer: L.BLayer
+    kind: str
+    name: str
+    numeric_idx: tuple[int, ...] = ()
+    categorical_idx: tuple[int, ...] = ()
+    z_idx: tuple[int, ...] = ()
+    slopes_idx: tuple[int, ...] = ()
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_categories: tuple[int, ...] = ()
+    sparse: bool = False  # train this term's table with the row-sparse step
+
+    @property
+    def layer_name(self) -> str:
+        return type(self.layer).__name__
+
+    @property
+    def gatherable(self) -> bool:
+        return self.layer_name in GATHERABLE
+
+    @property
+    def table_site(self) -> str:
+        return f"{self.layer_name}_{self.name}_theta"
+
+    @property
+    def row_offsets(self) -> np.ndarray:
+        """First table row of each input field."""
+        return np.concatenate([[0], np.cumsum(self.num_categories)[:-1]]).astype(np.int32)
+
+    def rows(self, categorical: jax.Array) -> jax.Array:
+        """Global table rows ``(n, F)`` this term reads for each example."""
+        ids = categorical[:, list(self.categorical_idx)]
+        return ids + jnp.asarray(self.row_offsets, dtype=ids.dtype)
+
+    def __call__(
+        self,
+        numeric: jax.Array,
+        categorical: jax.Array,
+        local: jax.Array | GatheredRows | None = None,
+    ) -> jax.Array:
+        kw = self.call_kwargs
+        if local is not None:  # gathered mode: a table of the rows this batch touches
+            if isinstance(local, GatheredRows):
+                local, size = local
+            else:
+                size = local.shape[0] * local.shape[1]
+            if self.kind == "categorical_fm":
+                return self.layer(self.name, local, size, ids_are_rows=True, **kw)
+            return self._table_out(numeric, self.layer(self.name, local[:, 0], size, **kw))
+        if self.kind == "intercept":
+            return self.layer(self.name, **kw)
+        if self.kind == "dense":
+            return self.layer(self.name, _columns(numeric, self.numeric_idx), **kw)
+        if self.kind == "pair":
+            x = _columns(numeric, self.numeric_idx)
+            z = _columns(numeric, self.z_idx)
+            return self.layer(self.name, x, z, **kw)
+        if self.kind == "categorical_fm":
+            ids = categorical[:, list(self.categorical_idx)]
+            return self.layer(self.name, ids, list(self.num_categories), **kw)
+        ids = categorical[:, self.categorical_idx[0]]
+        return self._table_out(numeric, self.layer(self.name, ids, self.num_categories[0], **kw))
+
+    def _table_out(self, numeric: jax.Array, out: jax.Array) -> jax.Array:
+        if self.slopes_idx:
+            return jnp.sum(out * _columns(numeric, self.slopes_idx), axis=1, keepdims=True)
+        return jnp.sum(out, axis=1, keepdims=True)
+
+
+def _resolve_dists(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {}
+    for key, value in kwargs.items():
+        if key.endswith("_dist") and isinstance(value, str):
+            cls = getattr(dists, value, None)
+            if not (inspect.isclass(cls) and issubclass(cls, dists.Distribution)):
+                raise ConfigError(
+                    f"{where}: {key}={value!r} is not a numpyro.distributions class "
+                    "(e.g. Normal, StudentT, HalfNormal, Exponential)"
+                )
+            value = cls
+        out[key] = value
+    return out
+
+
+def _indices(
+    cols: Sequence[str], universe: Sequence[str], what: str, where: str
+) -> tuple[int, ...]:
+    out = []
+    for c in cols:
+        if c not in universe:
+            raise ConfigError(
+                f"{where}: {what} column {c!r} is not in data.{what} ({list(universe)}); add it "
+                "there or fix the term"
+            )
+        out.append(universe.index(c))
+    return tuple(out)
+
+
+def _check_prior_values(layer: L.BLayer, where: str) -> None:
+    """Each prior the layer holds (``<x>_dist`` with ``<x>_kwargs``) built once with NumPyro's
+    argument validation, so a value outside a parameter's support (a StudentT ``df`` of -1) is
+    refused at load, naming the term, instead of failing inside the first step."""
+    for attr, dist in sorted(vars(layer).items()):
+        kwargs = getattr(layer, attr.removesuffix("_dist") + "_kwargs", None)
+        if not attr.endswith("_dist") or not isinstance(kwargs, dict):
+            continue
+        try:
+            try:
+                dist(**kwargs, validate_args=True)
+            except TypeError:  # a parameter the layer supplies itself (the scale λ)
+                dist(**{"scale": 1.0, **kwargs}, validate_args=True)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(
+                f"{where}: {attr.removesuffix('_dist')}_kwargs={kwargs} are invalid for "
+                f"{getattr(dist, '__name__', dist)}: {err}"
+            ) from None
+
+
+def build_term(
+    spec: Mapping[str, Any],
+    columns: Columns,
+    table_sizes: Mapping[str, int],
+    pad_multiple: int = 1,
+) -> Term:
+    """One configured term, validated against its layer's signatures."""
+    spec = dict(spec)
+    layer_name = spec.get("layer")
+    name = spec.get("name")
+    where = f"model.terms[{name or layer_name}]"
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: every term needs a non-empty 'name'")
+    cls = getattr(L, str(layer_name), None)
+    if not (inspect.isclass(cls) and issubclass(cls, L.BLayer) and cls is not L.BLayer):
+        raise ConfigError(
+            f"{where}: unknown layer {layer_name!r}; choose one of "
+            f"{sorted(INTERCEPT | DENSE | PAIR | TABLE | CATEGORICAL_FM)}"
+        )
+    inputs = list(spec.get("inputs") or [])
+    is_categorical = bool(inputs) and all(c in columns.categorical for c in inputs)
+    if layer_name == "FMLayer" and is_categorical:
+        cls, layer_name = L.CategoricalFMLayer, "CategoricalFMLayer"
+
+    init_params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    call_params = set(inspect.signature(cls.__call__).parameters) - SUPPLIED
+    init_kw, call_kw = {}, {}
+    for key, value in spec.items():
+        if key in TERM_KEYS:
+            continue
+        if key in init_params:
+            init_kw[key] = value
+        elif key in call_params:
+            call_kw[key] = value
+        else:
+            raise ConfigError(
+                f"{where}: {layer_name} has no argument {key!r}; valid: "
+                f"{sorted(init_params | call_params | TERM_KEYS)}"
+            )
+    try:
+        layer = cls(**_resolve_dists(init_kw, where))
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}") from err
+    _check_prior_values(layer, where)
+
+    def numeric_idx(cols: Sequence[str], what: str = "numeric") -> tuple[int, ...]:
+        return _indices(cols, columns.numeric, what, where)
+
+    if layer_name in INTERCEPT:
+        if inputs:
+            raise ConfigError(f"{where}: InterceptLayer takes no inputs")
+        return Term(layer, "intercept", name, call_kwargs=call_kw)
+    if layer_name in DENSE:
+        if not inputs:
+            raise ConfigError(f"{where}: {layer_name} needs numeric 'inputs'")
+        return Term(layer, "dense", name, numeric_idx=numeric_idx(inputs), call_kwargs=call_kw)
+    if layer_name in PAIR:
+        z = list(spec.get("z_inputs") or [])
+        if not inputs or not z:
+            raise ConfigError(f"{where}: {layer_name} needs numeric 'inputs' and 'z_inputs'")
+        return Term(
+            layer,
+            "pair",
+            name,
+            numeric_idx=numeric_idx(inputs),
+            z_idx=numeric_idx(z),
+            call_kwargs=call_kw,
+        )
+    cat_idx = _indices(inputs, columns.categorical, "categorical", where)
+    sizes = tuple(table_sizes[c] + 1 for c in inputs)  # + the field's OOV row
+    sparse_setting = spec.get("sparse", "auto")
+    if sparse_setting not in (True, False, "auto"):
+        raise ConfigError(f"{where}: sparse must be true, false or auto, got {sparse_setting!r}")
+    if sparse_setting is True and layer_name not in GATHERABLE:
+        raise ConfigError(
+            f"{where}: sparse: true needs a table term ({sorted(GATHERABLE)}); {layer_name} "
+            "reads all of its rows each step"
+        )
+
+    def wants_sparse(rows: int) -> bool:
+        if layer_name not in GATHERABLE:
+            return False
+        return sparse_setting is True or (sparse_setting == "auto" and rows >= SPARSE_AUTO_ROWS)
+
+    if layer_name in CATEGORICAL_FM:
+        if len(inputs) < 2:
+            raise ConfigError(f"{where}: an FM over categorical fields needs >= 2 inputs")
+        padded = (*sizes[:-1], pad_to_multiple(sum(sizes), pad_multiple) - sum(sizes[:-1]))
+        return Term(
+            layer,
+            "categorical_fm",
+            name,
+            categorical_idx=cat_idx,
+            call_kwargs=call_kw,
+            num_categories=padded,
+            sparse=wants_sparse(sum(padded)),
+        )
+    if len(inputs) != 1:
+        raise ConfigError(f"{where}: {layer_name} takes exactly one categorical input")
+    slopes = list(spec.get("slopes") or [])
+    if slopes and layer_name != "EmbeddingLayer":
+        raise ConfigError(f"{where}: 'slopes' applies to EmbeddingLayer only")
+    if slopes:
+        call_kw.setdefault("embedding_dim", len(slopes))
+        if call_kw["embedding_dim"] != len(slopes):
+            raise ConfigError(f"{where}: embedding_dim must equal the number of slopes")
+    if layer_name in {"EmbeddingLayer", "RandomWalkLayer"} and "embedding_dim" not in call_kw:
+        raise ConfigError(f"{where}: {layer_name} needs 'embedding_dim'")
+    rows = pad_to_multiple(sizes[0], pad_multiple)
+    return Term(
+        layer,
+        "table",
+        name,
+        categorical_idx=cat_idx,
+        slopes_idx=numeric_idx(slopes),
+        call_kwargs=call_kw,
+        num_categories=(rows,),
+        sparse=wants_sparse(rows),
+    )
+
+
+def build_model(
+    model_cfg: Any,
+    columns: Columns,
+    table_sizes: Mapping[str, int],
+    pad_multiple: int = 1,
+) -> Model:
+    """``model(batch, num_data)`` for packed batches ``{numeric, categorical[, target]}``."""
+    target = getattr(model_cfg, "_target_", None) or (
+        model_cfg.get("_target_") if isinstance(model_cfg, Mapping) else None
+    )
+    link_name = str(model_cfg["link"] if isinstance(model_cfg, Mapping) else model_cfg.link)
+    try:
+        link = links.get_link(link_name)
+    except ValueError as err:
+        raise ConfigError(f"model.link: {err}") from None
+    link_kwargs = configured_link_kwargs(model_cfg)
+
+    if target:
+        return _user_model(str(target), columns, table_sizes)
+
+    terms_cfg = list(_get(model_cfg, "terms") or [])
+    if not terms_cfg:
+        raise ConfigError("model.terms is empty; declare at least one term (or model._target_)")
+    terms = [build_term(t, columns, table_sizes, pad_multiple) for t in terms_cfg]
+    names = [(type(t.layer).__name__, t.name) for t in terms]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"model.terms: duplicate (layer, name) pairs {sorted(dupes)}")
+
+    def model(
+        batch: Mapping[str, jax.Array],
+        num_data: int | None = None,
+        gathered: Mapping[str, jax.Array] | None = None,
+    ) -> jax.Array:
+        numeric, categorical = batch["numeric"], batch["categorical"]
+        gathered = gathered or {}
+        eta = sum(t(numeric, categorical, gathered.get(t.name)) for t in terms)
+        eta = jnp.broadcast_to(eta, (numeric.shape[0], eta.shape[-1]))
+        numpyro.deterministic(LINEAR_PREDICTOR, eta)
+        return link(eta, batch.get("target"), num_data=num_data, **link_kwargs)
+
+    model.terms = terms  # type: ignore[attr-defined]
+    return model
+
+
+def configured_link_kwargs(model_cfg: Any) -> dict[str, Any]:
+    """``model.link_kwargs`` with distribution names resolved to classes."""
+    return _resolve_dists(dict(_get(model_cfg, "link_kwargs") or {}), "model.link_kwargs")
+
+
+def _get(cfg: Any, key: str) -> Any:
+    value = cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _user_model(target: str, columns: Columns, table_sizes: Mapping[str, int]) -> Model:
+    try:
+        fn = get_method(target)
+    except Exception as err:  # hydra wraps import errors in several types
+        raise ConfigError(f"model._target_: cannot import {target!r} ({err})") from None
+    sizes = dict(table_sizes)
+
+    def model(
+        batch: Mapping[str, jax.Array], num_data: int | None = None, gathered: Any = None
+    ) -> jax.Array:
+        if gathered:
+            raise ConfigError("model._target_ models cannot run on gathered table rows")
+        cols = {c: batch["numeric"][:, j] for j, c in enumerate(columns.numeric)}
+        cols.update({c: batch["categorical"][:, j] for j, c in enumerate(columns.categorical)})
+        return fn(cols, batch.get("target"), num_data=num_data, num_categories=sizes)
+
+    return model

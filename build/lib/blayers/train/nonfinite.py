@@ -1,0 +1,81 @@
+r"""What a run does when its loss or state stops being finite: ``train.non_finite``.
+
+Whatever the policy, a non-finite state is never checkpointed (``loop.save_finite``).
+
+- ``stop`` (the default): stop, naming the step and the first non-finite site and the fix; a
+  rerun resumes from the last good checkpoint.
+- ``skip``: a step whose loss or any gradient is not finite changes nothing — parameters and
+  optimizer moments keep their values, the step counter moves on (so the next step draws
+  afresh). The update runs under a ``lax.cond`` (a select per leaf made a cheap step 3×
+  slower on CPU); row-sparse tables are left alone by moving the step's scatter indices past
+  the table, where the scatter drops them. A skipped step's loss is reported as NaN, which is
+  how the loop counts skipped steps (on the device, without a sync per step).
+  ``max_skipped`` in a row stop the run as ``stop`` would: a run that can no longer take a
+  finite step is not training.
+- ``rollback``: restore the last good checkpoint (the start, if none was saved) and go on with
+  the learning rate times ``lr_factor``, at most ``max_rollbacks`` times. The rate's scale is
+  saved with every later checkpoint, so a resumed run keeps it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .state import NonFiniteError
+
+POLICIES = ("stop", "skip", "rollback")
+
+
+def all_finite(*trees: Any) -> jax.Array:
+    """True where every element of every array in ``trees`` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def apply_if_finite(
+    loss: jax.Array,
+    grads: Any,
+    update: Callable[[], Any],
+    unchanged: Callable[[], Any],
+) -> tuple[Any, jax.Array, jax.Array]:
+    """``(update() or unchanged(), reported loss, ok)`` for a step under ``skip``: one
+    ``lax.cond`` on whether the loss and every gradient are finite (a select per leaf made a
+    cheap step 3× slower on CPU). A skipped step's loss is NaN, even where only a gradient was
+    not finite: that is what :class:`SkipCount` counts."""
+    ok = jnp.isfinite(loss) & all_finite(grads)
+    return jax.lax.cond(ok, update, unchanged), jnp.where(ok, loss, jnp.nan), ok
+
+
+@jax.jit
+def _tally(counts: jax.Array, loss: jax.Array) -> jax.Array:
+    skipped = ~jnp.isfinite(loss)
+    streak = jnp.where(skipped, counts[0] + 1, 0)
+    return jnp.stack([streak, counts[1] + skipped.astype(counts.dtype)])
+
+
+class SkipCount:
+    """Skipped steps, counted on the device (one tiny dispatch a step, no sync); read at the
+    loop's log steps."""
+
+    def __init__(self) -> None:
+        self._counts = jnp.zeros(2, jnp.int32)
+
+    def add(self, loss: jax.Array) -> None:
+        self._counts = _tally(self._counts, loss)
+
+    def read(self) -> tuple[int, int]:
+        """``(skipped in a row now, skipped in all)``."""
+        streak, total = (int(x) for x in jax.device_get(self._counts))
+        return streak, total
+
+
+def stop_error(what: str, lr: float) -> NonFiniteError:
+    """The one-line stop for a diverged run: what went non-finite, then the fix."""
+    return NonFiniteError(
+        f"{what}: lower optim.lr (now {lr:g}) or check the data, and rerun to resume from "
+        "there (or set train.non_finite.policy=skip or rollback)"
+    )

@@ -1,0 +1,202 @@
+"""Settings refused before any data is read: one line naming the key and the fix.
+
+Types are already checked when the config loads (``train.config``); these are the values a
+type cannot rule out. The batch size is checked against the mesh in ``train.loop``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from blayers import guides, links
+
+from .config import ConfigError, from_container, to_container, with_saved_defaults
+from .nonfinite import POLICIES
+from .state import OPTIMIZERS, SCHEDULES
+
+
+def _positive(value: Any, key: str, what: str = "must be positive") -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{key}={value} {what}")
+
+
+def check_run_settings(cfg: Any) -> None:
+    """Steps, cadences, optimizer and data-stage values."""
+    _positive(cfg.train.steps, "train.steps", "must be positive (the run's total step count)")
+    if cfg.train.stop_after is not None:
+        _positive(cfg.train.stop_after, "train.stop_after", "must be positive, or null")
+    _positive(cfg.train.log_every, "train.log_every")
+    _positive(cfg.checkpoint.every, "checkpoint.every")
+    _positive(
+        cfg.checkpoint.max_to_keep,
+        "checkpoint.max_to_keep",
+        "must be at least 1: a run keeps its latest checkpoint to resume from",
+    )
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: choose one of {sorted(OPTIMIZERS)}")
+    if cfg.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: choose one of {list(SCHEDULES)}")
+    _positive(cfg.optim.lr, "optim.lr", "must be positive, e.g. 0.01")
+    _positive(cfg.optim.guide_init_scale, "optim.guide_init_scale")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
+    if not 0 <= cfg.optim.end_lr_factor <= 1:
+        raise ConfigError(f"optim.end_lr_factor={cfg.optim.end_lr_factor} must lie in [0, 1]")
+    if cfg.optim.clip_norm is not None:
+        _positive(cfg.optim.clip_norm, "optim.clip_norm", "must be positive, or null")
+    _positive(cfg.data.shuffle_block, "data.shuffle_block", "must be positive (1: per-row)")
+    if cfg.data.prefetch < 0:
+        raise ConfigError(f"data.prefetch={cfg.data.prefetch} must be >= 0")
+    if cfg.train.resume not in ("auto", "force"):
+        raise ConfigError(f"train.resume={cfg.train.resume!r}: choose auto or force")
+    check_non_finite_settings(cfg.train.non_finite)
+
+
+def check_non_finite_settings(nf: Any) -> None:
+    """``train.non_finite``: the policy and its limits."""
+    if nf.policy not in POLICIES:
+        raise ConfigError(f"train.non_finite.policy={nf.policy!r}: choose one of {list(POLICIES)}")
+    _positive(nf.max_skipped, "train.non_finite.max_skipped")
+    _positive(nf.max_rollbacks, "train.non_finite.max_rollbacks")
+    if not 0 < nf.lr_factor < 1:
+        raise ConfigError(f"train.non_finite.lr_factor={nf.lr_factor} must lie in (0, 1), e.g. 0.5")
+
+
+def check_model_settings(cfg: Any) -> None:
+    """The link (a model of the user's own, ``model._target_``, brings its own) and the
+    sharding rules' mesh axes."""
+    axes = list(cfg.mesh.keys())
+    for rule in cfg.sharding.rules:
+        mesh_axes = rule[1] if len(rule) > 1 else None
+        named = [mesh_axes] if isinstance(mesh_axes, str) else list(mesh_axes or [])
+        unknown = [a for a in named if a not in axes]
+        if unknown:
+            raise ConfigError(
+                f"sharding.rules: {list(rule)} names mesh axis {unknown[0]!r}; the mesh has {axes}"
+            )
+    if cfg.model.get("_target_"):
+        return
+    link = str(cfg.model.link)
+    try:
+        links.get_link(link)
+    except ValueError as err:
+        raise ConfigError(f"model.link: {err}") from None
+    if link == "categorical":
+        raise ConfigError(
+            "model.link=categorical needs one linear predictor per class, which the configured "
+            "terms do not make: use ordinal for ordered classes, or a model of your own "
+            "(model._target_)"
+        )
+    if link == "ordinal":
+        k = (cfg.model.link_kwargs or {}).get("num_classes")
+        if not isinstance(k, int) or k < 2:
+            raise ConfigError(
+                f"model.link=ordinal needs model.link_kwargs.num_classes, an integer >= 2 "
+                f"(the number of ordered classes); got {k!r}"
+            )
+
+
+def check_posterior_settings(cfg: Any) -> None:
+    """The guide, start, recentering and convergence settings."""
+    conv = cfg.train.convergence
+    if cfg.optim.guide not in guides.GUIDES:
+        raise ConfigError(f"optim.guide={cfg.optim.guide!r}: choose one of {list(guides.GUIDES)}")
+    if cfg.optim.start not in ("data", "zero"):
+        raise ConfigError(f"optim.start={cfg.optim.start!r}: choose data or zero")
+    if cfg.optim.recenter_every < 0:
+        raise ConfigError(
+            f"optim.recenter_every={cfg.optim.recenter_every} must be >= 0 (0: never)"
+        )
+    if cfg.train.until not in ("steps", "converged"):
+        raise ConfigError(f"train.until={cfg.train.until!r}: choose steps or converged")
+    if conv.sample_every < 1 or conv.patience < 1 or (conv.window is not None and conv.window < 1):
+        raise ConfigError("train.convergence: sample_every, patience and window must be positive")
+
+
+def check_settings(cfg: Any) -> None:
+    """Every check above, in order."""
+    check_run_settings(cfg)
+    check_model_settings(cfg)
+    check_posterior_settings(cfg)
+
+
+def check_score_settings(cfg: Any) -> None:
+    """The scoring job's draws, quantiles and batch size."""
+    _positive(cfg.draws, "draws", "must be at least 1")
+    levels = list(cfg.quantiles)
+    if not all(0.0 <= q <= 1.0 for q in levels):
+        raise ConfigError(f"quantiles={levels} must lie in [0, 1]")
+    if len(set(levels)) != len(levels):
+        raise ConfigError(f"quantiles={levels} repeats a level; list each once")
+    _positive(cfg.data.batch_size, "data.batch_size", "must be positive")
+
+
+# settings that change neither what a run learns nor how: where and how long it runs, how
+# often it logs and saves, the devices and the placement (a checkpoint restores onto any mesh),
+# and what it does if it diverges (changed to rerun a run that did)
+SAFE_TO_CHANGE = (
+    "run_dir",
+    "dry_run",
+    "train.steps",
+    "train.stop_after",
+    "train.progress",
+    "train.log_every",
+    "train.resume_step",
+    "train.resume",
+    "train.non_finite",
+    "train.until",
+    "train.convergence",
+    "checkpoint",
+    "data.prefetch",
+    "data.dedicated_cores",
+    "data.generate_default",
+    "data.default_rows",
+    "mesh",
+    "sharding",
+    "distributed",
+)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def changed_settings(saved_config: Mapping[str, Any], cfg: Any) -> list[str]:
+    """``key: saved → now`` for every setting that differs from the one a run was trained
+    with, beyond :data:`SAFE_TO_CHANGE` (keys a run saved before they existed count at their
+    defaults)."""
+    saved = _flat(to_container(from_container(with_saved_defaults(dict(saved_config)))))
+    now = _flat(to_container(cfg))
+    keys = sorted(
+        k
+        for k in set(saved) | set(now)
+        if not any(k == p or k.startswith(p + ".") for p in SAFE_TO_CHANGE)
+    )
+    return [_change(k, saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)]
+
+
+def _change(key: str, before: Any, after: Any, width: int = 40) -> str:
+    """``key: before → after``, long values (a list of terms) summarized."""
+    if len(repr(before)) <= width and len(repr(after)) <= width:
+        return f"{key}: {before!r} → {after!r}"
+    if isinstance(before, list) and isinstance(after, list):
+        return f"{key}: changed ({len(before)} → {len(after)} entries)"
+    return f"{key}: changed"
+
+
+def check_resume_settings(saved_config: Mapping[str, Any], cfg: Any) -> None:
+    """Refuse to resume a run under changed settings, naming them, unless
+    ``train.resume=force``."""
+    changed = changed_settings(saved_config, cfg)
+    if changed and cfg.train.resume != "force":
+        raise ConfigError(
+            f"the run in {cfg.run_dir} was trained with other settings ({'; '.join(changed)}): "
+            "use a new run_dir, restore those settings, or pass train.resume=force to continue "
+            "under the new ones"
+        )

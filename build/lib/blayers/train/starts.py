@@ -1,0 +1,176 @@
+"""A configured model's data-aware start, and the priors that are badly scaled for its data.
+
+The start (:mod:`blayers.start`) puts the first intercept term at the link of the target's
+mean and the link's globals at their moment estimates; table rows start at 0 and every guide
+scale small. The checks name each term whose prior is far from the scale the target implies,
+with the fix, before any step runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpyro.distributions as dists
+
+from blayers import guides
+from blayers.start import FeatureStats, LinkStart, TargetStats, link_start
+
+PRIOR_SDS = 4.0  # an intercept start this many prior sds out is named
+SCALE_RATIO = 10.0  # a target sd this many times a term's prior scale is named
+
+
+def starting_values(
+    terms: Sequence[Any],
+    sites: Mapping[str, guides.LatentSite],
+    link: str,
+    link_kwargs: Mapping[str, Any],
+    stats: TargetStats | None,
+) -> dict[str, np.ndarray]:
+    """Constrained starting values by site: the first intercept term and the link globals."""
+    if stats is None or stats.count == 0:
+        return {}
+    start = link_start(link, stats, link_kwargs)
+    out = {k: v for k, v in start.globals.items() if k in sites}
+    intercept = _intercept_site(terms, sites)
+    if intercept is not None:
+        units = sites[intercept].shape[-1]
+        if len(start.eta) in (1, units):
+            out[intercept] = np.broadcast_to(np.asarray(start.eta, np.float32), (1, units))
+    return out
+
+
+def starting_scales(
+    terms: Sequence[Any],
+    sites: Mapping[str, guides.LatentSite],
+    link: str,
+    link_kwargs: Mapping[str, Any],
+    stats: TargetStats | None,
+    features: FeatureStats | None,
+    num_data: int,
+    levels: Mapping[str, int],
+) -> dict[str, np.ndarray]:
+    r"""Unconstrained guide sds to start the global sites at, by site: each global's
+    posterior sd were it the only unknown, :math:`(N I\,E[x^2] + \text{prior precision})^{-1/2}`
+    with :math:`I` the link's Fisher information per observation at the start. The guide
+    caps them at ``optim.guide_init_scale``, so they only ever start smaller: a well-measured
+    global then starts near its posterior width instead of shrinking there over thousands of
+    steps. A hierarchical scale over :math:`R` coefficients starts at :math:`(2R)^{-1/2}`
+    in log space; table rows keep the default."""
+    if stats is None or stats.count == 0:
+        return {}
+    start = link_start(link, stats, link_kwargs)
+    out: dict[str, np.ndarray] = {}
+    info = start.information
+    for t in terms:
+        beta = f"{t.layer_name}_{t.name}_beta"
+        scale = f"{t.layer_name}_{t.name}_scale"
+        if info is not None and t.kind == "intercept" and beta in sites:
+            prior = _normal_prior(t.layer)
+            precision = 1.0 / prior[1] ** 2 if prior else 1.0
+            out[beta] = np.float32(1.0 / np.sqrt(num_data * info + precision))
+        elif (
+            info is not None
+            and t.kind == "dense"
+            and beta in sites
+            and features is not None
+            and len(features.total_sq)
+            and t.numeric_idx
+        ):
+            second = features.mean_sq[list(t.numeric_idx)]
+            sd = 1.0 / np.sqrt(num_data * info * second + 1.0)
+            shape = sites[beta].unconstrained_shape
+            out[beta] = np.broadcast_to(sd.reshape(-1, *(1,) * (len(shape) - 1)), shape)
+        if scale in sites and not sites[scale].unconstrained_shape:
+            count = levels.get(t.table_site) if t.kind != "dense" else len(t.numeric_idx)
+            if count:
+                out[scale] = np.float32(1.0 / np.sqrt(2.0 * count))
+    if info is not None and "sigma" in sites and "sigma" in start.globals:
+        out["sigma"] = np.float32(1.0 / np.sqrt(2.0 * num_data))
+    return out
+
+
+def _intercept_site(terms: Sequence[Any], sites: Mapping[str, guides.LatentSite]) -> str | None:
+    for t in terms:
+        if t.kind == "intercept":
+            name = f"{t.layer_name}_{t.name}_beta"
+            if name in sites:
+                return name
+    return None
+
+
+def _normal_prior(layer: Any) -> tuple[float, float] | None:
+    """``(loc, scale)`` of a fixed Normal coefficient prior, else ``None``."""
+    if getattr(layer, "coef_dist", None) is not dists.Normal:
+        return None
+    kw = getattr(layer, "coef_kwargs", {})
+    if "scale" not in kw:
+        return None
+    return float(kw.get("loc", 0.0)), float(kw["scale"])
+
+
+def _prior_scale(layer: Any) -> float | None:
+    """The scale a term's coefficients are drawn at a priori: a fixed prior's ``scale``, or a
+    hierarchical prior's ``scale_kwargs['scale']`` (λ's own scale)."""
+    fixed = _normal_prior(layer)
+    if fixed is not None:
+        return fixed[1]
+    kw = getattr(layer, "scale_kwargs", None)
+    if kw and "scale" in kw:
+        return float(kw["scale"])
+    return None
+
+
+def prior_warnings(
+    terms: Sequence[Any],
+    link: str,
+    link_kwargs: Mapping[str, Any],
+    stats: TargetStats | None,
+) -> list[str]:
+    """One line per prior that is badly scaled for this target, naming the term and the fix."""
+    if stats is None or stats.count == 0:
+        return []
+    start: LinkStart = link_start(link, stats, link_kwargs)
+    eta = float(np.mean(start.eta))
+    lines = []
+    has_intercept = False
+    for t in terms:
+        where = f"model.terms[{t.name}]"
+        if t.kind == "intercept":
+            has_intercept = True
+            prior = _normal_prior(t.layer)
+            if prior is not None and abs(eta - prior[0]) > PRIOR_SDS * prior[1]:
+                lines.append(
+                    f"{where}: the target's mean is {eta:.4g} on the link scale, "
+                    f"{abs(eta - prior[0]) / prior[1]:.0f} prior sds from the intercept's prior "
+                    f"Normal({prior[0]:g}, {prior[1]:g}); the guide starts there but the prior "
+                    f"pulls it back: set coef_kwargs: {{loc: {eta:.3g}, scale: "
+                    f"{max(abs(eta), 1.0):.3g}}} or center the target"
+                )
+            continue
+        scale = _prior_scale(t.layer)
+        sd = start.outcome_sd
+        if scale is not None and sd is not None and sd > SCALE_RATIO * scale:
+            key = "coef_kwargs" if _normal_prior(t.layer) else "scale_kwargs"
+            lines.append(
+                f"{where}: the target's sd is {sd:.4g}, {sd / scale:.0f}x this term's prior "
+                f"scale ({scale:g}); standardize the target or set {key}: {{scale: {sd:.3g}}}"
+            )
+    if not has_intercept and abs(eta) > PRIOR_SDS:
+        lines.append(
+            f"model.terms: the target's mean is {eta:.4g} on the link scale and no "
+            "InterceptLayer term can carry it; add {layer: InterceptLayer, name: bias}"
+        )
+    sd = start.outcome_sd
+    sigma_kw = dict(link_kwargs.get("sigma_kwargs") or {})
+    has_sigma = "scale" not in link_kwargs and "sigma" in start.globals
+    if has_sigma and sd is not None and link_kwargs.get("sigma_dist") in (None, dists.Exponential):
+        rate = float(sigma_kw.get("rate", 1.0))
+        if sd > SCALE_RATIO / rate:
+            lines.append(
+                f"model.link_kwargs: sigma's prior Exponential(rate={rate:g}) has mean "
+                f"{1 / rate:g}, far below the target's sd {sd:.4g}; set sigma_kwargs: "
+                f"{{rate: {1 / sd:.3g}}} or standardize the target"
+            )
+    return lines

@@ -1,0 +1,324 @@
+"""Train state, born sharded: ``eval_shape`` → shardings from logical rules → ``jit(init)``.
+
+The optimizer's moment trees mirror the guide parameters, so each moment leaf takes the
+sharding of the parameter it belongs to (matched by its ``(site, field)`` key path).
+
+A table trained row-sparse keeps everything a step reads and writes for one row together:
+``params[site] = {"row_state": (rows, F, *event)}`` whose fields along axis 1 are ``loc``,
+``raw_scale`` and then the row optimizer's moments (:func:`row_state_fields`). A step then
+gathers and scatters each touched row once, one or a few cache lines, instead of six arrays
+at six scattered places — at 10^7 rows that cut the row update from ~100 µs to ~20 µs per
+step. A table whose rows a structured guide couples to the globals adds
+``{"coupling_state": (rows, 1 + moments, *event, D_r)}``: the rows' :math:`A_r` and their
+moments (one more gather and scatter per step). :func:`guide_params` gives the usual
+``{site: {"loc", "raw_scale"[, "coupling"]}}`` view.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from blayers import guides
+from blayers.sharding import Rules, logical_to_spec, normalize_rules
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced inf or NaN; the message names the step, the first bad site and the
+    fix. Nothing non-finite is ever checkpointed, so a rerun resumes from the last good step."""
+
+
+@jax.jit
+def _finite_by_site(state: Any) -> dict[str, jax.Array]:
+    def finite(tree: Any) -> jax.Array:
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+        return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+    flags = {site: finite(p) for site, p in state.params.items()}
+    flags["optimizer state"] = finite(state.opt_state)
+    return flags
+
+
+def non_finite_sites(state: Any) -> list[str]:
+    """The guide sites (and ``"optimizer state"``) of ``state`` holding an inf or NaN."""
+    flags = jax.device_get(_finite_by_site(state))
+    return [site for site, ok in sorted(flags.items()) if not bool(ok)]
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: steps completed
+    params: guides.Params
+    opt_state: Any
+    rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step)
+
+
+ROW_STATE = "row_state"
+COUPLING_STATE = "coupling_state"
+
+
+def row_state_fields(row_optimizer: str) -> tuple[str, ...]:
+    """Fields of a row-sparse table's row state, in order along its axis 1."""
+    moments = ("m", "v") if row_optimizer == "adam" else ("v",)
+    return ("loc", "raw_scale", *(f"{m}_{f}" for f in ("loc", "raw_scale") for m in moments))
+
+
+def split_row_state(
+    rows: jax.Array, coupling_rows: jax.Array | None = None
+) -> dict[str, jax.Array]:
+    """``{"loc", "raw_scale"[, "coupling"]}`` of row-state rows (the first two of
+    :func:`row_state_fields`, whatever the optimizer) and of coupling-state rows (its first
+    field)."""
+    out = {"loc": rows[:, 0], "raw_scale": rows[:, 1]}
+    if coupling_rows is not None:
+        out[guides.COUPLING] = coupling_rows[:, 0]
+    return out
+
+
+def guide_params(params: Mapping[str, Any]) -> guides.Params:
+    """``{site: {"loc", "raw_scale"[, "coupling"]}}`` for every site; row-sparse tables'
+    fields sliced out of their row state (copies: for whole-table consumers, not for a step)."""
+    return {site: guide_rows(p) for site, p in params.items()}
+
+
+def guide_rows(p: Mapping[str, jax.Array], rows: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The guide parameters (``loc``, ``raw_scale``, any coupling) of the given table rows
+    (all rows by default) of one site, in either layout."""
+    if ROW_STATE not in p:
+        return dict(p) if rows is None else {f: v[rows] for f, v in p.items()}
+    take = (lambda a: a) if rows is None else (lambda a: a[rows])
+    coupling = p.get(COUPLING_STATE)
+    return split_row_state(take(p[ROW_STATE]), None if coupling is None else take(coupling))
+
+
+def guide_field(p: Mapping[str, jax.Array], field: str) -> jax.Array:
+    """One guide field (``loc``, ``raw_scale``, ``coupling``) of a site, in either layout."""
+    if ROW_STATE not in p:
+        return p[field]
+    return guide_rows(p)[field]
+
+
+def with_guide_field(p: Mapping[str, jax.Array], field: str, value: jax.Array) -> dict[str, Any]:
+    """``p`` with one guide field replaced, in its own layout (row-state moments kept)."""
+    if ROW_STATE not in p:
+        return {**p, field: value}
+    if field == guides.COUPLING:
+        return {**p, COUPLING_STATE: jnp.asarray(p[COUPLING_STATE]).at[:, 0].set(value)}
+    column = {"loc": 0, "raw_scale": 1}[field]
+    return {**p, ROW_STATE: jnp.asarray(p[ROW_STATE]).at[:, column].set(value)}
+
+
+OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagrad": optax.adagrad}
+SCHEDULES = ("constant", "cosine")
+
+
+def make_schedule(cfg: Any, total_steps: int, lr_scale: float = 1.0) -> optax.Schedule:
+    """Learning rate by step from ``optim`` config (cosine horizon: decay_steps or the total),
+    times ``lr_scale`` (below 1 after a rollback, ``train.nonfinite``)."""
+    lr = float(cfg.lr) * lr_scale
+    end = lr * float(cfg.end_lr_factor)
+    if cfg.schedule == "constant":
+        schedule: Any = lr
+    elif cfg.schedule == "cosine":
+        decay = max(cfg.decay_steps or total_steps, cfg.warmup_steps + 1)
+        schedule = optax.warmup_cosine_decay_schedule(
+            lr if cfg.warmup_steps == 0 else 0.0, lr, cfg.warmup_steps, decay, end
+        )
+    else:
+        raise ValueError(f"optim.schedule={cfg.schedule!r}: choose constant or cosine")
+    return schedule if callable(schedule) else optax.constant_schedule(schedule)
+
+
+def make_optimizer(
+    cfg: Any, total_steps: int, lr_scale: float = 1.0
+) -> optax.GradientTransformation:
+    """Optimizer from ``optim`` config; the schedule spans the run's total steps."""
+    schedule = make_schedule(cfg, total_steps, lr_scale)
+    if cfg.name not in OPTIMIZERS:  # refused before any data pass too (train.settings)
+        raise ValueError(f"optim.name={cfg.name!r}: choose one of {sorted(OPTIMIZERS)}")
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+    return optax.chain(*chain, OPTIMIZERS[cfg.name](schedule))
+
+
+def table_axis_multiple(mesh: Mesh, rules: Rules | None) -> int:
+    """How many ways the ``categories`` axis is split: tables pad to a multiple of this."""
+    for logical, mesh_axes in normalize_rules(rules):
+        if logical != "categories" or mesh_axes is None:
+            continue
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        if all(a in mesh.shape for a in names):
+            return math.prod(mesh.shape[a] for a in names)
+    return 1
+
+
+def param_specs(
+    guide: guides.MeanFieldGuide,
+    mesh: Mesh,
+    rules: Rules | None,
+    row_state_sites: frozenset[str] = frozenset(),
+) -> dict[str, dict[str, PartitionSpec]]:
+    """A PartitionSpec per guide parameter leaf, from its site's logical axes."""
+    out = {}
+    for name, fields in guide.param_logical_axes().items():
+        shape = guide.sites[name].unconstrained_shape
+        spec = logical_to_spec(fields["loc"], shape, mesh, rules, what=name)
+        if name in row_state_sites:  # rows split as the table's; the fields axis whole
+            parts = (*tuple(spec), *(None,) * (len(shape) - len(spec)))
+            out[name] = {ROW_STATE: PartitionSpec(parts[0], None, *parts[1:])}
+            if guides.COUPLING in fields:  # (rows, fields, *event, D_r): D_r whole
+                out[name][COUPLING_STATE] = out[name][ROW_STATE]
+            continue
+        # every field leads with the site's own axes (a coupling adds one trailing axis of
+        # globals, which a shorter spec leaves whole)
+        out[name] = dict.fromkeys(fields, spec)
+    return out
+
+
+def row_sharding(shardings: TrainState, site: str) -> NamedSharding:
+    """Sharding of a per-row vector (counts, flags) of a table: split as the table's rows."""
+    leaf = next(iter(shardings.params[site].values()))
+    spec = tuple(leaf.spec)
+    return NamedSharding(leaf.mesh, PartitionSpec(spec[0] if spec else None))
+
+
+def _key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def state_shardings(
+    abstract: TrainState, guide: guides.MeanFieldGuide, mesh: Mesh, rules: Rules | None
+) -> TrainState:
+    """NamedShardings for every leaf of the state. An optimizer moment takes the sharding of
+    the parameter leaf it mirrors: the one whose ``(site, field)`` names its key path and
+    whose shape it has."""
+    row_state_sites = frozenset(k for k, v in abstract.params.items() if ROW_STATE in v)
+    specs = param_specs(guide, mesh, rules, row_state_sites)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def for_leaf(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        names = _key_names(path)
+        for i, name in enumerate(names[:-1]):
+            field = names[i + 1]
+            if name in specs and field in specs[name]:
+                if tuple(np.shape(leaf)) != tuple(abstract.params[name][field].shape):
+                    break
+                return NamedSharding(mesh, specs[name][field])
+        return replicated
+
+    params = {k: {f: NamedSharding(mesh, s) for f, s in v.items()} for k, v in specs.items()}
+    opt = jax.tree_util.tree_map_with_path(for_leaf, abstract.opt_state)
+    return TrainState(replicated, params, opt, replicated)
+
+
+def init_fn(
+    guide: guides.MeanFieldGuide,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    init_scale: float,
+    sparse_sites: frozenset[str] = frozenset(),
+    row_optimizer: str = "adam",
+    start: Mapping[str, Any] | None = None,
+    scales: Mapping[str, Any] | None = None,
+) -> Any:
+    """State initializer; sparse tables keep guide parameters and row-wise moments together
+    in one row state per table (see the module docstring). ``start``: constrained starting
+    values by site (:func:`train.starts.starting_values`)."""
+    moments = len(row_state_fields(row_optimizer)) - 2
+
+    def init() -> TrainState:
+        params = guide.init_params(init_scale, start=start, scales=scales)
+        if not sparse_sites:
+            opt_state = optimizer.init(params)
+        else:
+            dense = {k: v for k, v in params.items() if k not in sparse_sites}
+            for s in sparse_sites:
+                loc, raw = params[s]["loc"], params[s]["raw_scale"]
+                zeros = [jnp.zeros_like(loc)] * moments
+                row_state = {ROW_STATE: jnp.stack([loc, raw, *zeros], axis=1)}
+                if guides.COUPLING in params[s]:
+                    coupling = params[s][guides.COUPLING]
+                    stacked = [coupling] + [jnp.zeros_like(coupling)] * (moments // 2)
+                    row_state[COUPLING_STATE] = jnp.stack(stacked, axis=1)
+                params[s] = row_state
+            opt_state = {"dense": optimizer.init(dense)}
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.PRNGKey(seed))
+
+    return init
+
+
+@dataclass
+class PlanRow:
+    name: str
+    shape: tuple[int, ...]
+    logical_axes: Any
+    spec: PartitionSpec
+    bytes_per_device: int
+    total_bytes: int
+
+
+def sharding_plan(
+    abstract: TrainState, shardings: TrainState, guide: guides.MeanFieldGuide
+) -> list[PlanRow]:
+    """Every guide parameter with shape, logical axes, placement and bytes per device."""
+    rows = []
+    axes = guide.param_logical_axes()
+    for site, fields in abstract.params.items():
+        for f, leaf in fields.items():
+            sh = shardings.params[site][f]
+            local = sh.shard_shape(leaf.shape)
+            itemsize = np.dtype(leaf.dtype).itemsize
+            own = guides.COUPLING if f == COUPLING_STATE else f
+            logical = axes[site].get(own, axes[site]["loc"])
+            if f in (ROW_STATE, COUPLING_STATE) and logical is not None:
+                logical = (logical[0], None, *logical[1:])
+            rows.append(
+                PlanRow(
+                    f"{site}.{f}",
+                    tuple(leaf.shape),
+                    logical,
+                    sh.spec,
+                    int(math.prod(local) * itemsize),
+                    int(math.prod(leaf.shape) * itemsize),
+                )
+            )
+    return rows
+
+
+def format_plan(rows: list[PlanRow], mesh: Mesh, opt_bytes_per_device: int) -> str:
+    head = f"{'parameter':<48} {'shape':<18} {'logical axes':<34} {'mesh':<16} {'bytes/device':>13}"
+    lines = [f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices", head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.name:<48} {r.shape!s:<18} {r.logical_axes!s:<34} {r.spec!s:<16} "
+            f"{r.bytes_per_device:>13,}"
+        )
+    params = sum(r.bytes_per_device for r in rows)
+    lines.append(
+        f"guide parameters per device: {params:,} bytes "
+        f"(of {sum(r.total_bytes for r in rows):,} total)"
+    )
+    lines.append(f"optimizer state per device:  {opt_bytes_per_device:,} bytes")
+    if any(r.name.endswith("." + ROW_STATE) for r in rows):
+        lines.append(
+            f"({ROW_STATE}: a row-sparse table's guide parameters and row-wise moments together, "
+            "counted above with the guide parameters)"
+        )
+    return "\n".join(lines)
+
+
+def bytes_per_device(abstract: Any, shardings: Any) -> int:
+    leaves = jax.tree.leaves(abstract)
+    shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    return int(
+        sum(
+            math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+            for a, s in zip(leaves, shs, strict=True)
+        )
+    )

@@ -1,0 +1,152 @@
+"""Posterior summaries of a run's global latent sites, from its latest checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from blayers import guides
+from blayers.sharding import make_mesh
+
+from . import checkpoint as ckpt
+from . import files
+from .config import ConfigError, from_container, with_saved_defaults
+from .loop import Setup, build_mesh, make_setup
+from .state import table_axis_multiple
+
+QUANTILES = (0.05, 0.5, 0.95)
+FIELDS = ["site", "index", "mean", "std", "q05", "q50", "q95"]
+
+
+def restore_mesh(cfg: Any, pad_multiple: int) -> Mesh:
+    """The run's own mesh when it fits these devices; else tables split as far as the run's
+    padding allows, batch over the remaining devices."""
+    try:
+        mesh = build_mesh(cfg)
+        if pad_multiple % table_axis_multiple(mesh, [tuple(r) for r in cfg.sharding.rules]) == 0:
+            return mesh
+    except ConfigError:
+        pass
+    model = math.gcd(jax.device_count(), pad_multiple)
+    return make_mesh({"data": -1, "model": model})
+
+
+def restore_run(
+    run_dir: Path,
+    step: int | None = None,
+    strict: bool = False,
+    log: Callable[[str], None] = print,
+    trust_model: str | None = None,
+) -> tuple[Setup, Any, dict[str, Any]]:
+    """Setup, restored state and metadata of a run, needing nothing but its directory: the
+    given ``step``, else the newest that reads and verifies (``strict``: the latest or an
+    error). A run of a model of the user's own is restored only if ``trust_model`` names it
+    (see :func:`check_trusted`)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    strict = strict or step is not None  # a step asked for by name is that step or an error
+    step, meta = ckpt.newest_readable_meta(ckpt_dir, step, strict, log)
+    check_trusted(meta, run_dir, trust_model)
+    cfg = from_container(with_saved_defaults(meta["config"]))
+    pad = int(meta.get("table_pad_multiple", 1))
+    setup = make_setup(cfg, meta["table_sizes"], int(meta["num_data"]), restore_mesh(cfg, pad), pad)
+    target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
+
+    def usable(m: Mapping[str, Any]) -> None:  # an older step, fallen back to, is checked too
+        check_trusted(m, run_dir, trust_model)
+        ckpt.check_compatible(m, setup.fingerprint, setup.sites, ckpt_dir)
+
+    step, meta, state = ckpt.restore_newest_good(
+        ckpt_dir,
+        target,
+        step,
+        strict=strict,
+        log=log,
+        compatible=usable,
+    )
+    return setup, state, {**meta, "step": step}
+
+
+def check_trusted(meta: Mapping[str, Any], run_dir: Path, trust_model: str | None) -> None:
+    """Refuse a run whose metadata names a model function (``model._target_``) other than
+    ``trust_model``: building the model imports it, and metadata is only as trustworthy as
+    whoever could write the run directory."""
+    model = meta.get("config", {}).get("model") or {}
+    target = model.get("_target_") if isinstance(model, Mapping) else None
+    if target and target != trust_model:
+        raise ConfigError(
+            f"trust_model: {run_dir} was trained with a model of the user's own "
+            f"(model._target_={target!r}); restoring it imports that code, so pass "
+            f"trust_model={target} if it is yours"
+        )
+
+
+def summarize(
+    run_dir: Path,
+    step: int | None = None,
+    draws: int = 1000,
+    seed: int = 0,
+    strict: bool = False,
+    log: Callable[[str], None] = print,
+    trust_model: str | None = None,
+) -> list[dict[str, Any]]:
+    """One row per element of each global site: mean, std and quantiles of guide draws."""
+    setup, state, _ = restore_run(run_dir, step, strict, log, trust_model)
+    return summary_rows(setup, state, draws, seed)
+
+
+def summary_rows(
+    setup: Setup, state: Any, draws: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """:func:`summarize` of a restored run."""
+    names = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
+    guide = setup.guide
+    view = {n: state.params[n] for n in names}
+    keys = jax.random.split(jax.random.PRNGKey(seed), draws)
+    drawn = jax.jit(jax.vmap(lambda k: guide.sample(k, view)[0]))(keys)
+    rows = []
+    for name in names:
+        site = setup.sites[name]
+        values = np.asarray(drawn[name]).reshape(draws, -1)
+        qs = np.quantile(values, QUANTILES, axis=0)
+        for j in range(values.shape[1]):
+            index = np.unravel_index(j, site.shape) if site.shape else ()
+            rows.append(
+                {
+                    "site": name,
+                    "index": ",".join(str(int(i)) for i in index),
+                    "mean": float(values[:, j].mean()),
+                    "std": float(values[:, j].std()),
+                    "q05": float(qs[0, j]),
+                    "q50": float(qs[1, j]),
+                    "q95": float(qs[2, j]),
+                }
+            )
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    files.atomic_write(path, write)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    head = f"{'site':<40} {'index':<8} {'mean':>9} {'std':>8} {'q05':>9} {'q50':>9} {'q95':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['site']:<40} {r['index']:<8} {r['mean']:>9.4f} {r['std']:>8.4f} "
+            f"{r['q05']:>9.4f} {r['q50']:>9.4f} {r['q95']:>9.4f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Vocabulary pass: raw categorical values → contiguous ids, with per-category counts.
+
+Ids are ordered by descending training frequency (ties by value), so id 0 is the most common
+category. Counts feed the row-sparse objective (each row's prior term is spread over the
+``count`` examples that contain it). Values absent from the vocabulary encode to ``-1`` and are
+handled explicitly by the caller (an error in training, the prior at scoring).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import files
+
+UNSEEN = -1
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """One categorical column's vocabulary."""
+
+    column: str
+    values: pa.Array  # id -> raw value
+    counts: np.ndarray  # id -> training count
+
+    @property
+    def size(self) -> int:
+        return len(self.values)
+
+    def encode(self, raw: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Ids (int32) for raw values; ``UNSEEN`` (-1) where a value is not in the vocabulary."""
+        raw = raw.cast(self.values.type) if raw.type != self.values.type else raw
+        ids = pc.index_in(raw, value_set=self.values)
+        return pc.fill_null(ids, UNSEEN).to_numpy(zero_copy_only=False).astype(np.int32)
+
+    def write(self, path: Path) -> None:
+        table = pa.table({"value": self.values, "count": pa.array(self.counts, pa.int64())})
+        pq.write_table(table, path)
+
+    @classmethod
+    def read(cls, path: Path, column: str) -> Vocab:
+        table = pq.read_table(path)
+        return cls(column, table["value"].combine_chunks(), table["count"].to_numpy())
+
+
+class VocabBuilder:
+    """Streams batches of a column and accumulates value counts with bounded memory."""
+
+    def __init__(self, column: str, merge_every: int = 32) -> None:
+        self.column = column
+        self._pending: list[pa.Table] = []
+        self._merged: pa.Table | None = None
+        self._merge_every = merge_every
+
+    def add(self, values: pa.Array | pa.ChunkedArray) -> None:
+        if values.null_count:
+            raise ValueError(
+                f"column {self.column!r}: {values.null_count} null categorical values; fill them "
+                "with an explicit value (e.g. 'missing') before training"
+            )
+        counts = pc.value_counts(values)
+        self._pending.append(
+            pa.table({"value": counts.field("values"), "count": counts.field("counts")})
+        )
+        if len(self._pending) >= self._merge_every:
+            self._merge()
+
+    def _merge(self) -> None:
+        parts = self._pending + ([self._merged] if self._merged is not None else [])
+        if not parts:
+            return
+        table = pa.concat_tables(parts, promote_options="permissive")
+        self._merged = (
+            table.group_by("value").aggregate([("count", "sum")]).rename_columns(["value", "count"])
+        )
+        self._pending = []
+
+    def finish(self) -> Vocab:
+        self._merge()
+        if self._merged is None or self._merged.num_rows == 0:
+            raise ValueError(f"column {self.column!r}: no values to build a vocabulary from")
+        order = pc.sort_indices(
+            self._merged, sort_keys=[("count", "descending"), ("value", "ascending")]
+        )
+        table = self._merged.take(order)
+        return Vocab(self.column, table["value"].combine_chunks(), table["count"].to_numpy().copy())
+
+
+def build(columns: Iterable[str], batches: Iterable[pa.RecordBatch]) -> dict[str, Vocab]:
+    """Vocabularies for ``columns`` from a stream of record batches."""
+    builders = {c: VocabBuilder(c) for c in columns}
+    for batch in batches:
+        for name, builder in builders.items():
+            builder.add(batch.column(name))
+    return {name: b.finish() for name, b in builders.items()}
+
+
+MANIFEST = "manifest.json"
+
+
+class IncompleteVocabError(FileNotFoundError):
+    """A vocabulary directory that is not a whole, readable unit; the message says what."""
+
+
+def save_all(vocabs: dict[str, Vocab], directory: Path) -> None:
+    """Write every column's vocabulary as one unit: all of it appears at ``directory`` at
+    once, or none of it. Files are named by position, never by column name (a column named
+    ``../x`` is not a path); ``manifest.json`` maps columns to files."""
+    with files.atomic_directory(directory) as tmp:
+        names = {}
+        for i, (column, v) in enumerate(vocabs.items()):
+            names[column] = f"{i:04d}.parquet"
+            v.write(tmp / names[column])
+        (tmp / MANIFEST).write_text(json.dumps({"columns": names}, indent=2))
+
+
+def column_file(directory: Path, column: str) -> Path:
+    """The file that holds ``column``'s vocabulary in a directory :func:`save_all` wrote (or
+    the earlier one-file-per-column layout); :class:`IncompleteVocabError` naming what is
+    missing or unreadable otherwise."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if files.is_regular_file(manifest):
+        try:
+            names = json.loads(manifest.read_text())["columns"]
+        except (ValueError, KeyError, TypeError):
+            raise IncompleteVocabError(f"{manifest} is unreadable") from None
+    else:  # the earlier layout: one file per column, named by the column
+        plain = "/" not in column and not column.startswith(".")
+        names = {column: f"{column}.parquet"} if plain else {}
+    name = names.get(column)
+    path = directory / name if isinstance(name, str) and "/" not in name else None
+    if path is None or not files.is_regular_file(path):
+        raise IncompleteVocabError(f"no vocabulary for column {column!r} in {directory}")
+    return path
+
+
+def load_all(directory: Path, columns: Iterable[str]) -> dict[str, Vocab]:
+    """Every requested column's vocabulary (see :func:`column_file`)."""
+    out = {}
+    for column in columns:
+        path = column_file(directory, column)
+        try:
+            out[column] = Vocab.read(path, column)
+        except (OSError, pa.ArrowException, KeyError):
+            raise IncompleteVocabError(
+                f"the vocabulary of column {column!r} ({path}) is unreadable"
+            ) from None
+    return out
+
+
+def stream(
+    directory: Path, column: str, chunk_rows: int
+) -> Iterator[tuple[pa.Array, np.ndarray]]:
+    """``column``'s vocabulary in id order, ``chunk_rows`` ids at a time as ``(values,
+    counts)``, so a 10⁷-category vocabulary is read in bounded memory."""
+    path = column_file(directory, column)
+    try:
+        reader = pq.ParquetFile(path)
+        for batch in reader.iter_batches(batch_size=chunk_rows, columns=["value", "count"]):
+            yield batch.column(0), batch.column(1).to_numpy()
+    except (OSError, pa.ArrowException, KeyError):
+        raise IncompleteVocabError(
+            f"the vocabulary of column {column!r} ({path}) is unreadable"
+        ) from None
