@@ -307,3 +307,45 @@ def test_device_and_host_quantiles_agree_on_a_trained_run(trained):
     assert sorted(device) == sorted(host)
     for name in device:
         assert_allclose(host[name], device[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("link", ["gaussian", "poisson"])
+def test_predictive_intervals_hold_held_out_y_at_their_level(tmp_path, link):
+    """``predictive=true``: the 90% interval of y drawn from the likelihood holds about 90%
+    of held-out observations; the interval of E[y | θ] alone holds far fewer (it leaves the
+    observation noise out)."""
+    from tests.service_helpers import crossed_config
+    from train import synth
+
+    cols = synth.crossed_effects(
+        tmp_path / "all.parquet", 12_000, {"a": 20, "b": 50}, {"a": 0.5, "b": 0.3}, link,
+        0.5, slope=0.4, seed=3,
+    )
+    table = pq.read_table(tmp_path / "all.parquet")
+    pq.write_table(table.slice(0, 8000), tmp_path / "train.parquet")
+    pq.write_table(table.slice(8000), tmp_path / "held_out.parquet")
+    cfg = crossed_config(tmp_path / "train.parquet", tmp_path / "run", ["a", "b"], link,
+                         **{"train.steps": 2000})
+    loop.train(cfg, log=lambda _: None)
+    out = tmp_path / "scores"
+    score_lib.score(
+        score_cfg(tmp_path / "run", tmp_path / "held_out.parquet", out, predictive=True,
+                  draws=200),
+        log=lambda _: None,
+    )
+    got = pq.read_table(out)
+    y = got["y"].to_numpy()
+    assert np.allclose(y, cols["y"][8000:])
+    lo, hi = got["pred_q05"].to_numpy(), got["pred_q95"].to_numpy()
+    held = np.mean((lo <= y) & (y <= hi))
+    if link == "gaussian":
+        assert 0.86 <= held <= 0.94, held
+    else:  # counts: [q05, q95] holds its atoms too, so its level is what Poisson(mean) gives
+        from jax.scipy.stats import poisson
+
+        rate = got["mean"].to_numpy()
+        level = np.mean(poisson.cdf(hi, rate) - poisson.cdf(np.ceil(lo) - 1, rate))
+        assert level > 0.9 and abs(held - level) < 0.02, (held, level)
+    mean_only = np.mean((got["q05"].to_numpy() <= y) & (y <= got["q95"].to_numpy()))
+    assert mean_only < 0.6, mean_only
+    assert np.all(got["pred_std"].to_numpy() > got["std"].to_numpy())

@@ -247,6 +247,9 @@ class ScoreConfig:
     seed: int = 0
     quantiles: list[float] = field(default_factory=lambda: [0.05, 0.5, 0.95])
     linear_predictor: bool = False  # also summarise the linear predictor (eta_*)
+    # also the posterior predictive: y drawn from the likelihood under each draw (pred_std,
+    # pred_q05, ...), observation noise included, beside E[y | θ]
+    predictive: bool = False
     raw_draws: bool = False  # also write the S draws as a list column
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 

@@ -87,6 +87,14 @@ def response_mean(fn: Any) -> jax.Array:
     return fn.mean
 
 
+def predictive_value(y: jax.Array) -> jax.Array:
+    """A drawn observation as the score columns hold it: float, one value per row (a one-hot
+    or class-index draw of a categorical likelihood becomes its class index)."""
+    if y.ndim == 2:  # one-hot
+        y = jnp.argmax(y, axis=-1)
+    return y.astype(jnp.float32).reshape(y.shape[0])
+
+
 def prior_draw(fn: Any, noise: jax.Array, key: jax.Array) -> jax.Array:
     """A draw of a table site from its prior, for the rows unseen in training.
 
@@ -118,11 +126,18 @@ def quantile_name(prefix: str, level: float) -> str:
     return f"{prefix}q{digits.rstrip('0').ljust(2, '0')}"
 
 
-def output_columns(quantiles: Sequence[float], linear: bool, raw: bool, columns: Any) -> list[str]:
+def output_columns(
+    quantiles: Sequence[float], linear: bool, raw: bool, columns: Any, predictive: bool = False
+) -> list[str]:
     """Every column a score part adds after the passthrough ones, in order."""
     stats = ["mean", "std", *(quantile_name("", q) for q in sorted(quantiles))]
     out = stats + ([f"eta_{c}" for c in stats] if linear else [])
+    out += [f"{PREDICTIVE}{c}" for c in stats[1:]] if predictive else []
     return out + (["draws"] if raw else []) + (["unseen_categories"] if columns.categorical else [])
+
+
+Y_STREAM = 0x5EED  # folded into a draw's key for its y
+PREDICTIVE = "pred_"  # y drawn from the likelihood under each posterior draw: its sd, quantiles
 
 
 PROVENANCE = "blayers.score"  # the part's Parquet metadata key: what it was made from
@@ -180,8 +195,11 @@ def make_scorer(
     with_draws: bool,
     batch_rows: int,
     host_quantiles: bool = False,
+    predictive: bool = False,
 ) -> Any:
     """Jitted ``score(params, seen, key, batch) -> dict of (B, ...) summaries``.
+    ``predictive``: also the sd and quantiles of ``y ~ p(y | θ)``, one ``y`` per draw of
+    ``θ``, i.e. of the posterior predictive distribution (observation noise included).
 
     ``seen[table_site]`` flags table rows that had training data; the others (OOV rows,
     padding) are drawn from the layer's prior given the drawn scale, whatever path trained
@@ -232,7 +250,10 @@ def make_scorer(
         seeded = handlers.seed(handlers.substitute(model, substitute_fn=draw), model_key)
         trace = handlers.trace(seeded).get_trace(batch, None, local)
         eta = trace[LINEAR_PREDICTOR]["value"][:, 0] if LINEAR_PREDICTOR in trace else None
-        return response_mean(trace["obs"]["fn"]), eta
+        fn = trace["obs"]["fn"]
+        # a key of its own, so the other columns' draws are the same with or without it
+        y = predictive_value(fn.sample(jax.random.fold_in(key, Y_STREAM))) if predictive else None
+        return response_mean(fn), eta, y
 
     def summarize(x: jax.Array, prefix: str) -> dict[str, jax.Array]:
         out = {f"{prefix}mean": x.mean(0), f"{prefix}std": x.std(0)}
@@ -252,10 +273,14 @@ def make_scorer(
     ) -> Any:
         uniq, local, unseen = gather(batch["categorical"], seen) if terms else ({}, {}, {})
         keys = jax.random.split(key, draws)
-        mean, eta = jax.vmap(lambda k: one_draw(k, params, uniq, batch, local, unseen))(keys)
+        mean, eta, y = jax.vmap(lambda k: one_draw(k, params, uniq, batch, local, unseen))(keys)
         out = summarize(mean, "")
         if with_eta and eta is not None:
             out.update(summarize(eta, "eta_"))
+        if predictive:
+            out.update(
+                {k: v for k, v in summarize(y, PREDICTIVE).items() if k != PREDICTIVE + "mean"}
+            )
         if with_draws:
             out["draws"] = mean.T
         return out
@@ -310,7 +335,11 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
     if missing:
         raise data_lib.DataError(f"passthrough column(s) {missing} are not in the data")
     produced = output_columns(
-        list(cfg.quantiles), bool(cfg.linear_predictor), bool(cfg.raw_draws), columns
+        list(cfg.quantiles),
+        bool(cfg.linear_predictor),
+        bool(cfg.raw_draws),
+        columns,
+        bool(cfg.predictive),
     )
     clash = [c for c in passthrough if c in produced]
     if clash:
@@ -328,6 +357,7 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         "quantiles": [float(q) for q in cfg.quantiles],
         "linear_predictor": bool(cfg.linear_predictor),
         "raw_draws": bool(cfg.raw_draws),
+        "predictive": bool(cfg.predictive),
         "columns": passthrough + produced,
     }
     parts = plan_parts(data_lib.parquet_files(cfg.data.path))
@@ -349,6 +379,7 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         bool(cfg.raw_draws),
         b,
         host_quantiles,
+        bool(cfg.predictive),
     )
     seen = {
         t.table_site: jax.device_put(
