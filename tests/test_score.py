@@ -124,17 +124,6 @@ def test_quantiles_on_the_host_equal_jnp_quantile(rng):
         assert_allclose(out["eta_" + name], 2 * expected[i], rtol=1e-5, atol=1e-6)
 
 
-def test_a_normal_prior_reuses_the_guide_noise_and_others_sample():
-    import numpyro.distributions as dist
-
-    noise = jax.random.normal(jax.random.PRNGKey(1), (500, 3))
-    key = jax.random.PRNGKey(2)
-    normal = dist.Normal(0.5, 2.0).expand([500, 3]).to_event(2)
-    assert_allclose(score_lib.prior_draw(normal, noise, key), 0.5 + 2.0 * noise, rtol=1e-6)
-    laplace = dist.Laplace(0.0, 2.0).expand([500, 3]).to_event(2)
-    assert_allclose(score_lib.prior_draw(laplace, noise, key), laplace.sample(key))
-
-
 def test_unseen_categories_get_the_oov_row_and_are_counted(trained, tmp_path):
     table = pq.read_table(trained / "train.parquet").slice(0, 300)
     user = table["user"].to_numpy().copy()

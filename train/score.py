@@ -32,18 +32,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
-from numpyro import handlers
-from numpyro.distributions import Normal
 
 from blayers import guides
 
 from . import data as data_lib
-from . import files
+from . import files, posterior
 from . import vocab as vocab_lib
 from .model import LINEAR_PREDICTOR
 from .settings import check_score_settings
 from .sparse import row_counts
-from .state import guide_rows, row_sharding
+from .state import row_sharding
 from .summary import restore_run
 
 MANIFEST = "_manifest.json"
@@ -93,21 +91,6 @@ def predictive_value(y: jax.Array) -> jax.Array:
     if y.ndim == 2:  # one-hot
         y = jnp.argmax(y, axis=-1)
     return y.astype(jnp.float32).reshape(y.shape[0])
-
-
-def prior_draw(fn: Any, noise: jax.Array, key: jax.Array) -> jax.Array:
-    """A draw of a table site from its prior, for the rows unseen in training.
-
-    A Normal prior reuses ``noise``, the standard normal draws the guide took for the same
-    rows: for an unseen row the guide's value is discarded, so its noise is independent of
-    everything kept. That halves the random numbers a batch needs (on CPU, drawing them is most
-    of scoring's time). Other priors are sampled with ``key``."""
-    base = fn
-    while hasattr(base, "base_dist"):
-        base = base.base_dist
-    if isinstance(base, Normal) and tuple(noise.shape) == tuple(fn.shape()):
-        return fn.mean + jnp.sqrt(fn.variance) * noise
-    return fn.sample(key)
 
 
 QUANTILE_DRAWS = "_draws_for_quantiles:"
@@ -205,50 +188,14 @@ def make_scorer(
     padding) are drawn from the layer's prior given the drawn scale, whatever path trained
     the table. With ``host_quantiles`` the quantiles are left to :func:`finish_quantiles`:
     the outputs then hold each row's draws instead."""
-    model, sites = setup.model, setup.sites
-    guide = setup.guide
-    terms = {t.name: t for t in getattr(model, "terms", []) if t.gatherable}
-    table_sites = {t.table_site: t for t in terms.values()}
-    table_index = {site: i for i, site in enumerate(sorted(table_sites))}
+    terms = posterior.table_terms(setup)
+    table_sites = [t.table_site for t in terms.values()]
     q = jnp.asarray(quantiles, jnp.float32)
 
-    def gather(categorical: jax.Array, seen: Mapping[str, jax.Array]) -> tuple[Any, Any, Any]:
-        uniq, local, unseen = {}, {}, {}
-        for name, term in terms.items():
-            rows = term.rows(categorical)
-            u, inv = jnp.unique(rows.ravel(), size=rows.size, fill_value=0, return_inverse=True)
-            uniq[term.table_site], local[name] = u, inv.reshape(rows.shape).astype(jnp.int32)
-            unseen[term.table_site] = ~seen[term.table_site][u]
-        return uniq, local, unseen
-
     def one_draw(
-        key: jax.Array,
-        params: guides.Params,
-        uniq: Mapping[str, jax.Array],
-        batch: Mapping[str, jax.Array],
-        local: Mapping[str, jax.Array],
-        unseen: Mapping[str, jax.Array],
+        key: jax.Array, params: guides.Params, rows: posterior.Gathered, batch: Any
     ) -> Any:
-        model_key, prior_key, draw_key = jax.random.split(key, 3)
-        view = {
-            name: guide_rows(params[name], uniq[name]) if name in uniq else params[name]
-            for name in sites
-        }
-        draws = guide.draw(draw_key, view)
-        values = {name: d.value for name, d in draws.items()}
-        noise = {name: d.noise for name, d in draws.items()}
-
-        def draw(msg: dict[str, Any]) -> jax.Array | None:
-            name = msg["name"]
-            if name not in unseen:
-                return values.get(name)
-            key = jax.random.fold_in(prior_key, table_index[name])
-            prior = prior_draw(msg["fn"], noise[name], key)
-            mask = unseen[name].reshape((-1,) + (1,) * (prior.ndim - 1))
-            return jnp.where(mask, prior, values[name])
-
-        seeded = handlers.seed(handlers.substitute(model, substitute_fn=draw), model_key)
-        trace = handlers.trace(seeded).get_trace(batch, None, local)
+        trace, _ = posterior.draw_trace(setup, key, params, rows, batch)
         eta = trace[LINEAR_PREDICTOR]["value"][:, 0] if LINEAR_PREDICTOR in trace else None
         fn = trace["obs"]["fn"]
         # a key of its own, so the other columns' draws are the same with or without it
@@ -271,9 +218,9 @@ def make_scorer(
         key: jax.Array,
         batch: Mapping[str, jax.Array],
     ) -> Any:
-        uniq, local, unseen = gather(batch["categorical"], seen) if terms else ({}, {}, {})
+        rows = posterior.gather(terms, batch["categorical"], seen)
         keys = jax.random.split(key, draws)
-        mean, eta, y = jax.vmap(lambda k: one_draw(k, params, uniq, batch, local, unseen))(keys)
+        mean, eta, y = jax.vmap(lambda k: one_draw(k, params, rows, batch))(keys)
         out = summarize(mean, "")
         if with_eta and eta is not None:
             out.update(summarize(eta, "eta_"))
@@ -286,7 +233,7 @@ def make_scorer(
         return out
 
     rows_sharding = NamedSharding(setup.mesh, PartitionSpec("data"))
-    return jax.jit(score, out_shardings=rows_sharding), rows_sharding, list(table_sites)
+    return jax.jit(score, out_shardings=rows_sharding), rows_sharding, table_sites
 
 
 def _encode_part(
