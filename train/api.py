@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from . import cli, effects, score, summary
+from . import cli, effects, inference_data, score, summary
 from . import config as config_lib
 from .config import ConfigError
 
@@ -166,6 +166,24 @@ class Run:
             parts = sorted((Path(tmp) / "scores").glob("part-*.parquet"))
             table = pa.concat_tables([pq.read_table(p) for p in parts])
         return _frame(table.replace_schema_metadata(None))
+
+    def to_arviz(
+        self,
+        draws: int = 500,
+        seed: int = 0,
+        rows: Mapping[str, Sequence[Any]] | None = None,
+        data: Any = None,
+        max_rows: int = inference_data.MAX_ROWS,
+    ) -> Any:
+        """An ArviZ ``InferenceData``: posterior draws of the global sites and of the table
+        rows named in ``rows`` (``{"user": [raw values]}``); given ``data`` (a path, an Arrow
+        table or a DataFrame of at most ``max_rows`` rows), also ``posterior_predictive``,
+        ``log_likelihood`` and ``observed_data`` (:mod:`train.inference_data`)."""
+        setup, state, meta = self.restored()
+        target = meta.get("config", {}).get("data", {}).get("target")
+        return inference_data.to_arviz(
+            setup, state, self.run_dir / "vocab", draws, seed, rows, data, max_rows, target
+        )
 
     def metrics(self) -> Any:
         """The training curve: one row per logged step (``metrics.jsonl``)."""

@@ -20,12 +20,14 @@ from numpyro.distributions import Normal
 
 from blayers import guides
 
+from .model import GatheredRows
 from .state import guide_rows
 
 
 class Gathered(NamedTuple):
     """A batch's table rows: ``uniq[site]`` the distinct rows (padded with row 0),
-    ``local[term]`` each example's index into them, ``unseen[site]`` which had no data,
+    ``local[term]`` each example's index into them (with the table's length where it is
+    not the batch's ``n * F``), ``unseen[site]`` which had no data,
     ``picked[site]`` where the rows asked for by :func:`gather`'s ``extra`` are."""
 
     uniq: dict[str, jax.Array]
@@ -57,8 +59,9 @@ def gather(
         inv = inv.reshape(-1).astype(jnp.int32)
         skip = 0 if wanted is None else wanted.size
         uniq[site], local[name] = u, inv[skip:].reshape(rows.shape)
-        if wanted is not None:
+        if wanted is not None:  # the gathered table is longer than the batch's n * F rows
             picked[site] = inv[:skip]
+            local[name] = GatheredRows(local[name], int(u.size))
         unseen[site] = ~seen[site][u]
     return Gathered(uniq, local, unseen, picked)
 
