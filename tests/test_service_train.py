@@ -167,8 +167,11 @@ def test_summary_csv_has_global_sites_named_by_term(dataset, tmp_path):
     write_csv(rows, tmp_path / "run" / "summary.csv")
     with open(tmp_path / "run" / "summary.csv") as fh:
         read = list(csv.DictReader(fh))
-    assert list(read[0]) == ["site", "index", "mean", "std", "q05", "q50", "q95"]
+    assert list(read[0]) == ["site", "index", "label", "mean", "std", "q05", "q50", "q95"]
     assert len(read) == len(rows)
+    dense = [r["label"] for r in read if r["site"] == "AdaptiveLayer_dense_beta"]
+    assert dense == ["x1", "x2", "x3", "x4"]  # coefficients named by their input columns
+    assert all(r["label"] == "" for r in read if r["site"] != "AdaptiveLayer_dense_beta")
 
 
 def test_user_model_target(dataset, tmp_path):

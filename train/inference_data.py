@@ -35,6 +35,7 @@ from . import effects as effects_lib
 from . import posterior
 from . import vocab as vocab_lib
 from .config import ConfigError
+from .model import coefficient_labels
 from .score import Y_STREAM, _encode_part, predictive_value
 from .sparse import row_counts
 
@@ -88,14 +89,13 @@ def _picked_rows(
 
 def _dims(setup: Any, name: str, shape: tuple[int, ...]) -> tuple[list[str], dict[str, Any]]:
     dims = [f"{name}_dim_{i}" for i in range(len(shape))]
-    coords: dict[str, Any] = {}
-    for term in getattr(setup.model, "terms", []):
-        if term.kind == "dense" and name == f"{term.layer_name}_{term.name}_beta" and shape:
-            inputs = [setup.columns.numeric[i] for i in term.numeric_idx]
-            if len(inputs) == shape[0]:
-                dims[0] = f"{term.name}_input"
-                coords[dims[0]] = inputs
-    return dims, coords
+    terms = getattr(setup.model, "terms", [])
+    labels = coefficient_labels(terms, setup.columns, name)
+    if labels is None or not shape or len(labels) != shape[0]:
+        return dims, {}
+    term = next(t for t in terms if name == f"{t.layer_name}_{t.name}_beta")
+    dims[0] = f"{term.name}_input"
+    return dims, {dims[0]: labels}
 
 
 def to_arviz(

@@ -381,6 +381,15 @@ def _get(cfg: Any, key: str) -> Any:
     return value
 
 
+def coefficient_labels(terms: Sequence[Term], columns: Columns, site: str) -> list[str] | None:
+    """The input column behind each row of a dense term's coefficient site, or ``None`` for
+    any other site."""
+    for term in terms:
+        if term.kind == "dense" and site == f"{term.layer_name}_{term.name}_beta":
+            return [columns.numeric[i] for i in term.numeric_idx]
+    return None
+
+
 def _user_model(target: str, columns: Columns, table_sizes: Mapping[str, int]) -> Model:
     try:
         fn = get_method(target)

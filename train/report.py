@@ -87,11 +87,13 @@ def build(run_dir: Path, scores: Path | None = None) -> Path:
     if summary.exists():
         with open(summary) as fh:
             rows = [
-                {k: (float(v) if k not in ("site", "index") else v) for k, v in r.items()}
+                {k: (float(v) if k not in ("site", "index", "label") else v) for k, v in r.items()}
                 for r in csv.DictReader(fh)
             ]
         parts.append("<h2>Posterior of the global parameters</h2>")
-        parts.append(_table(rows, ["site", "index", "mean", "std", "q05", "q50", "q95"]))
+        parts.append(
+            _table(rows, ["site", "index", "label", "mean", "std", "q05", "q50", "q95"])
+        )
     scores = scores or run_dir / "scores"
     manifest = scores / "_manifest.json"
     if manifest.exists():

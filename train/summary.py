@@ -19,10 +19,11 @@ from . import checkpoint as ckpt
 from . import files
 from .config import ConfigError, from_container, with_saved_defaults
 from .loop import Setup, build_mesh, make_setup
+from .model import coefficient_labels
 from .state import table_axis_multiple
 
 QUANTILES = (0.05, 0.5, 0.95)
-FIELDS = ["site", "index", "mean", "std", "q05", "q50", "q95"]
+FIELDS = ["site", "index", "label", "mean", "std", "q05", "q50", "q95"]
 
 
 def restore_mesh(cfg: Any, pad_multiple: int) -> Mesh:
@@ -111,8 +112,10 @@ def summary_rows(
     keys = jax.random.split(jax.random.PRNGKey(seed), draws)
     drawn = jax.jit(jax.vmap(lambda k: guide.sample(k, view)[0]))(keys)
     rows = []
+    terms = getattr(setup.model, "terms", [])
     for name in names:
         site = setup.sites[name]
+        labels = coefficient_labels(terms, setup.columns, name)
         values = np.asarray(drawn[name]).reshape(draws, -1)
         qs = np.quantile(values, QUANTILES, axis=0)
         for j in range(values.shape[1]):
@@ -121,6 +124,8 @@ def summary_rows(
                 {
                     "site": name,
                     "index": ",".join(str(int(i)) for i in index),
+                    # a dense coefficient's input column (and unit, where there are several)
+                    "label": _label(labels, index, site.shape),
                     "mean": float(values[:, j].mean()),
                     "std": float(values[:, j].std()),
                     "q05": float(qs[0, j]),
@@ -129,6 +134,13 @@ def summary_rows(
                 }
             )
     return rows
+
+
+def _label(labels: list[str] | None, index: tuple[Any, ...], shape: tuple[int, ...]) -> str:
+    if labels is None or not index or len(labels) != shape[0]:
+        return ""
+    unit = f"[{int(index[1])}]" if len(index) > 1 and shape[1] > 1 else ""
+    return labels[int(index[0])] + unit
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -142,11 +154,14 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    head = f"{'site':<40} {'index':<8} {'mean':>9} {'std':>8} {'q05':>9} {'q50':>9} {'q95':>9}"
+    head = (
+        f"{'site':<40} {'index':<8} {'label':<10} {'mean':>9} {'std':>8} {'q05':>9} "
+        f"{'q50':>9} {'q95':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['site']:<40} {r['index']:<8} {r['mean']:>9.4f} {r['std']:>8.4f} "
+            f"{r['site']:<40} {r['index']:<8} {r['label']:<10} {r['mean']:>9.4f} {r['std']:>8.4f} "
             f"{r['q05']:>9.4f} {r['q50']:>9.4f} {r['q95']:>9.4f}"
         )
     return "\n".join(lines)
