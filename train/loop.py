@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from blayers.start import FeatureStats, TargetStats
 
 from . import checkpoint as ckpt
 from . import data as data_lib
-from . import distributed, files, nonfinite, rundir
+from . import distributed, files, hooks, nonfinite, rundir
 from . import recenter as recenter_lib
 from .config import ConfigError, from_container, to_container, with_saved_defaults
 from .convergence import ConvergenceTracker, window_steps
@@ -62,6 +61,7 @@ from .state import (
     table_axis_multiple,
 )
 from .step import make_step
+from .trainer import Progress, Trainer, WaitClock
 
 
 @dataclass
@@ -214,27 +214,6 @@ def make_setup(
     )
 
 
-class _Stop:
-    """SIGTERM/SIGINT → finish the current step, checkpoint, exit cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Stop:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # signals only install on the main thread
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the training job described by ``cfg``; returns a result summary.
     The run directory is locked for the whole job (:mod:`train.rundir`): a second trainer on
@@ -242,6 +221,51 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     multi_process = distributed.maybe_initialize(cfg.distributed)
     with contextlib.ExitStack() as held:
         return _train(cfg, log, multi_process, held)
+
+
+def prepare_data(cfg: Any, run_dir: Path) -> tuple[data_lib.Store, dict[str, Any]]:
+    """The run's encoded store and vocabularies (:func:`train.data.prepare`): process 0
+    writes them, the others read them after it."""
+    link_check = None if cfg.model.get("_target_") else str(cfg.model.link)
+    if jax.process_index() == 0:  # one writer for the run's vocabulary and encoded store
+        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check)
+    distributed.barrier("blayers-data-prepared")
+    if jax.process_index() != 0:
+        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check)
+    return store, vocabs
+
+
+def restore_or_init(
+    cfg: Any,
+    setup: Setup,
+    ckpt_dir: Path,
+    latest: int | None,
+    saved: Mapping[str, Any] | None,
+    log: Callable[[str], None],
+) -> tuple[Setup, TrainState, Mapping[str, Any] | None]:
+    """The newest good checkpoint at or before ``latest`` (newer steps set aside, the
+    learning rate's rollback factor restored), or a fresh state; with its metadata."""
+    if latest is None:
+        return setup, jax.jit(setup.init, out_shardings=setup.shardings)(), saved
+    target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
+    restored, saved, state = ckpt.restore_newest_good(
+        ckpt_dir,
+        target,
+        latest,
+        strict=cfg.checkpoint.strict or cfg.train.resume_step is not None,
+        log=log,
+        compatible=lambda meta: ckpt.check_compatible(
+            meta, setup.fingerprint, setup.sites, ckpt_dir
+        ),
+    )
+    # every process lists the steps (Orbax's managers synchronize them); one moves them
+    set_aside_after(ckpt_dir, restored, log, move=jax.process_index() == 0)
+    distributed.barrier("blayers-checkpoints-set-aside")
+    log(f"resumed from step {restored} in {ckpt_dir}")
+    setup = with_lr_scale(setup, cfg, float(saved.get("lr_scale", 1.0)))
+    if setup.lr_scale != 1.0:
+        log(f"the learning rate is optim.lr × {setup.lr_scale:g}, after rollbacks")
+    return setup, state, saved
 
 
 def _train(
@@ -259,12 +283,7 @@ def _train(
     if jax.process_index() == 0:  # one lock per run, from before its first write
         held.enter_context(rundir.locked(run_dir))
     link = str(cfg.model.link)
-    link_check = None if cfg.model.get("_target_") else link
-    if jax.process_index() == 0:  # one writer for the run's vocabulary and encoded store
-        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check)
-    distributed.barrier("blayers-data-prepared")
-    if jax.process_index() != 0:
-        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check)
+    store, vocabs = prepare_data(cfg, run_dir)
     sizes = {c: v.size for c, v in vocabs.items()}
     ckpt_dir = run_dir / "checkpoints"
     latest, saved = _latest_meta(cfg, ckpt_dir, log)
@@ -292,46 +311,39 @@ def _train(
         log(format_plan(plan, mesh, opt))
         return {"dry_run": True, "plan": plan}
 
-    start_state = None
-    if latest is not None:
-        target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
-        restored, saved, start_state = ckpt.restore_newest_good(
-            ckpt_dir,
-            target,
-            latest,
-            strict=cfg.checkpoint.strict or cfg.train.resume_step is not None,
-            log=log,
-            compatible=lambda meta: ckpt.check_compatible(
-                meta, setup.fingerprint, setup.sites, ckpt_dir
-            ),
-        )
-        # every process lists the steps (Orbax's managers synchronize them); one moves them
-        set_aside_after(ckpt_dir, restored, log, move=jax.process_index() == 0)
-        distributed.barrier("blayers-checkpoints-set-aside")
-        latest = restored
-        log(f"resumed from step {latest} in {ckpt_dir}")
-        setup = with_lr_scale(setup, cfg, float(saved.get("lr_scale", 1.0)))
-        if setup.lr_scale != 1.0:
-            log(f"the learning rate is optim.lr × {setup.lr_scale:g}, after rollbacks")
+    setup, state, saved = restore_or_init(cfg, setup, ckpt_dir, latest, saved, log)
     if jax.process_index() == 0:  # the resolved config this start runs under, beside the run
         files.write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(to_container(cfg)))
-    state = (
-        start_state
-        if start_state is not None
-        else jax.jit(setup.init, out_shardings=setup.shardings)()
-    )
     assert_sharded(_flat_params(state.params), _flat_params(setup.shardings.params))
 
     checkpointer = ckpt.Checkpointer(
         ckpt_dir, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save
     )
-    meta = {
+    meta = checkpoint_meta(cfg, setup, sizes, store.num_rows, saved)
+    tracker = make_tracker(cfg, setup, saved if latest is not None else None)
+    counts = {c: v.counts for c, v in vocabs.items()}
+    run = RunContext(cfg, run_dir, store, checkpointer, meta, counts, cores, log)
+    progress, setup, tracker, batches = train_segments(run, setup, state, tracker)
+    return finish(run, progress, setup, tracker, batches)
+
+
+def checkpoint_meta(
+    cfg: Any,
+    setup: Setup,
+    sizes: Mapping[str, int],
+    num_rows: int,
+    saved: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """What every checkpoint of this run records beside its arrays: enough to restore it
+    from its directory alone (config, table sizes and padding, columns) and to refuse
+    another model's (fingerprint, structure)."""
+    return {
         "fingerprint": setup.fingerprint,
         "structure": ckpt.structure(setup.sites),
         "config": to_container(cfg),
-        "table_sizes": sizes,
+        "table_sizes": dict(sizes),
         "table_pad_multiple": setup.pad_multiple,
-        "num_data": store.num_rows,
+        "num_data": num_rows,
         "columns": {
             "numeric": list(setup.columns.numeric),
             "categorical": list(setup.columns.categorical),
@@ -339,27 +351,50 @@ def _train(
         "lr_scale": setup.lr_scale,
         "rollbacks": int(saved.get("rollbacks", 0)) if saved else 0,
     }
-    tracker = make_tracker(cfg, setup, saved if latest is not None else None)
-    global_sites = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
-    conv_every = cfg.train.convergence.sample_every
-    vocab_counts = {c: v.counts for c, v in vocabs.items()}
+
+
+@dataclass
+class RunContext:
+    """What a training run holds fixed from its start to its end."""
+
+    cfg: Any
+    run_dir: Path
+    store: data_lib.Store
+    checkpointer: ckpt.Checkpointer
+    meta: dict[str, Any]  # saved with every checkpoint (rollbacks update it)
+    vocab_counts: dict[str, np.ndarray]
+    cores: CoreSplit | None
+    log: Callable[[str], None]
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+def train_segments(
+    run: RunContext, setup: Setup, state: TrainState, tracker: ConvergenceTracker
+) -> tuple[Progress, Setup, ConvergenceTracker, WaitClock]:
+    """Steps from ``state`` to the end, a stop request or a divergence; under
+    ``train.non_finite.policy=rollback`` a divergence restarts from the last good checkpoint
+    at a lower learning rate, as a new segment. Returns where it ended, the setup and tracker
+    it ended with, and the last segment's batch clock."""
+    cfg = run.cfg
     on_non_finite = cfg.train.non_finite
     skips = nonfinite.SkipCount() if on_non_finite.policy == "skip" else None
-    step_fn = make_train_step(setup, vocab_counts, skip_non_finite=skips is not None)
+    step_fn = make_train_step(setup, run.vocab_counts, skip_non_finite=skips is not None)
     recenter, recenter_every = make_run_recenter(
-        setup, vocab_counts, cfg.optim.recenter_every, cfg.data.batch_size
+        setup, run.vocab_counts, cfg.optim.recenter_every, cfg.data.batch_size
     )
-    first = int(state.step)
-    total = int(cfg.train.steps)
-    # fake CPU devices can deadlock on un-blocked collective loops (see DESIGN); block each step
-    block_every_step = jax.default_backend() == "cpu" and setup.mesh.devices.size > 1
-    metrics_path = run_dir / "metrics.jsonl"
-    last_loss = float("nan")
-    step = first
+    first, total = int(state.step), int(cfg.train.steps)
+    progress = Progress(first, state)
     with (
         distributed.explain_peer_failure("training"),
-        _Stop() as stop,
-        open(metrics_path, "a") as metrics,
+        hooks.StopSignal() as stop,
+        open(run.metrics_path, "a") as metrics_file,
         tqdm(
             total=total,
             initial=first,
@@ -368,152 +403,75 @@ def _train(
             dynamic_ncols=True,
         ) as bar,
     ):
-        t_log, rows_since = time.perf_counter(), 0
+        metrics = hooks.Metrics(
+            bar,
+            metrics_file,
+            cfg.train.log_every,
+            total,
+            run.store.num_rows,
+            cfg.data.batch_size,
+            skips,
+            writer=jax.process_index() == 0,
+        )
         while True:  # once, unless a rollback restarts from an earlier step
-            diverged = None
-            batches = WaitClock(device_batches(store, cfg, step_fn, step, total, cores))
-            for batch in batches:
-                state, loss = step_fn(state, batch)
-                step += 1
-                if skips is not None:
-                    skips.add(loss)
-                if recenter is not None and step % recenter_every == 0:
-                    state = recenter(state)
-                if step % conv_every == 0:
-                    elbo_row = -float(loss) / store.num_rows
-                    if np.isfinite(elbo_row):  # a skipped step's loss is NaN
-                        lr = float(setup.schedule(step - 1))
-                        tracker.sample(
-                            step, elbo_row, lr, *globals_now(state, global_sites, setup.guide)
-                        )
-                    if cfg.train.until == "converged" and tracker.converged:
-                        stop.requested = True
-                rows_since += cfg.data.batch_size
-                if block_every_step:
-                    loss.block_until_ready()
-                if step % cfg.train.log_every == 0 or step == total:
-                    last_loss = float(loss)
-                    in_a_row, skipped = skips.read() if skips is not None else (0, 0)
-                    if in_a_row >= on_non_finite.max_skipped:
-                        raise nonfinite.stop_error(
-                            f"the last {in_a_row} steps up to step {step} had a non-finite loss "
-                            f"or gradient and were skipped (train.non_finite.max_skipped="
-                            f"{on_non_finite.max_skipped}); nothing was saved past step "
-                            f"{checkpointer.latest_step()}",
-                            cfg.optim.lr * setup.lr_scale,
-                        )
-                    if not np.isfinite(last_loss) and skips is None:
-                        diverged = (
-                            f"the loss became {last_loss} at step {step}; nothing was saved "
-                            f"past step {checkpointer.latest_step()}"
-                        )
-                        break
-                    now = time.perf_counter()
-                    rate = rows_since / max(now - t_log, 1e-9)
-                    input_wait = batches.lap() / max(now - t_log, 1e-9)
-                    t_log, rows_since = now, 0
-                    elbo_row = -last_loss / store.num_rows
-                    bar.set_postfix(elbo_per_row=f"{elbo_row:.4f}", ex_per_s=f"{rate:,.0f}")
-                    if jax.process_index() == 0:
-                        record = {
-                            "step": step,
-                            "loss": last_loss,
-                            "elbo_per_row": elbo_row,
-                            "examples_per_s": rate,
-                            "input_wait": input_wait,
-                            "time": time.time(),
-                        }
-                        if skips is not None:
-                            record["skipped"] = skipped
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                bar.update(1)
-                if step % cfg.checkpoint.every == 0 and step != total:
-                    diverged = save_finite(checkpointer, step, state, meta, tracker)
-                    if diverged:
-                        break
-                if cfg.train.stop_after is not None and step - first >= cfg.train.stop_after:
-                    stop.requested = True
-                if stop.requested and step != total:
-                    if tracker.converged and cfg.train.until == "converged":
-                        log(f"{tracker.status()}: checkpointing and stopping")
-                    else:
-                        log(f"stopping at step {step} of {total}: checkpointing; rerun to continue")
-                    break
-            if diverged is None:
-                break
-            exhausted = meta["rollbacks"] >= on_non_finite.max_rollbacks
-            if on_non_finite.policy != "rollback" or exhausted:
-                raise nonfinite.stop_error(diverged, cfg.optim.lr * setup.lr_scale)
-            setup, state, tracker = roll_back(
-                setup, cfg, checkpointer, ckpt_dir, meta, diverged, log
+            batches = WaitClock(
+                device_batches(run.store, cfg, step_fn, progress.step, total, run.cores)
             )
-            step = int(state.step)
-            step_fn = make_train_step(setup, vocab_counts, skip_non_finite=skips is not None)
+            metrics.clock = batches
+            segment = segment_hooks(
+                run, setup, tracker, metrics, skips, stop, recenter, recenter_every, first
+            )
+            # fake CPU devices can deadlock on un-blocked collective loops (see DESIGN)
+            block = jax.default_backend() == "cpu" and setup.mesh.devices.size > 1
+            progress = Trainer(step_fn, segment, block).run(progress, batches)
+            if progress.diverged is None:
+                return progress, setup, tracker, batches
+            exhausted = run.meta["rollbacks"] >= on_non_finite.max_rollbacks
+            if on_non_finite.policy != "rollback" or exhausted:
+                raise nonfinite.stop_error(progress.diverged, cfg.optim.lr * setup.lr_scale)
+            setup, state, tracker = roll_back(
+                setup, cfg, run.checkpointer, run.ckpt_dir, run.meta, progress.diverged, run.log
+            )
+            progress = Progress(int(state.step), state, last_loss=progress.last_loss)
+            step_fn = make_train_step(setup, run.vocab_counts, skip_non_finite=skips is not None)
             bar.reset(total)
-            bar.update(step)
-    diverged = save_finite(checkpointer, step, state, meta, tracker)
+            bar.update(progress.step)
+
+
+def finish(
+    run: RunContext,
+    progress: Progress,
+    setup: Setup,
+    tracker: ConvergenceTracker,
+    batches: WaitClock,
+) -> dict[str, Any]:
+    """The last checkpoint (of a finite state only), the input-bound hint, the verdict, and
+    ``run.json``; the run's result."""
+    step, total = progress.step, int(run.cfg.train.steps)
+    diverged = save_finite(run.checkpointer, step, progress.state, run.meta, tracker)
     if diverged:
-        raise nonfinite.stop_error(diverged, cfg.optim.lr * setup.lr_scale)
+        raise nonfinite.stop_error(diverged, run.cfg.optim.lr * setup.lr_scale)
     input_wait = batches.total_fraction()
-    checkpointer.close()
-    hint = input_bound_hint(input_wait, cores is not None)
+    run.checkpointer.close()
+    hint = input_bound_hint(input_wait, run.cores is not None)
     if hint:
-        log(hint)
+        run.log(hint)
     result = {
-        "run_dir": str(run_dir),
+        "run_dir": str(run.run_dir),
         "step": step,
-        "loss": last_loss,
-        "checkpoint": str(ckpt_dir / str(step)),
-        "metrics": str(metrics_path),
+        "loss": progress.last_loss,
+        "checkpoint": str(run.ckpt_dir / str(step)),
+        "metrics": str(run.metrics_path),
         "stopped_early": step < total and not tracker.converged,
         "input_wait": input_wait,
         "convergence": tracker.status(),
         "converged_at": tracker.converged_at,
         "convergence_check": tracker.last,
     }
-    log(tracker.status())
+    run.log(tracker.status())
     if jax.process_index() == 0:
-        files.write_text(run_dir / "run.json", json.dumps(result, indent=2))
+        files.write_text(run.run_dir / "run.json", json.dumps(result, indent=2))
     return result
-
-
-class WaitClock:
-    """An iterator of batches that keeps the time the training loop spent waiting for them:
-    the share of wall time the data pipeline, not the step, held training up. The run's share
-    counts from the first :meth:`lap` on, past the pipeline's start and the step's compile."""
-
-    def __init__(self, batches: Iterator[Any]) -> None:
-        self._batches = batches
-        self._lap = 0.0
-        self._total = 0.0
-        self._steady_since: float | None = None
-
-    def __iter__(self) -> WaitClock:
-        return self
-
-    def __next__(self) -> Any:
-        t = time.perf_counter()
-        try:
-            return next(self._batches)
-        finally:
-            self._lap += time.perf_counter() - t
-
-    def lap(self) -> float:
-        """Seconds waited since the last lap."""
-        lap, self._lap = self._lap, 0.0
-        if self._steady_since is None:
-            self._steady_since = time.perf_counter()
-        else:
-            self._total += lap
-        return lap
-
-    def total_fraction(self) -> float:
-        """Share of the wall time from the first lap to the last spent waiting for batches
-        (0 before a second lap)."""
-        if self._steady_since is None:
-            return 0.0
-        return self._total / max(time.perf_counter() - self._steady_since, 1e-9)
 
 
 INPUT_BOUND = 0.2  # share of time waiting for batches from which a run is told so
@@ -623,6 +581,52 @@ def make_train_step(
         return {**batch, **host_rows(batch["categorical"], tables)} if host_dedup else batch
 
     return TrainStep(lambda state, batch: step(state, batch, counts), prepare, batch_sh)
+
+
+def segment_hooks(
+    run: RunContext,
+    setup: Setup,
+    tracker: ConvergenceTracker,
+    metrics: hooks.Metrics,
+    skips: nonfinite.SkipCount | None,
+    stop: hooks.StopSignal,
+    recenter: Callable[[TrainState], TrainState] | None,
+    recenter_every: int,
+    first: int,
+) -> list[Any]:
+    """The hooks of one training segment (a rollback starts another, with its own setup and
+    tracker), in the order :mod:`train.hooks` gives."""
+    cfg, checkpointer, meta, log = run.cfg, run.checkpointer, run.meta, run.log
+    num_rows = run.store.num_rows
+    total, until_converged = int(cfg.train.steps), cfg.train.until == "converged"
+    global_sites = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
+    return [
+        hooks.Recentering(recenter, recenter_every),
+        hooks.ConvergenceChecks(
+            tracker,
+            cfg.train.convergence.sample_every,
+            num_rows,
+            setup.schedule,
+            lambda state: globals_now(state, global_sites, setup.guide),
+            stop,
+            until_converged,
+        ),
+        hooks.NonFiniteGuard(
+            skips,
+            cfg.train.non_finite.max_skipped,
+            cfg.train.log_every,
+            total,
+            checkpointer.latest_step,
+            cfg.optim.lr * setup.lr_scale,
+        ),
+        metrics,
+        hooks.Checkpoints(
+            cfg.checkpoint.every,
+            total,
+            lambda step, state: save_finite(checkpointer, step, state, meta, tracker),
+        ),
+        hooks.StopRequests(stop, cfg.train.stop_after, first, total, tracker, until_converged, log),
+    ]
 
 
 def save_finite(

@@ -1,0 +1,221 @@
+"""What a training run does between steps, one hook each (:class:`train.trainer.Trainer`).
+
+In the order the service runs them after every step: :class:`Recentering`,
+:class:`ConvergenceChecks`, :class:`NonFiniteGuard`, :class:`Metrics` (the progress bar and
+``metrics.jsonl``), :class:`Checkpoints` and :class:`StopRequests`. The order matters where a
+hook reads what an earlier one did: the guard decides a logged step's fate before it is
+logged, and a checkpoint is written before a stop request ends the segment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+import numpy as np
+
+from . import nonfinite
+from .convergence import ConvergenceTracker
+from .trainer import Progress, WaitClock
+
+
+def logs_at(step: int, log_every: int, total: int) -> bool:
+    """Whether ``step`` is a logged step: every ``log_every`` and the last."""
+    return step % log_every == 0 or step == total
+
+
+class StopSignal:
+    """SIGTERM/SIGINT → finish the current step, checkpoint, exit cleanly. Hooks set
+    ``requested`` too (``train.stop_after``, ``train.until: converged``)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # signals only install on the main thread
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Recentering:
+    """The exact moves of table means into the intercept (:mod:`train.recenter`), every
+    ``every`` steps."""
+
+    def __init__(self, move: Callable[[Any], Any] | None, every: int) -> None:
+        self.move, self.every = move, every
+
+    def after_step(self, progress: Progress) -> None:
+        if self.move is not None and progress.step % self.every == 0:
+            progress.state = self.move(progress.state)
+
+
+class ConvergenceChecks:
+    """Every ``every`` steps, the minibatch ELBO and the global sites' guide into the
+    tracker; under ``train.until: converged`` a settled run asks to stop."""
+
+    def __init__(
+        self,
+        tracker: ConvergenceTracker,
+        every: int,
+        num_rows: int,
+        schedule: Callable[[int], Any],
+        read_globals: Callable[[Any], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+        stop: StopSignal,
+        until_converged: bool,
+    ) -> None:
+        self.tracker, self.every, self.num_rows = tracker, every, num_rows
+        self.schedule, self.read_globals = schedule, read_globals
+        self.stop, self.until_converged = stop, until_converged
+
+    def after_step(self, progress: Progress) -> None:
+        if progress.step % self.every:
+            return
+        elbo_row = -float(progress.loss) / self.num_rows
+        if np.isfinite(elbo_row):  # a skipped step's loss is NaN
+            lr = float(self.schedule(progress.step - 1))
+            self.tracker.sample(progress.step, elbo_row, lr, *self.read_globals(progress.state))
+        if self.until_converged and self.tracker.converged:
+            self.stop.requested = True
+
+
+class NonFiniteGuard:
+    """``train.non_finite``: counts skipped steps (``skip``) and, at logged steps, stops a run
+    that skipped ``max_skipped`` in a row or reports a non-finite loss as a divergence."""
+
+    def __init__(
+        self,
+        skips: nonfinite.SkipCount | None,
+        max_skipped: int,
+        log_every: int,
+        total: int,
+        last_saved: Callable[[], int | None],
+        lr: float,
+    ) -> None:
+        self.skips, self.max_skipped = skips, max_skipped
+        self.log_every, self.total = log_every, total
+        self.last_saved, self.lr = last_saved, lr
+
+    def after_step(self, progress: Progress) -> None:
+        if self.skips is not None:
+            self.skips.add(progress.loss)
+        if not logs_at(progress.step, self.log_every, self.total):
+            return
+        progress.last_loss = float(progress.loss)
+        in_a_row = self.skips.read()[0] if self.skips is not None else 0
+        if in_a_row >= self.max_skipped:
+            raise nonfinite.stop_error(
+                f"the last {in_a_row} steps up to step {progress.step} had a non-finite loss "
+                f"or gradient and were skipped (train.non_finite.max_skipped="
+                f"{self.max_skipped}); nothing was saved past step {self.last_saved()}",
+                self.lr,
+            )
+        if not np.isfinite(progress.last_loss) and self.skips is None:
+            progress.diverged = (
+                f"the loss became {progress.last_loss} at step {progress.step}; nothing was "
+                f"saved past step {self.last_saved()}"
+            )
+
+
+class Metrics:
+    """The progress bar and ``metrics.jsonl``: at logged steps the ELBO per row, examples/s
+    and the share of time spent waiting for batches since the last log (and skipped steps
+    under ``skip``). Its timing runs on across segments; :attr:`clock` is each segment's."""
+
+    def __init__(
+        self,
+        bar: Any,
+        out: IO[str],
+        log_every: int,
+        total: int,
+        num_rows: int,
+        batch_size: int,
+        skips: nonfinite.SkipCount | None,
+        writer: bool,
+    ) -> None:
+        self.bar, self.out, self.log_every, self.total = bar, out, log_every, total
+        self.num_rows, self.batch_size, self.skips = num_rows, batch_size, skips
+        self.writer = writer  # one process writes the file
+        self.clock: WaitClock | None = None
+        self.t_log, self.rows_since = time.perf_counter(), 0
+
+    def after_step(self, progress: Progress) -> None:
+        self.rows_since += self.batch_size
+        if logs_at(progress.step, self.log_every, self.total):
+            now = time.perf_counter()
+            rate = self.rows_since / max(now - self.t_log, 1e-9)
+            waited = self.clock.lap() if self.clock is not None else 0.0
+            input_wait = waited / max(now - self.t_log, 1e-9)
+            self.t_log, self.rows_since = now, 0
+            elbo_row = -progress.last_loss / self.num_rows
+            self.bar.set_postfix(elbo_per_row=f"{elbo_row:.4f}", ex_per_s=f"{rate:,.0f}")
+            if self.writer:
+                record = {
+                    "step": progress.step,
+                    "loss": progress.last_loss,
+                    "elbo_per_row": elbo_row,
+                    "examples_per_s": rate,
+                    "input_wait": input_wait,
+                    "time": time.time(),
+                }
+                if self.skips is not None:
+                    record["skipped"] = self.skips.read()[1]
+                self.out.write(json.dumps(record) + "\n")
+                self.out.flush()
+        self.bar.update(1)
+
+
+class Checkpoints:
+    """Every ``every`` steps before the last, a checkpoint of a finite state (the last step's
+    is the caller's); a state that is not finite is a divergence instead."""
+
+    def __init__(self, every: int, total: int, save: Callable[[int, Any], str | None]) -> None:
+        self.every, self.total, self.save = every, total, save
+
+    def after_step(self, progress: Progress) -> None:
+        if progress.step % self.every == 0 and progress.step != self.total:
+            progress.diverged = self.save(progress.step, progress.state)
+
+
+class StopRequests:
+    """Ends the segment after a stop request: a signal, ``train.stop_after`` steps since the
+    start, or convergence (the caller then checkpoints)."""
+
+    def __init__(
+        self,
+        stop: StopSignal,
+        stop_after: int | None,
+        first: int,
+        total: int,
+        tracker: ConvergenceTracker,
+        until_converged: bool,
+        log: Callable[[str], None],
+    ) -> None:
+        self.stop, self.stop_after, self.first, self.total = stop, stop_after, first, total
+        self.tracker, self.until_converged, self.log = tracker, until_converged, log
+
+    def after_step(self, progress: Progress) -> None:
+        if self.stop_after is not None and progress.step - self.first >= self.stop_after:
+            self.stop.requested = True
+        if self.stop.requested and progress.step != self.total:
+            if self.tracker.converged and self.until_converged:
+                self.log(f"{self.tracker.status()}: checkpointing and stopping")
+            else:
+                self.log(
+                    f"stopping at step {progress.step} of {self.total}: checkpointing; "
+                    "rerun to continue"
+                )
+            progress.halt = True
+
