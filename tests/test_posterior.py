@@ -36,7 +36,9 @@ def test_rows_asked_for_beside_the_batch_are_drawn_once_and_found():
     got = posterior.gather({"t": _Term()}, categorical, seen, {"T_theta": [13, 11, 19]})
     u = np.asarray(got.uniq["T_theta"])
     # each example still reads its own row; each row asked for is where picked says
-    assert_array_equal(u[np.asarray(got.local["t"])][:, 0], [13, 11, 13, 10])
+    local = got.local["t"]  # with the gathered table's length: longer than the batch's rows
+    assert local.rows == u.size
+    assert_array_equal(u[np.asarray(local.local)][:, 0], [13, 11, 13, 10])
     assert_array_equal(u[np.asarray(got.picked["T_theta"])], [13, 11, 19])
     distinct = u[: len(set(u.tolist()))]
     assert len(distinct) == len(set(distinct.tolist()))  # one draw per row

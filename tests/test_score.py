@@ -287,7 +287,7 @@ def test_device_and_host_quantiles_agree_on_a_trained_run(trained):
     levels = [0.05, 0.5, 0.95]
     outputs = []
     for host in (False, True):
-        scorer, _, _ = score_lib.make_scorer(setup, 50, levels, True, False, 64, host)
+        scorer, _ = score_lib.make_scorer(setup, 50, levels, True, False, host)
         out = {k: np.asarray(v) for k, v in scorer(state.params, seen, key, batch).items()}
         if host:
             score_lib.finish_quantiles(out, levels)

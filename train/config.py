@@ -105,6 +105,17 @@ class NonFiniteConfig:
 
 
 @dataclass
+class MetricsConfig:
+    # TensorBoard event files in <run_dir>/tensorboard (pip install 'blayers[tensorboard]')
+    tensorboard: bool = False
+    # MLflow: params, metrics, and the run's files as artifacts (pip install 'blayers[mlflow]')
+    mlflow: bool = False
+    # default: MLFLOW_TRACKING_URI when set, else sqlite in <run_dir> (never the working folder)
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "blayers"
+
+
+@dataclass
 class TrainLoopConfig:
     steps: int = 2000  # total steps of the run (the cap with until: converged)
     # steps: run train.steps; converged: stop once the ELBO and every global have settled
@@ -122,6 +133,7 @@ class TrainLoopConfig:
     # or what it learns); force: resume under changed ones
     resume: str = "auto"
     non_finite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # where metrics also go
 
 
 @dataclass

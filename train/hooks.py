@@ -13,13 +13,14 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import numpy as np
 
 from . import nonfinite
 from .convergence import ConvergenceTracker
+from .metric_sinks import Sink
 from .trainer import Progress, WaitClock
 
 
@@ -130,9 +131,10 @@ class NonFiniteGuard:
 
 
 class Metrics:
-    """The progress bar and ``metrics.jsonl``: at logged steps the ELBO per row, examples/s
-    and the share of time spent waiting for batches since the last log (and skipped steps
-    under ``skip``). Its timing runs on across segments; :attr:`clock` is each segment's."""
+    """The progress bar, ``metrics.jsonl`` and any other sinks: at logged steps the ELBO per
+    row, examples/s and the share of time spent waiting for batches since the last log (and
+    skipped steps under ``skip``). Its timing runs on across segments; :attr:`clock` is each
+    segment's."""
 
     def __init__(
         self,
@@ -144,10 +146,12 @@ class Metrics:
         batch_size: int,
         skips: nonfinite.SkipCount | None,
         writer: bool,
+        sinks: Sequence[Sink] = (),
     ) -> None:
         self.bar, self.out, self.log_every, self.total = bar, out, log_every, total
         self.num_rows, self.batch_size, self.skips = num_rows, batch_size, skips
         self.writer = writer  # one process writes the file
+        self.sinks = list(sinks)  # TensorBoard, MLflow (train.metric_sinks)
         self.clock: WaitClock | None = None
         self.t_log, self.rows_since = time.perf_counter(), 0
 
@@ -174,6 +178,8 @@ class Metrics:
                     record["skipped"] = self.skips.read()[1]
                 self.out.write(json.dumps(record) + "\n")
                 self.out.flush()
+                for sink in self.sinks:
+                    sink.write(progress.step, record)
         self.bar.update(1)
 
 

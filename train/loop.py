@@ -27,7 +27,7 @@ from blayers.start import FeatureStats, TargetStats
 
 from . import checkpoint as ckpt
 from . import data as data_lib
-from . import distributed, files, hooks, nonfinite, rundir
+from . import distributed, files, hooks, metric_sinks, nonfinite, rundir
 from . import recenter as recenter_lib
 from .config import ConfigError, from_container, to_container, with_saved_defaults
 from .convergence import ConvergenceTracker, window_steps
@@ -322,7 +322,9 @@ def _train(
     meta = checkpoint_meta(cfg, setup, sizes, store.num_rows, saved)
     tracker = make_tracker(cfg, setup, saved if latest is not None else None)
     counts = {c: v.counts for c, v in vocabs.items()}
-    run = RunContext(cfg, run_dir, store, checkpointer, meta, counts, cores, log)
+    writes = jax.process_index() == 0
+    sinks = metric_sinks.open_sinks(cfg, run_dir, meta["config"]) if writes else []
+    run = RunContext(cfg, run_dir, store, checkpointer, meta, counts, cores, log, sinks)
     progress, setup, tracker, batches = train_segments(run, setup, state, tracker)
     return finish(run, progress, setup, tracker, batches)
 
@@ -365,6 +367,7 @@ class RunContext:
     vocab_counts: dict[str, np.ndarray]
     cores: CoreSplit | None
     log: Callable[[str], None]
+    sinks: list[Any] = dataclasses.field(default_factory=list)  # TensorBoard, MLflow
 
     @property
     def ckpt_dir(self) -> Path:
@@ -412,6 +415,7 @@ def train_segments(
             cfg.data.batch_size,
             skips,
             writer=jax.process_index() == 0,
+            sinks=run.sinks,
         )
         while True:  # once, unless a rollback restarts from an earlier step
             batches = WaitClock(
@@ -471,6 +475,8 @@ def finish(
     run.log(tracker.status())
     if jax.process_index() == 0:
         files.write_text(run.run_dir / "run.json", json.dumps(result, indent=2))
+    for sink in run.sinks:
+        sink.close(run.run_dir)
     return result
 
 

@@ -352,9 +352,17 @@ def _config_value(run_dir: Path, group: str, key: str) -> Any:
 
 
 def main() -> None:
+    from . import metric_sinks
+    from .config import ConfigError
+
     run_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/default")
     scores = Path(sys.argv[2]) if len(sys.argv) > 2 else None
     print(f"wrote {build(run_dir, scores)}")
+    try:
+        if metric_sinks.log_report(run_dir):
+            print("logged report.html and summary.csv to the run's MLflow run")
+    except ConfigError as err:
+        print(f"warning: {err}")
 
 
 if __name__ == "__main__":

@@ -176,7 +176,6 @@ def make_scorer(
     quantiles: Sequence[float],
     with_eta: bool,
     with_draws: bool,
-    batch_rows: int,
     host_quantiles: bool = False,
     predictive: bool = False,
 ) -> Any:
@@ -189,7 +188,6 @@ def make_scorer(
     the table. With ``host_quantiles`` the quantiles are left to :func:`finish_quantiles`:
     the outputs then hold each row's draws instead."""
     terms = posterior.table_terms(setup)
-    table_sites = [t.table_site for t in terms.values()]
     q = jnp.asarray(quantiles, jnp.float32)
 
     def one_draw(
@@ -233,7 +231,7 @@ def make_scorer(
         return out
 
     rows_sharding = NamedSharding(setup.mesh, PartitionSpec("data"))
-    return jax.jit(score, out_shardings=rows_sharding), rows_sharding, table_sites
+    return jax.jit(score, out_shardings=rows_sharding), rows_sharding
 
 
 def _encode_part(
@@ -318,13 +316,12 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         )
     # XLA:CPU's sort is slow; an accelerator's is not, and spares moving the draws
     host_quantiles = jax.default_backend() == "cpu"
-    scorer, rows_sharding, _ = make_scorer(
+    scorer, rows_sharding = make_scorer(
         setup,
         int(cfg.draws),
         list(cfg.quantiles),
         bool(cfg.linear_predictor),
         bool(cfg.raw_draws),
-        b,
         host_quantiles,
         bool(cfg.predictive),
     )

@@ -6,6 +6,7 @@ type cannot rule out. The batch size is checked against the mesh in ``train.loop
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
@@ -114,11 +115,23 @@ def check_posterior_settings(cfg: Any) -> None:
         raise ConfigError("train.convergence: sample_every, patience and window must be positive")
 
 
+def check_metric_settings(cfg: Any) -> None:
+    """A metrics sink that is turned on needs its library, named before any work."""
+    wanted = {"tensorboard": "tensorboardX", "mlflow": "mlflow"}
+    for key, module in wanted.items():
+        if getattr(cfg.train.metrics, key) and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"train.metrics.{key}=true needs {module}: pip install 'blayers[{key}]', "
+                f"or set train.metrics.{key}=false"
+            )
+
+
 def check_settings(cfg: Any) -> None:
     """Every check above, in order."""
     check_run_settings(cfg)
     check_model_settings(cfg)
     check_posterior_settings(cfg)
+    check_metric_settings(cfg)
 
 
 def check_score_settings(cfg: Any) -> None:
@@ -147,6 +160,7 @@ SAFE_TO_CHANGE = (
     "train.non_finite",
     "train.until",
     "train.convergence",
+    "train.metrics",
     "checkpoint",
     "data.prefetch",
     "data.dedicated_cores",
