@@ -3,6 +3,8 @@ each table term, and the held-out fit, whose numbers match brute force."""
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 import sys
 
@@ -31,9 +33,15 @@ def scored(tmp_path_factory):
 def test_the_report_has_its_figures_and_the_held_out_fit(scored):
     run, _ = scored
     text = report.build(run).read_text()
-    images = re.findall(r"<img alt='figure' src='data:image/png;base64,", text)
+    images = re.findall(r"<img alt='figure' src='data:image/png;base64,([^']+)'", text)
     # training, the global sites, one per table term (user, region, fm), the fit
     assert len(images) == 6, len(images)
+    from PIL import Image
+
+    for encoded in images:  # each a real picture: wide, and neither blank nor one colour
+        picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("L"))
+        assert picture.shape[1] >= 600 and picture.shape[0] >= 250, picture.shape
+        assert picture.std() > 10 and (picture < 128).mean() > 0.005
     for term in ("user", "region", "fm"):
         assert f"<h3>{term}" in text
     scores = pq.read_table(run / "scores")
