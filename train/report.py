@@ -242,7 +242,7 @@ def _fit(plt: Any | None, table: pa.Table, target: str) -> list[str]:
     spread = table["pred_std"] if "pred_std" in table.schema.names else table["std"]
     metrics = fit_metrics(y, mean, spread.to_numpy())
     parts = [
-        "<p>Held-out fit: "
+        "<p>Fit on the scored rows (held out only if they were not trained on): "
         + "; ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         + f" over {len(y):,} rows.</p>"
     ]
