@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import cli, effects, inference_data, score, summary
 from . import config as config_lib
 from .config import ConfigError
+from .frames import as_arrow, as_frame
 
 Settings = Mapping[str, Any] | Sequence[str] | DictConfig | None
 
@@ -79,25 +80,6 @@ def fit(settings: Settings = None) -> Run:
     return Run(Path(cfg.run_dir))
 
 
-def _frame(table: pa.Table) -> Any:
-    """A DataFrame where pandas is installed, else the Arrow table itself."""
-    try:
-        import pandas  # noqa: F401
-    except ImportError:
-        return table
-    return table.to_pandas()
-
-
-def _arrow(data: Any) -> pa.Table:
-    if isinstance(data, pa.Table):
-        return data
-    if hasattr(data, "to_parquet") and hasattr(data, "columns"):  # a pandas DataFrame
-        return pa.Table.from_pandas(data, preserve_index=False)
-    raise ConfigError(
-        f"data: give a Parquet path, an Arrow table or a pandas DataFrame, not {type(data)}"
-    )
-
-
 class Run:
     """A trained run, read from its directory: its checkpoint is restored once, on first use."""
 
@@ -132,7 +114,7 @@ class Run:
     def summary(self, draws: int = 1000, seed: int = 0) -> Any:
         """The global sites' posterior: one row per element (``blayers-summary``)."""
         setup, state, _ = self.restored()
-        return _frame(pa.Table.from_pylist(summary.summary_rows(setup, state, draws, seed)))
+        return as_frame(pa.Table.from_pylist(summary.summary_rows(setup, state, draws, seed)))
 
     def effects(
         self, term: str, quantiles: Sequence[float] = effects.QUANTILES, chunk_rows: int = 1 << 18
@@ -142,7 +124,7 @@ class Run:
         batches = effects.effect_batches(
             setup, state, self.run_dir / "vocab", term, quantiles, chunk_rows
         )
-        return _frame(pa.Table.from_batches(list(batches)))
+        return as_frame(pa.Table.from_batches(list(batches)))
 
     def predict(self, data: Any, **settings: Any) -> Any:
         """Posterior predictive scores of ``data`` (a Parquet path, an Arrow table or a
@@ -153,7 +135,7 @@ class Run:
                 path = Path(data)
             else:
                 path = Path(tmp) / "input.parquet"
-                pq.write_table(_arrow(data), path)
+                pq.write_table(as_arrow(data), path)
             keys = {
                 "run_dir": str(self.run_dir),
                 "trust_model": self.trust_model,
@@ -165,7 +147,7 @@ class Run:
             score.score(cfg, log=lambda _: None)
             parts = sorted((Path(tmp) / "scores").glob("part-*.parquet"))
             table = pa.concat_tables([pq.read_table(p) for p in parts])
-        return _frame(table.replace_schema_metadata(None))
+        return as_frame(table.replace_schema_metadata(None))
 
     def to_arviz(
         self,
@@ -189,4 +171,4 @@ class Run:
         """The training curve: one row per logged step (``metrics.jsonl``)."""
         path = self.run_dir / "metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return _frame(pa.Table.from_pylist(rows))
+        return as_frame(pa.Table.from_pylist(rows))

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from blayers import guides
 
@@ -35,6 +34,7 @@ from . import effects as effects_lib
 from . import posterior
 from . import vocab as vocab_lib
 from .config import ConfigError
+from .frames import as_arrow
 from .model import coefficient_labels
 from .score import Y_STREAM, _encode_part, predictive_value
 from .sparse import row_counts
@@ -50,18 +50,6 @@ def _import_arviz() -> Any:
             "to_arviz needs ArviZ: pip install 'blayers[arviz]' (or pip install arviz)"
         ) from None
     return arviz
-
-
-def _read(data: Any) -> pa.Table:
-    if isinstance(data, (str, Path)):
-        return pa.concat_tables([pq.read_table(p) for p in data_lib.parquet_files(str(data))])
-    if isinstance(data, pa.Table):
-        return data
-    if hasattr(data, "to_parquet") and hasattr(data, "columns"):  # a pandas DataFrame
-        return pa.Table.from_pandas(data, preserve_index=False)
-    raise ConfigError(
-        f"data: give a Parquet path, an Arrow table or a DataFrame, not {type(data)}"
-    )
 
 
 def _picked_rows(
@@ -119,7 +107,7 @@ def to_arviz(
     vocabs = vocab_lib.load_all(vocab_dir, columns.categorical)
     extra, named = _picked_rows(setup, vocabs, rows or {})
     if data is not None:
-        table = _read(data)
+        table = as_arrow(data)
         if table.num_rows > max_rows:
             raise ConfigError(
                 f"data has {table.num_rows:,} rows; to_arviz holds draws x rows in memory: "
