@@ -33,17 +33,12 @@ from . import files
 from . import vocab as vocab_lib
 from .config import ConfigError
 from .model import Term
+from .score import quantile_name
 from .state import guide_rows
 
 QUANTILES = (0.05, 0.5, 0.95)
 TABLE_KINDS = ("table", "categorical_fm")
 UNSUPPORTED = {"RandomWalkLayer": "its rows are increments; positions are their cumulative sum"}
-
-
-def quantile_column(q: float) -> str:
-    """``q05`` for 0.05, ``q50`` for 0.5, ``q975`` for 0.975."""
-    digits = f"{q:.6f}".split(".")[1].rstrip("0")
-    return "q" + (digits if len(digits) > 1 else digits + "0")
 
 
 def table_terms(terms: Sequence[Term]) -> dict[str, Term]:
@@ -137,7 +132,7 @@ def _batch(
     out["mean"] = pa.array(mean.reshape(-1))
     out["sd"] = pa.array(sd.reshape(-1))
     for q, zq in zip(quantiles, z, strict=True):
-        out[quantile_column(q)] = pa.array((mean + zq * sd).reshape(-1))
+        out[quantile_name("", q)] = pa.array((mean + zq * sd).reshape(-1))
     return pa.RecordBatch.from_pydict(out)
 
 

@@ -37,7 +37,6 @@ from .config import ConfigError
 from .frames import as_arrow
 from .model import coefficient_labels
 from .score import Y_STREAM, _encode_part, predictive_value
-from .sparse import row_counts
 
 MAX_ROWS = 20_000  # an InferenceData is held in memory: draws x rows floats per group
 
@@ -135,8 +134,7 @@ def to_arviz(
         observed = False
     names = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
     terms = posterior.table_terms(setup)
-    counts = {c: v.counts for c, v in vocabs.items()}
-    seen = {t.table_site: jnp.asarray(row_counts(t, counts, columns) > 0) for t in terms.values()}
+    seen = {site: jnp.asarray(rows) for site, rows in posterior.seen_rows(setup, vocabs).items()}
     gathered = posterior.gather(terms, jnp.asarray(batch["categorical"]), seen, extra)
     params = state.params
 

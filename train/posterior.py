@@ -15,12 +15,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpyro import handlers
 from numpyro.distributions import Normal
 
 from blayers import guides
 
 from .model import GatheredRows
+from .sparse import row_counts
 from .state import guide_rows
 
 
@@ -39,6 +41,15 @@ class Gathered(NamedTuple):
 def table_terms(setup: Any) -> dict[str, Any]:
     """The model's gatherable table terms, by name."""
     return {t.name: t for t in getattr(setup.model, "terms", []) if t.gatherable}
+
+
+def seen_rows(setup: Any, vocabs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Per gatherable table, which rows had training data (the others, OOV and padding,
+    are drawn from the prior)."""
+    counts = {c: v.counts for c, v in vocabs.items()}
+    return {
+        t.table_site: row_counts(t, counts, setup.columns) > 0 for t in table_terms(setup).values()
+    }
 
 
 def gather(

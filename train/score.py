@@ -40,7 +40,6 @@ from . import files, posterior
 from . import vocab as vocab_lib
 from .model import LINEAR_PREDICTOR
 from .settings import check_score_settings
-from .sparse import row_counts
 from .state import row_sharding
 from .summary import restore_run
 
@@ -326,12 +325,8 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         bool(cfg.predictive),
     )
     seen = {
-        t.table_site: jax.device_put(
-            row_counts(t, {c: v.counts for c, v in vocabs.items()}, columns) > 0,
-            row_sharding(setup.shardings, t.table_site),
-        )
-        for t in getattr(setup.model, "terms", [])
-        if t.gatherable
+        site: jax.device_put(rows, row_sharding(setup.shardings, site))
+        for site, rows in posterior.seen_rows(setup, vocabs).items()
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = parts_for_process(parts, process, count)
