@@ -113,15 +113,24 @@ def fit_intervals(guide: guides.MeanFieldGuide, data: tuple[jax.Array, ...]) -> 
 
 
 @pytest.mark.slow
-def test_structured_intervals_hold_the_truth_in_80_percent_of_simulations():
+def test_structured_and_conditional_intervals_hold_the_truth_in_80_percent_of_simulations():
     rng = np.random.default_rng(2026)
     truths, datasets = zip(*(simulate(rng) for _ in range(DATASETS)), strict=True)
     data = tuple(jnp.asarray(np.stack(column)) for column in zip(*datasets, strict=True))
     sites = guides.latent_sites(model, *(d[0] for d in data))
     tables = ["RandomEffectsLayer_a_theta", "RandomEffectsLayer_b_theta"]
-    structured = guides.StructuredGuide(sites, tables, [SITES["intercept"], SITES["slope"]])
+    follows = [SITES["intercept"], SITES["slope"]]
+    structured = guides.StructuredGuide(sites, tables, follows)
+    conditional = guides.ConditionalGuide(
+        sites, tables, follows, {t.site: t.scale_site for t in PLAN.tables}
+    )
     coverage = {}
-    for name, guide in (("structured", structured), ("mean_field", guides.MeanFieldGuide(sites))):
+    families = (
+        ("conditional", conditional),
+        ("structured", structured),
+        ("mean_field", guides.MeanFieldGuide(sites)),
+    )
+    for name, guide in families:
         intervals = jax.device_get(fit_intervals(guide, data))
         hits = [
             intervals[k][i, 0] <= truths[i][k] <= intervals[k][i, 1]
@@ -129,5 +138,7 @@ def test_structured_intervals_hold_the_truth_in_80_percent_of_simulations():
             for k in SITES
         ]
         coverage[name] = float(np.mean(hits))
+    print(coverage)
+    assert coverage["conditional"] >= 0.8, coverage
     assert coverage["structured"] >= 0.8, coverage
     assert coverage["mean_field"] < coverage["structured"], coverage

@@ -1,9 +1,11 @@
 """The service's posterior against exact inference: NUTS on the same model and priors, on
 simulated crossed random effects with gaussian, logit and poisson likelihoods.
 
-For the default guide (structured): every scale's posterior mean within 5% of NUTS's and every
-global site's posterior sd within 25% of NUTS's. The mean-field guide is checked against the
-same reference to show what it misses: its intercept sd is several times too small.
+For the structured guide and the conditional one: every scale's posterior mean within 5% of
+NUTS's and every global site's posterior sd within 25% of NUTS's (the structured guide misses
+the weakly identified logit scale's sd; the conditional guide holds it). The mean-field guide
+is checked against the same reference to show what it misses: its intercept sd is several
+times too small.
 """
 
 from __future__ import annotations
@@ -98,6 +100,29 @@ def test_structured_guide_global_sds_match_nuts(structured, request):
         # identified rows whose spread follows the scale, which a row mean linear in the
         # globals cannot follow); the mean-field guide gives 0.35x
         request.applymarker(pytest.mark.xfail(strict=True, reason="weakly identified scale"))
+    for site, (_, sd) in exact.items():
+        assert abs(got[site][1] / sd - 1) < 0.25, (site, got[site], exact[site])
+
+
+@pytest.fixture(scope="module")
+def conditional(case):
+    link, data, exact, tmp = case
+    return link, service(link, data, tmp, "conditional"), exact
+
+
+@pytest.mark.slow
+def test_conditional_guide_scale_means_match_nuts(conditional):
+    _, got, exact = conditional
+    for site, (mean, _) in exact.items():
+        if site.endswith("_scale"):
+            assert abs(got[site][0] / mean - 1) < 0.05, (site, got[site], exact[site])
+
+
+@pytest.mark.slow
+def test_conditional_guide_global_sds_match_nuts(conditional):
+    """Every link, the weakly identified logit scale included: its rows' means and spreads
+    follow the scale's draw, as the exact posterior's do."""
+    _, got, exact = conditional
     for site, (_, sd) in exact.items():
         assert abs(got[site][1] / sd - 1) < 0.25, (site, got[site], exact[site])
 

@@ -204,10 +204,12 @@ def test_a_run_started_far_from_the_data_reaches_the_centered_posterior(tmp_path
         assert_allclose(bad[site], reference[site], rtol=0.05, err_msg=site)
 
 
-def test_structured_moves_keep_every_predictor_draw_and_raise_the_elbo(rng):
-    """Mean shift and variance move together, on the structured guide: same linear
-    predictor for every example under every noise draw, and a higher ELBO (brute force:
-    common-random-number estimates of the full ELBO before and after)."""
+@pytest.mark.parametrize("family", ["structured", "conditional"])
+def test_structured_moves_keep_every_predictor_draw_and_raise_the_elbo(rng, family):
+    """Mean shift and variance move together, on the structured guide and on the
+    conditional one (whose rows' means depend on λ, so the shift moves its anchor): same
+    linear predictor for every example under every noise draw, and a higher ELBO (brute
+    force: common-random-number estimates of the full ELBO before and after)."""
     import jax
 
     from blayers import guides
@@ -230,7 +232,9 @@ def test_structured_moves_keep_every_predictor_draw_and_raise_the_elbo(rng):
     sites = guides.latent_sites(model, batch, num_data=n)
     found = rc.plan(model.terms, sites)
     tables = [t.site for t in found.tables]
-    guide = guides.StructuredGuide(sites, coupled=tables)
+    guide = guides.make_guide(
+        family, sites, tables, None, {t.site: t.scale_site for t in found.tables}
+    )
     params = {
         name: {
             f: np.asarray(rng.normal(0, 0.3, v.shape) + (1.0 if f == "loc" else 0.0), np.float32)

@@ -22,7 +22,28 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpyro.distributions as dists
+from numpyro.distributions import biject_to
+from numpyro.distributions.transforms import ExpTransform
+
 from blayers import guides
+
+NORMAL_TABLES = ("RandomEffectsLayer", "EmbeddingLayer")
+
+
+def normal_table(term: Any, sites: Mapping[str, guides.LatentSite]) -> tuple[str, str] | None:
+    """``(rows' site, scale site)`` of a table term whose rows have the default
+    ``Normal(0, λ)`` prior under a log-scale λ (random effects, slope-free embeddings), else
+    ``None``: the tables that recentering moves and a conditional guide conditions."""
+    if term.kind != "table" or term.layer_name not in NORMAL_TABLES or term.slopes_idx:
+        return None
+    layer = term.layer
+    if layer.coef_dist is not dists.Normal or layer.coef_kwargs != {"loc": 0.0}:
+        return None
+    scale = f"{term.layer_name}_{term.name}_scale"
+    if scale not in sites or not isinstance(biject_to(sites[scale].support), ExpTransform):
+        return None
+    return term.table_site, scale
 
 
 def service_guide(
@@ -34,4 +55,5 @@ def service_guide(
     dense = [f"{t.layer_name}_{t.name}_beta" for t in terms if t.kind == "dense"]
     follows = {t.table_site: intercept if t.sparse else intercept + dense for t in tables}
     follows = {table: names for table, names in follows.items() if names}  # no empty ties
-    return guides.make_guide(family, sites, list(follows), follows)
+    conditional = dict(found for t in tables if (found := normal_table(t, sites)))
+    return guides.make_guide(family, sites, list(follows), follows, conditional)

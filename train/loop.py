@@ -46,11 +46,12 @@ from .sparse import (
     row_counts,
     table_rows,
 )
-from .starts import prior_warnings, starting_scales, starting_values
+from .starts import prior_warnings, row_precisions, starting_scales, starting_values
 from .state import (
     TrainState,
     bytes_per_device,
     format_plan,
+    guide_field,
     init_fn,
     make_optimizer,
     make_schedule,
@@ -59,6 +60,7 @@ from .state import (
     sharding_plan,
     state_shardings,
     table_axis_multiple,
+    with_guide_field,
 )
 from .step import make_step
 from .trainer import Progress, Trainer, WaitClock
@@ -84,6 +86,32 @@ class Setup:
     init: Callable[[], TrainState]  # builds the state; jit it with out_shardings=shardings
     guide: guides.MeanFieldGuide  # the posterior family: every read of the posterior
     lr_scale: float = 1.0  # the learning rate's factor after rollbacks (train.nonfinite)
+    row_start: dict[str, np.ndarray] | None = None  # log τ of conditional rows at the start
+
+
+def fresh_state(setup: Setup) -> TrainState:
+    """The run's starting state, born sharded; a conditional guide's rows then get their
+    starting precisions (``setup.row_start``), placed as the table's rows are."""
+    state = jax.jit(setup.init, out_shardings=setup.shardings)()
+    if not setup.row_start:
+        return state
+    placed = {s: row_sharding(setup.shardings, s) for s in setup.row_start}
+    values = {s: jax.device_put(v, placed[s]) for s, v in setup.row_start.items()}
+
+    def apply(state: TrainState, values: Mapping[str, jax.Array]) -> TrainState:
+        params = dict(state.params)
+        for site, v in values.items():
+            raw = guide_field(params[site], "raw_scale")
+            v = jnp.broadcast_to(v.reshape(v.shape + (1,) * (raw.ndim - 1)), raw.shape)
+            params[site] = with_guide_field(params[site], "raw_scale", v.astype(raw.dtype))
+        return state._replace(params=params)
+
+    return jax.jit(
+        apply,
+        in_shardings=(setup.shardings, placed),
+        out_shardings=setup.shardings,
+        donate_argnums=0,
+    )(state, values)
 
 
 RESOLVED_CONFIG = "config.yaml"  # the last start's resolved config, in the run dir
@@ -143,10 +171,12 @@ def make_setup(
     pad_multiple: int | None = None,
     target_stats: TargetStats | None = None,
     feature_stats: FeatureStats | None = None,
+    vocab_counts: Mapping[str, np.ndarray] | None = None,
 ) -> Setup:
     """Model, sites, optimizer and state shardings. ``pad_multiple`` is the run's table padding
     (fixed when the run starts, so it restores on other meshes); None: from this mesh.
-    ``target_stats``: the target's moments, for a data-aware start (``optim.start: data``)."""
+    ``target_stats``: the target's moments, for a data-aware start (``optim.start: data``);
+    ``vocab_counts``: each column's category counts, for a conditional guide's row start."""
     columns = Columns(tuple(cfg.data.numeric), tuple(cfg.data.categorical))
     rules = [tuple(r) for r in cfg.sharding.rules]
     split = table_axis_multiple(mesh, rules)
@@ -191,6 +221,15 @@ def make_setup(
         scales,
     )
     abstract = jax.eval_shape(init)
+    row_start = None
+    if vocab_counts is not None:
+        by_site = {t.table_site: t for t in terms if t.kind == "table"}
+        counts = {
+            s: row_counts(by_site[s], vocab_counts, columns)
+            for s in getattr(guide, "conditional", {})
+            if s in by_site
+        }
+        row_start = row_precisions(guide, str(cfg.model.link), link_kwargs, stats, counts)
     try:
         shardings = state_shardings(abstract, guide, mesh, rules)
     except ShardingError as err:
@@ -211,6 +250,7 @@ def make_setup(
         str(cfg.optim.name),
         init,
         guide,
+        row_start=row_start,
     )
 
 
@@ -246,7 +286,7 @@ def restore_or_init(
     """The newest good checkpoint at or before ``latest`` (newer steps set aside, the
     learning rate's rollback factor restored), or a fresh state; with its metadata."""
     if latest is None:
-        return setup, jax.jit(setup.init, out_shardings=setup.shardings)(), saved
+        return setup, fresh_state(setup), saved
     target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
     restored, saved, state = ckpt.restore_newest_good(
         ckpt_dir,
@@ -298,6 +338,7 @@ def _train(
         saved.get("table_pad_multiple") if saved else None,
         store.target_stats,
         store.feature_stats,
+        {c: v.counts for c, v in vocabs.items()},
     )
     if latest is None and jax.process_index() == 0:
         link_kwargs = configured_link_kwargs(cfg.model)
@@ -672,7 +713,7 @@ def roll_back(
     setup = with_lr_scale(setup, cfg, scale)
     good = checkpointer.latest_step()
     if good is None:
-        state, saved = jax.jit(setup.init, out_shardings=setup.shardings)(), None
+        state, saved = fresh_state(setup), None
     else:
         target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
         good, saved, state = ckpt.restore_newest_good(ckpt_dir, target, good, log=log)

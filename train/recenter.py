@@ -48,14 +48,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dists
-from numpyro.distributions import biject_to
-from numpyro.distributions.transforms import ExpTransform
 
 from blayers import guides
 
-from .state import TrainState, guide_field, row_sharding, with_guide_field
-
-SHIFTABLE = ("RandomEffectsLayer", "EmbeddingLayer")
+from .guide_plan import normal_table
+from .state import (
+    ROW_STATE,
+    TrainState,
+    guide_field,
+    guide_rows,
+    row_sharding,
+    with_guide_field,
+)
 
 
 @dataclass(frozen=True)
@@ -85,15 +89,8 @@ def _normal_intercept(
 
 
 def _shiftable(term: Any, sites: Mapping[str, guides.LatentSite]) -> ShiftedTable | None:
-    if term.kind != "table" or term.layer_name not in SHIFTABLE or term.slopes_idx:
-        return None
-    layer = term.layer
-    if layer.coef_dist is not dists.Normal or layer.coef_kwargs != {"loc": 0.0}:
-        return None
-    scale = f"{term.layer_name}_{term.name}_scale"
-    if scale not in sites or not isinstance(biject_to(sites[scale].support), ExpTransform):
-        return None
-    return ShiftedTable(term.table_site, scale)
+    found = normal_table(term, sites)
+    return None if found is None else ShiftedTable(*found)
 
 
 def plan(terms: Sequence[Any], sites: Mapping[str, guides.LatentSite]) -> RecenterPlan | None:
@@ -122,9 +119,16 @@ def shift(
         mu, s = guide.marginal(table.scale_site, out[table.scale_site])
         a = jnp.exp(-2.0 * mu + 2.0 * s**2)
         loc = guide_field(out[table.site], "loc")
+        conditional = table.site in getattr(guide, "conditional", {})
+        w = seen[table.site]
+        if conditional:
+            # rows' means depend on λ: the quadratic sees their λ⁻²-weighted means, and the
+            # anchor moves every row at once, so a dense table's unseen rows count too
+            loc = guide.weighted_row_mean(table.site, guide_rows(out[table.site]), out)
+            if ROW_STATE not in out[table.site]:
+                w = jnp.ones_like(w)
         rows = loc.reshape(loc.shape[0], -1)
         m = rows.shape[1]
-        w = seen[table.site]
         c = jnp.sum(w)
         sums = w @ rows
         b = out[recenter.intercept]["loc"]
@@ -132,8 +136,14 @@ def shift(
         total = (a * jnp.sum(sums) - m * p0 * e) / (a * c + m * p0)
         delta = jnp.where(c > 0, (sums - p0 * (e + total) / a) / jnp.maximum(c, 1.0), 0.0)
         total = jnp.where(c > 0, total, 0.0)
-        rows = rows - w[:, None] * delta[None, :]
-        out[table.site] = with_guide_field(out[table.site], "loc", rows.reshape(loc.shape))
+        if conditional:
+            scale = dict(out[table.scale_site])
+            anchor = scale[guides.ANCHOR]
+            scale[guides.ANCHOR] = anchor - delta.reshape(anchor.shape)
+            out[table.scale_site] = scale
+        else:
+            rows = rows - w[:, None] * delta[None, :]
+            out[table.site] = with_guide_field(out[table.site], "loc", rows.reshape(loc.shape))
         out[recenter.intercept] = {**out[recenter.intercept], "loc": b + total}
         if (
             isinstance(guide, guides.StructuredGuide)

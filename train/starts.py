@@ -91,6 +91,38 @@ def starting_scales(
     return out
 
 
+ROW_PRECISION_FLOOR = 1e-2  # a row with no data starts at (nearly) its prior
+
+
+def row_precisions(
+    guide: guides.MeanFieldGuide,
+    link: str,
+    link_kwargs: Mapping[str, Any],
+    stats: TargetStats | None,
+    counts: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    r"""Starting :math:`\log\tau_r` of every conditional table's rows
+    (:class:`blayers.guides.ConditionalGuide`), by site: the information the row's
+    :math:`n_r` training examples carry about it, :math:`\tau_r = n_r I` with :math:`I` the
+    link's Fisher information per observation at the start (1 where it has none), so each
+    row starts at the width its count gives it. ``counts[site]``: each row's training
+    count."""
+    conditional = getattr(guide, "conditional", {})
+    if not conditional:
+        return {}
+    info = None
+    if stats is not None and stats.count:
+        info = link_start(link, stats, link_kwargs).information
+    info = 1.0 if info is None else float(info)
+    return {
+        site: np.log(np.asarray(counts[site], np.float64) * info + ROW_PRECISION_FLOOR).astype(
+            np.float32
+        )
+        for site in conditional
+        if site in counts
+    }
+
+
 def _intercept_site(terms: Sequence[Any], sites: Mapping[str, guides.LatentSite]) -> str | None:
     for t in terms:
         if t.kind == "intercept":
