@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--datasets", type=int, default=20)
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--guides", default="mean_field,structured")
+    parser.add_argument("--guides", default="mean_field,structured,conditional")
     args = parser.parse_args()
     guides = args.guides.split(",")
     hits = {g: {k: 0 for k in SITES} for g in guides}

@@ -97,6 +97,7 @@ def main() -> None:
         cols = make_data(root / "y.parquet", args.rows, 3.0, args.seed)
         data = root / "y.parquet"
         before = {"optim.start": "zero", "optim.recenter_every": 0}
+        structured = {"optim.guide": "structured"}
         runs = {
             "NUTS": nuts(cols, args.warmup, args.samples),
             "mean-field, zero start, no recentering": service(
@@ -106,12 +107,23 @@ def main() -> None:
                 data, root / "r1", args.steps, **{"optim.guide": "mean_field"}
             ),
             "structured, zero start, no recentering": service(
-                data, root / "r2", args.steps, **before
+                data, root / "r2", args.steps, **before, **structured
             ),
             "structured, zero start, recentering": service(
-                data, root / "r3", args.steps, **{"optim.start": "zero"}
+                data, root / "r3", args.steps, **{"optim.start": "zero"}, **structured
             ),
-            "structured, data start, recentering (default)": service(data, root / "r4", args.steps),
+            "structured, data start, recentering": service(
+                data, root / "r4", args.steps, **structured
+            ),
+            "conditional, zero start, no recentering": service(
+                data, root / "r5", args.steps, **before
+            ),
+            "conditional, zero start, recentering": service(
+                data, root / "r6", args.steps, **{"optim.start": "zero"}
+            ),
+            "conditional, data start, recentering (default)": service(
+                data, root / "r7", args.steps
+            ),
         }
     ref = runs["NUTS"]
     labels = ["intercept", "scale a (14)", "scale b (60)", "scale c (150)", "sigma"]

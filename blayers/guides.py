@@ -415,7 +415,8 @@ class ConditionalGuide(StructuredGuide):
     (row-sparse, shardable: the same two row fields, ``loc`` = :math:`\nu_r`, ``raw_scale``
     = :math:`\rho_r`). The anchor sits on the scale site (``anchor``, the row's event
     shape); moving it by :math:`-\delta` moves every row's mean by :math:`-\delta` at every
-    :math:`\lambda`, which recentering uses (:mod:`train.recenter`).
+    :math:`\lambda`, which recentering uses (:mod:`train.recenter`). Only recentering moves
+    it: along it the likelihood is flat, so its gradient is noise (it is stopped).
     """
 
     name = "conditional"
@@ -458,9 +459,10 @@ class ConditionalGuide(StructuredGuide):
         if name not in self.conditional:
             return super()._row_draw(name, p, eps, shift, drawn, params)
         scale_site = self.conditional[name]
-        loc, scale = self.conditional_loc_scale(
-            name, p, drawn[scale_site].value, params[scale_site][ANCHOR]
-        )
+        # the anchor trades exactly with the intercept, where the likelihood is flat: the
+        # gradient there is noise, so only recentering's closed form moves it
+        anchor = jax.lax.stop_gradient(params[scale_site][ANCHOR])
+        loc, scale = self.conditional_loc_scale(name, p, drawn[scale_site].value, anchor)
         u = loc + scale * eps + shift
         log_normal = -0.5 * eps**2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
         return SiteDraw(u, eps, log_normal, jnp.zeros(()))
@@ -492,20 +494,24 @@ class ConditionalGuide(StructuredGuide):
             return super().row_marginal(name, rows, params)
         ell, w, cov = self.scale_quadrature(name, params)
         anchor = params[self.conditional[name]][ANCHOR]
-        tau = jnp.exp(rows["raw_scale"])[..., None]
-        lam2 = jnp.exp(2.0 * ell)
-        precision = tau + 1.0 / lam2
-        part = (rows["loc"][..., None] * (tau + 1.0)) / precision  # m_r(λ) - a, by node
-        mean = part @ w
-        second = (part**2 + 1.0 / precision) @ w
+        tau = jnp.exp(rows["raw_scale"])
+        mean = second = slope = jnp.zeros_like(tau)
+        # a sum over nodes of elementwise terms: each row's value does not depend on which
+        # other rows are computed with it (a streamed read equals one read, bit for bit)
+        for k in range(len(w)):
+            inv = jnp.exp(-2.0 * ell[k])
+            precision = tau + inv
+            part = rows["loc"] * (tau + 1.0) / precision  # m_r(λ_k) - a
+            mean = mean + w[k] * part
+            second = second + w[k] * (part**2 + 1.0 / precision)
+            slope = slope + w[k] * part * 2.0 * inv / precision  # dm/dℓ
         var = second - mean**2
         if COUPLING in rows and name in self.row_index:
             factor = self.global_factor(params)[self.row_index[name]]
             inherited = rows[COUPLING] @ factor
             var = var + jnp.sum(inherited**2, axis=-1)
-            # dm/dℓ = part · 2 λ^-2 / P
-            slope = (part * 2.0 / (lam2 * precision)) @ w
-            var = var + 2.0 * (rows[COUPLING] @ cov[self.row_index[name]]) * slope
+            covariance = jnp.sum(rows[COUPLING] * cov[self.row_index[name]], axis=-1)
+            var = var + 2.0 * covariance * slope
         return anchor + mean, jnp.sqrt(jnp.maximum(var, 0.0))
 
     def weighted_row_mean(
@@ -515,10 +521,35 @@ class ConditionalGuide(StructuredGuide):
         included): the row mean that a Normal prior's quadratic term sees."""
         ell, w, _ = self.scale_quadrature(name, params)
         anchor = params[self.conditional[name]][ANCHOR]
-        tau = jnp.exp(rows["raw_scale"])[..., None]
-        inv = jnp.exp(-2.0 * ell)
-        part = rows["loc"][..., None] * (tau + 1.0) / (tau + inv)
-        return anchor + (part * inv) @ w / (inv @ w)
+        tau = jnp.exp(rows["raw_scale"])
+        total = jnp.zeros_like(tau)
+        for k in range(len(w)):
+            inv = jnp.exp(-2.0 * ell[k])
+            total = total + w[k] * inv * rows["loc"] * (tau + 1.0) / (tau + inv)
+        return anchor + total / jnp.sum(w * jnp.exp(-2.0 * ell))
+
+    def init_params(
+        self,
+        init_scale: float = 0.1,
+        dtype: Any = jnp.float32,
+        start: Mapping[str, Any] | None = None,
+        scales: Mapping[str, Any] | None = None,
+        row_precision: Mapping[str, Any] | None = None,
+    ) -> Params:
+        """As :meth:`MeanFieldGuide.init_params`; each conditional table's rows start at site
+        precision ``row_precision[table]`` (a scalar or one per row), else 1. Start a row at
+        the information its data carries (``n_r`` times the likelihood's Fisher information per
+        observation, as the service does): from a precision far below it the rows' spread
+        stays tied to the scale, and SVI can settle with the scale too small."""
+        params = super().init_params(init_scale, dtype, start, scales)
+        for table in self.conditional:
+            raw = params[table]["raw_scale"]
+            tau = (row_precision or {}).get(table, 1.0)
+            tau = jnp.asarray(tau, dtype)
+            tau = tau.reshape(tau.shape + (1,) * (raw.ndim - tau.ndim))
+            raw = jnp.broadcast_to(jnp.log(tau), raw.shape)
+            params[table] = {**params[table], "raw_scale": raw}
+        return params
 
     def _extra_params(self, params: Params, dtype: Any) -> Params:
         params = super()._extra_params(params, dtype)

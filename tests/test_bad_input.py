@@ -96,6 +96,7 @@ CASES = {
         ConfigError,
         r"model\.terms\[d\]: coef_kwargs=.*StudentT",
     ),
+    "learning rate NaN": (None, {"optim.lr": float("nan")}, ConfigError, r"optim\.lr=nan"),
     "unknown mesh axis": (
         None,
         {"sharding.rules": [["categories", "modle"]]},

@@ -58,13 +58,25 @@ def test_rows_are_the_guides_marginal_of_each_row(trained):
     globals_ = {n: state.params[n] for n in setup.guide.globals}
     loc, sd = setup.guide.row_marginal(site, state.params[site], globals_)
     rows = len(got)  # the vocabulary; the OOV and padding rows after it are left out
-    assert_allclose(got["mean"].to_numpy(), np.asarray(loc)[:rows], rtol=1e-6)
+    # the effects are computed compiled, the reference eagerly: a mean near 0 is held to its
+    # row's sd, not to itself
+    floor = 1e-6 * float(np.max(sd))
+    assert_allclose(got["mean"].to_numpy(), np.asarray(loc)[:rows], rtol=1e-6, atol=floor)
     assert_allclose(got["sd"].to_numpy(), np.asarray(sd)[:rows], rtol=1e-6)
 
 
 def test_streamed_in_small_chunks_equals_one_read(trained):
+    """Same rows, values and counts; the same marginals to float precision (a compiled
+    quadrature over 7 rows and over all of them may round its last bit differently)."""
     _, run_dir = trained
-    assert read(run_dir, "user", chunk_rows=7).equals(read(run_dir, "user"))
+    chunked, whole = read(run_dir, "user", chunk_rows=7), read(run_dir, "user")
+    assert chunked.num_rows == whole.num_rows and chunked.schema.equals(whole.schema)
+    for name in whole.column_names:
+        a, b = chunked[name].to_numpy(), whole[name].to_numpy()
+        if np.issubdtype(b.dtype, np.floating):
+            assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.max(whole["sd"])), err_msg=name)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def test_a_two_field_embedding_table_has_a_row_per_field_category_and_dimension(trained):

@@ -16,6 +16,7 @@ from train import data as data_lib
 from train import loop
 from train.dedup import host_rows
 from train.sparse import batch_rows, table_rows
+from train.starts import ROW_PRECISION_FLOOR
 from train.state import guide_params
 
 C = 60
@@ -101,7 +102,9 @@ def test_rows_never_seen_are_never_touched(fitted):
     sparse = fitted[True]
     untouched = slice(C, None)  # OOV + padding rows
     assert np.all(sparse[f"{site}.loc"][untouched] == 0.0)
-    init_raw = np.log(np.expm1(0.1))
+    # the default (conditional) guide starts a row with no training data at the precision
+    # floor: log τ = log(0 · I + floor)
+    init_raw = np.log(np.float32(ROW_PRECISION_FLOOR))
     np.testing.assert_allclose(sparse[f"{site}.raw_scale"][untouched], init_raw, rtol=1e-6)
     assert np.all(sparse[f"{site}.coupling"][untouched] == 0.0)
 

@@ -66,9 +66,11 @@ class OptimConfig:
     end_lr_factor: float = 0.05  # cosine decays to lr * end_lr_factor
     clip_norm: float | None = None
     guide_init_scale: float = 0.1
-    # structured: a joint Normal over the globals with dense tables' rows linear in them
+    # conditional: structured, with each Normal-prior table's rows their prior given the
+    # drawn scale times a learned Gaussian site (blayers.guides.ConditionalGuide);
+    # structured: a joint Normal over the globals with tables' rows linear in them
     # (blayers.guides.StructuredGuide); mean_field: independent Normals per element
-    guide: str = "structured"
+    guide: str = "conditional"
     # data: the intercept at the link of the target's mean and the link's globals at their
     # moment estimates (blayers.start); zero: every guide loc at 0 (the prior's centre)
     start: str = "data"

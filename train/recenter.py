@@ -36,6 +36,16 @@ unbiased. Its cost is one pass over each table's locs.
 Tables it applies to: ``RandomEffectsLayer`` and slope-free ``EmbeddingLayer`` terms with the
 default ``Normal(0, λ)`` row prior, beside an ``InterceptLayer`` with a Normal prior and one
 unit. Other terms (FM factors, varying slopes, other priors) have no such exact direction.
+
+Under the conditional guide (:class:`blayers.guides.ConditionalGuide`) a row's mean
+:math:`m_r(\lambda)` depends on the scale, so the quadratic's :math:`m_r` is the
+:math:`\lambda^{-2}`-weighted mean :math:`E[\lambda^{-2} m_r(\lambda)] / E[\lambda^{-2}]`
+(Gauss–Hermite quadrature), and the shift moves the table's anchor :math:`a`, which moves
+every row's mean by :math:`-\delta` at every :math:`\lambda`: the linear predictor is again
+unchanged draw by draw. The anchor also moves a dense table's rows with no training data (its
+unseen-category and padding rows); they are weighted out of the quadratic as the row-sparse
+estimator weights them out of the ELBO (their prior terms are the only ones they touch, and
+scoring draws them from the prior), which keeps the move independent of the table's padding.
 """
 
 from __future__ import annotations
@@ -53,7 +63,6 @@ from blayers import guides
 
 from .guide_plan import normal_table
 from .state import (
-    ROW_STATE,
     TrainState,
     guide_field,
     guide_rows,
@@ -123,10 +132,8 @@ def shift(
         w = seen[table.site]
         if conditional:
             # rows' means depend on λ: the quadratic sees their λ⁻²-weighted means, and the
-            # anchor moves every row at once, so a dense table's unseen rows count too
+            # anchor moves every row at once (module docstring)
             loc = guide.weighted_row_mean(table.site, guide_rows(out[table.site]), out)
-            if ROW_STATE not in out[table.site]:
-                w = jnp.ones_like(w)
         rows = loc.reshape(loc.shape[0], -1)
         m = rows.shape[1]
         c = jnp.sum(w)

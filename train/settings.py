@@ -7,6 +7,7 @@ type cannot rule out. The batch size is checked against the mesh in ``train.loop
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,8 @@ from .state import OPTIMIZERS, SCHEDULES
 
 
 def _positive(value: Any, key: str, what: str = "must be positive") -> None:
-    if value is None or value <= 0:
+    # written as "not > 0" so that NaN is refused too, and inf is no setting either
+    if value is None or not value > 0 or value == math.inf:
         raise ConfigError(f"{key}={value} {what}")
 
 
