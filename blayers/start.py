@@ -141,6 +141,24 @@ class FeatureStats:
         return cls(**dict(data))
 
 
+class CategorySums:
+    r"""Streaming target sum of every category of every categorical column,
+    :math:`S_{c,r} = \sum_{i:\,x_{ic}=r} y_i`: with the category's count, the data-aware
+    start of its random-effect row (:meth:`LinkStart.row_mean`)."""
+
+    def __init__(self, sizes: Mapping[str, int]) -> None:
+        self.sums = {c: np.zeros(int(n), np.float64) for c, n in sizes.items()}
+
+    def update(self, columns: list[str], ids: np.ndarray, y: np.ndarray) -> None:
+        """Fold in a batch: ``ids[:, j]`` the ids of ``columns[j]`` (negative: not counted)."""
+        y = np.asarray(y, np.float64).ravel()
+        for j, column in enumerate(columns):
+            col = ids[:, j]
+            keep = col >= 0
+            total = self.sums[column]
+            total += np.bincount(col[keep], weights=y[keep], minlength=len(total))[: len(total)]
+
+
 @dataclass(frozen=True)
 class LinkStart:
     """Where a link's model starts: the linear predictor (per unit) and the link's globals
@@ -153,6 +171,23 @@ class LinkStart:
     # Fisher information of the linear predictor per observation at the start (None: not
     # worked out for this link), for the start of the global guide scales
     information: float | None = None
+    # the per-observation score at the start, d log p(y | eta) / d eta = a y + b, as (a, b)
+    # (None: not affine in y for this link)
+    score: tuple[float, float] | None = None
+
+    def row_mean(self, count: np.ndarray, total: np.ndarray, tau: np.ndarray) -> np.ndarray:
+        r"""Each category's one-step estimate of its effect from the start:
+        :math:`\sum_i (a y_i + b) / (\tau_r + 1) = (a S_r + b n_r) / (\tau_r + 1)`, the
+        score of its ``count`` :math:`n_r` observations with target sum ``total``
+        :math:`S_r` over its site precision :math:`\tau_r` plus a unit prior precision (the
+        site-mean field of :class:`blayers.guides.ConditionalGuide`, under which the row's
+        mean is then :math:`(a S_r + b n_r) / (\tau_r + \lambda^{-2})`, one Newton step from
+        0 at every scale). Zeros where the link's score is not affine in the target."""
+        count = np.asarray(count, np.float64)
+        if self.score is None:
+            return np.zeros_like(count)
+        a, b = self.score
+        return (a * np.asarray(total, np.float64) + b * count) / (np.asarray(tau) + 1.0)
 
 
 def _logit(p: float) -> float:
@@ -170,7 +205,9 @@ def _positive_sd(sd: float) -> float:
 
 def _gaussian(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     sd = _positive_sd(stats.sd)
-    return LinkStart((stats.mean,), {"sigma": np.float32(sd)}, stats.sd, 1.0 / sd**2)
+    info = 1.0 / sd**2
+    score = (info, -stats.mean * info)
+    return LinkStart((stats.mean,), {"sigma": np.float32(sd)}, stats.sd, info, score)
 
 
 def _student_t(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
@@ -187,12 +224,12 @@ def _lognormal(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
 
 def _logit_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     p = _clip(stats.mean, _EPS, 1 - _EPS)
-    return LinkStart((_logit(p),), {}, None, p * (1 - p))
+    return LinkStart((_logit(p),), {}, None, p * (1 - p), (1.0, -p))
 
 
 def _poisson(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     m = max(stats.mean, 1e-3)
-    return LinkStart((math.log(m),), {}, None, m)
+    return LinkStart((math.log(m),), {}, None, m, (1.0, -m))
 
 
 def _negative_binomial(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
@@ -200,7 +237,8 @@ def _negative_binomial(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkSta
     excess = stats.var - m
     phi = _clip(m * m / excess if excess > 1e-3 * m else 1e3, 1e-3, 1e4)  # 1e3: near Poisson
     info = m / (1.0 + m / phi)
-    return LinkStart((math.log(m),), {"concentration": np.float32(phi)}, None, info)
+    score = (phi / (m + phi), -m * phi / (m + phi))  # d/d eta of NB(y; e^eta, phi)
+    return LinkStart((math.log(m),), {"concentration": np.float32(phi)}, None, info, score)
 
 
 def _zip(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:

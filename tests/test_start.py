@@ -1,21 +1,28 @@
 """Data-aware starts: streaming target moments, each link's moment estimates on data with a
-known truth, the service's initial state, and the warnings for badly scaled priors."""
+known truth, each link's score at the start, the service's initial state (conditional rows
+at their one-step estimates), and the warnings for badly scaled priors."""
 
 from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from numpy.testing import assert_allclose
+from numpyro import handlers
 from omegaconf import OmegaConf
 
-from blayers.start import TargetStats, link_start
+from blayers import links
+from blayers.start import CategorySums, TargetStats, link_start
+from train import data as data_lib
 from train import loop
 from train.config import Config
 from train.starts import prior_warnings
+from train.state import guide_field
 
 
 def stats_of(y: np.ndarray, pieces: int = 3) -> TargetStats:
@@ -92,6 +99,40 @@ def test_ordinal_cutpoints_and_categorical_logits_from_class_frequencies(rng):
     assert_allclose(cat.eta, logp - logp.mean(), atol=0.03)
 
 
+@pytest.mark.parametrize("link", ["gaussian", "logit", "poisson", "negative_binomial"])
+def test_score_is_the_likelihoods_slope_at_the_start(rng, link):
+    n = 400
+    y = {
+        "gaussian": rng.normal(3.0, 2.0, n),
+        "logit": (rng.random(n) < 0.3).astype(float),
+        "poisson": rng.poisson(4.0, n).astype(float),
+        "negative_binomial": rng.poisson(rng.gamma(2.0, 2.5, n)).astype(float),
+    }[link]
+    start = link_start(link, stats_of(y))
+    fn = links.get_link(link)
+
+    def loglik(eta):
+        model = handlers.substitute(lambda: fn(eta, jnp.asarray(y)), data=start.globals)
+        site = handlers.trace(model).get_trace()["obs"]
+        return site["fn"].log_prob(site["value"]).sum()
+
+    slope = jax.grad(loglik)(jnp.full(n, start.eta[0], jnp.float32))
+    a, b = start.score
+    assert_allclose(np.asarray(slope), a * y + b, rtol=1e-4, atol=1e-4)
+    assert link_start("ordinal", stats_of(np.arange(n) % 3)).score is None
+
+
+def test_category_sums_stream_equal_brute_force(rng):
+    ids = np.stack([rng.integers(-1, 7, 500), rng.integers(0, 3, 500)], axis=1)
+    y = rng.normal(size=500)
+    sums = CategorySums({"a": 7, "b": 3})
+    for part in np.array_split(np.arange(500), 4):
+        sums.update(["a", "b"], ids[part], y[part])
+    for j, c in enumerate("ab"):
+        want = [y[ids[:, j] == r].sum() for r in range(len(sums.sums[c]))]
+        assert_allclose(sums.sums[c], want, rtol=1e-12, atol=1e-12)
+
+
 def gaussian_run(tmp_path, mean: float, sd: float, **overrides):
     rng = np.random.default_rng(1)
     n = 2000
@@ -145,6 +186,49 @@ def test_service_starts_the_intercept_and_sigma_from_the_data(tmp_path):
     assert np.all(locs["RandomEffectsLayer_g_theta"] == 0)  # rows start at 0
     zero, _ = gaussian_run(tmp_path / "z", 3.2, 2.0, **{"optim.start": "zero"})
     assert np.all(initial_locs(zero)["InterceptLayer_bias_beta"] == 0)
+
+
+def test_conditional_rows_start_at_their_one_step_estimate(tmp_path):
+    """Rows start where one Newton step from the start puts them at every scale: site
+    precision n_r / s² and site mean (S_r - n_r ȳ) / s² / (τ_r + 1); their count-weighted
+    sum is 0, so the table's mean does not trade with the intercept at the start. The sums
+    come from the encode pass, and a store encoded without them gets the same ones."""
+    cfg, y = gaussian_run(tmp_path, 3.2, 2.0)
+    run = tmp_path / "run"
+    store, vocabs = data_lib.prepare(cfg.data, run, "gaussian")
+    raw = pq.read_table(cfg.data.path)
+    ids = vocabs["g"].encode(raw.column("g"))
+    n = np.bincount(ids, minlength=vocabs["g"].size)
+    total = np.bincount(ids, weights=raw.column("y").to_numpy(), minlength=len(n))
+    info = 1.0 / y.std() ** 2
+    tau = n * info + 1e-2
+    want = (total - n * y.mean()) * info / (tau + 1.0)
+    assert abs(np.sum(want * (tau + 1.0))) < 1e-6 * np.sum(np.abs(want * (tau + 1.0)))
+
+    def start_rows(store, vocabs):
+        setup = loop.make_setup(
+            cfg,
+            {c: v.size for c, v in vocabs.items()},
+            store.num_rows,
+            loop.build_mesh(cfg),
+            None,
+            store.target_stats,
+            store.feature_stats,
+            {c: v.counts for c, v in vocabs.items()},
+            store.category_sums,
+        )
+        params = loop.fresh_state(setup).params["RandomEffectsLayer_g_theta"]
+        fields = [np.asarray(guide_field(params, f)) for f in ("loc", "raw_scale")]
+        return [f.reshape(len(f), -1)[: len(n), 0] for f in fields]
+
+    loc, raw_scale = start_rows(store, vocabs)
+    assert_allclose(raw_scale, np.log(tau), rtol=1e-5)
+    assert_allclose(loc, want, rtol=1e-4, atol=1e-6)
+    assert np.abs(loc).max() > 1e-3  # the data moved them
+    (run / "data" / data_lib.CATEGORY_SUMS).unlink()
+    again = data_lib.prepare(cfg.data, run, "gaussian")
+    assert (run / "data" / data_lib.CATEGORY_SUMS).exists()
+    assert_allclose(start_rows(*again)[0], loc, rtol=1e-6)
 
 
 @pytest.mark.parametrize("bad", ["median", ""])

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import pyarrow.types as pat
 
 from blayers import links
-from blayers.start import FeatureStats, TargetStats
+from blayers.start import CategorySums, FeatureStats, TargetStats
 
 from . import files as files_lib
 from . import vocab as vocab_lib
@@ -183,6 +183,8 @@ class Store:
     # moments of the target, accumulated by the encode pass (data-aware starts)
     target_stats: TargetStats | None = field(default=None, repr=False)
     feature_stats: FeatureStats | None = field(default=None, repr=False)
+    # each categorical column's target sum per id, from the same pass (row starts)
+    category_sums: dict[str, np.ndarray] | None = field(default=None, repr=False)
     # (block, chunk) -> each kind's (blocks, block, width) view of that chunk, made on first use
     _views: dict[tuple[int, int], dict[str, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False
@@ -384,9 +386,11 @@ def write_store(
     link: str | None = None,
     stats: TargetStats | None = None,
     features: FeatureStats | None = None,
+    sums: CategorySums | None = None,
 ) -> int:
     """Validate and encode every batch into an Arrow IPC file at ``path`` (atomically),
-    folding the target into ``stats`` when given.
+    folding the target into ``stats``, the features into ``features`` and each category's
+    target sum into ``sums`` when given.
 
     Raises:
         DataError: any bad value; the partial file is removed.
@@ -426,6 +430,8 @@ def write_store(
                     stats.update(enc[TARGET])
                 if features is not None and NUMERIC in enc:
                     features.update(enc[NUMERIC])
+                if sums is not None and TARGET in enc and CATEGORICAL in enc:
+                    sums.update(list(categorical), enc[CATEGORICAL], enc[TARGET])
                 pending.append(enc)
                 pending_rows += batch.num_rows
                 rows += batch.num_rows
@@ -519,12 +525,16 @@ def prepare(
                 vocab_lib.save_all(vocabs, vocab_dir)
             store = Store.open(store_path)
             store.target_stats, store.feature_stats = _stamped_stats(stamped, store)
+            store.category_sums = _saved_category_sums(store, vocabs, run_dir)
             return store, vocabs
 
     batches = scan(dataset, columns, read_batch_rows)
     unshuffled = store_path.with_name(f".{store_path.name}.input-order")
     stats, features = TargetStats(), FeatureStats()
-    write_store(batches, unshuffled, numeric, categorical, target, vocabs, link, stats, features)
+    sums = CategorySums({c: v.size for c, v in vocabs.items()})
+    write_store(
+        batches, unshuffled, numeric, categorical, target, vocabs, link, stats, features, sums
+    )
     try:
         shuffle_store(unshuffled, store_path, seed=0)
     finally:
@@ -542,6 +552,8 @@ def prepare(
     if not vocab_dir.exists():
         vocab_lib.save_all(vocabs, vocab_dir)
     store.target_stats, store.feature_stats = stats, features
+    store.category_sums = sums.sums
+    _save_category_sums(sums.sums, run_dir)
     files_lib.write_text(
         stamp,
         json.dumps(
@@ -603,6 +615,42 @@ def _stamped_stats(stamped: dict[str, Any], store: Store) -> tuple[TargetStats, 
     if store.numeric_columns:
         features.update(store.column(NUMERIC))
     return stats, features
+
+
+CATEGORY_SUMS = "category_sums.npz"  # beside the encoded store: each category's target sum
+
+
+def _save_category_sums(sums: dict[str, np.ndarray], run_dir: Path) -> None:
+    """Saved by position (a column name is never a file key), atomically."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, *(sums[c] for c in sorted(sums)))
+
+    files_lib.atomic_write(run_dir / "data" / CATEGORY_SUMS, write)
+
+
+def _saved_category_sums(
+    store: Store, vocabs: dict[str, vocab_lib.Vocab], run_dir: Path
+) -> dict[str, np.ndarray] | None:
+    """The category sums saved with the store; a store encoded before they were saved (or
+    whose file is unreadable or of other sizes) has them computed once from its columns."""
+    if not store.has_target or not store.categorical_columns:
+        return None
+    columns = sorted(store.categorical_columns)
+    try:
+        with np.load(run_dir / "data" / CATEGORY_SUMS) as saved:
+            sums = {c: saved[f"arr_{i}"] for i, c in enumerate(columns)}
+        if all(len(sums[c]) == vocabs[c].size for c in columns):
+            return sums
+    except (OSError, ValueError, KeyError):
+        pass
+    found = CategorySums({c: vocabs[c].size for c in store.categorical_columns})
+    found.update(
+        list(store.categorical_columns), store.column(CATEGORICAL), store.column(TARGET)
+    )
+    _save_category_sums(found.sums, run_dir)
+    return found.sums
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from .sparse import (
     row_counts,
     table_rows,
 )
-from .starts import prior_warnings, row_precisions, starting_scales, starting_values
+from .starts import prior_warnings, row_starts, starting_scales, starting_values
 from .state import (
     TrainState,
     bytes_per_device,
@@ -86,24 +86,29 @@ class Setup:
     init: Callable[[], TrainState]  # builds the state; jit it with out_shardings=shardings
     guide: guides.MeanFieldGuide  # the posterior family: every read of the posterior
     lr_scale: float = 1.0  # the learning rate's factor after rollbacks (train.nonfinite)
-    row_start: dict[str, np.ndarray] | None = None  # log τ of conditional rows at the start
+    # conditional rows' starting guide fields by site (``raw_scale``: log τ; ``loc``)
+    row_start: dict[str, dict[str, np.ndarray]] | None = None
 
 
 def fresh_state(setup: Setup) -> TrainState:
     """The run's starting state, born sharded; a conditional guide's rows then get their
-    starting precisions (``setup.row_start``), placed as the table's rows are."""
+    starting precisions and means (``setup.row_start``), placed as the table's rows are."""
     state = jax.jit(setup.init, out_shardings=setup.shardings)()
     if not setup.row_start:
         return state
     placed = {s: row_sharding(setup.shardings, s) for s in setup.row_start}
-    values = {s: jax.device_put(v, placed[s]) for s, v in setup.row_start.items()}
+    values = {
+        s: {f: jax.device_put(v, placed[s]) for f, v in fields.items()}
+        for s, fields in setup.row_start.items()
+    }
 
-    def apply(state: TrainState, values: Mapping[str, jax.Array]) -> TrainState:
+    def apply(state: TrainState, values: Mapping[str, Mapping[str, jax.Array]]) -> TrainState:
         params = dict(state.params)
-        for site, v in values.items():
-            raw = guide_field(params[site], "raw_scale")
-            v = jnp.broadcast_to(v.reshape(v.shape + (1,) * (raw.ndim - 1)), raw.shape)
-            params[site] = with_guide_field(params[site], "raw_scale", v.astype(raw.dtype))
+        for site, fields in values.items():
+            for name, v in fields.items():
+                old = guide_field(params[site], name)
+                v = jnp.broadcast_to(v.reshape(v.shape + (1,) * (old.ndim - 1)), old.shape)
+                params[site] = with_guide_field(params[site], name, v.astype(old.dtype))
         return state._replace(params=params)
 
     return jax.jit(
@@ -172,11 +177,13 @@ def make_setup(
     target_stats: TargetStats | None = None,
     feature_stats: FeatureStats | None = None,
     vocab_counts: Mapping[str, np.ndarray] | None = None,
+    category_sums: Mapping[str, np.ndarray] | None = None,
 ) -> Setup:
     """Model, sites, optimizer and state shardings. ``pad_multiple`` is the run's table padding
     (fixed when the run starts, so it restores on other meshes); None: from this mesh.
     ``target_stats``: the target's moments, for a data-aware start (``optim.start: data``);
-    ``vocab_counts``: each column's category counts, for a conditional guide's row start."""
+    ``vocab_counts`` and ``category_sums``: each column's category counts and target sums,
+    for a conditional guide's row start."""
     columns = Columns(tuple(cfg.data.numeric), tuple(cfg.data.categorical))
     rules = [tuple(r) for r in cfg.sharding.rules]
     split = table_axis_multiple(mesh, rules)
@@ -224,12 +231,12 @@ def make_setup(
     row_start = None
     if vocab_counts is not None:
         by_site = {t.table_site: t for t in terms if t.kind == "table"}
-        counts = {
-            s: row_counts(by_site[s], vocab_counts, columns)
-            for s in getattr(guide, "conditional", {})
-            if s in by_site
-        }
-        row_start = row_precisions(guide, str(cfg.model.link), link_kwargs, stats, counts)
+        conditional = [s for s in getattr(guide, "conditional", {}) if s in by_site]
+        counts = {s: row_counts(by_site[s], vocab_counts, columns) for s in conditional}
+        sums = None
+        if category_sums is not None:
+            sums = {s: row_counts(by_site[s], category_sums, columns) for s in conditional}
+        row_start = row_starts(guide, str(cfg.model.link), link_kwargs, stats, counts, sums)
     try:
         shardings = state_shardings(abstract, guide, mesh, rules)
     except ShardingError as err:
@@ -339,6 +346,7 @@ def _train(
         store.target_stats,
         store.feature_stats,
         {c: v.counts for c, v in vocabs.items()},
+        store.category_sums,
     )
     if latest is None and jax.process_index() == 0:
         link_kwargs = configured_link_kwargs(cfg.model)

@@ -279,7 +279,8 @@ def make_sparse_step(
 
 
 def row_counts(term: Any, vocab_counts: Mapping[str, np.ndarray], columns: Any) -> np.ndarray:
-    """Training count of every row of a term's table (OOV and padding rows: 0)."""
+    """Training count of every row of a term's table (OOV and padding rows: 0); given
+    another per-category value by column (a target sum), that value by row."""
     out = np.zeros(int(sum(term.num_categories)), np.float32)
     offset = 0
     for idx, size in zip(term.categorical_idx, term.num_categories, strict=True):

@@ -94,33 +94,46 @@ def starting_scales(
 ROW_PRECISION_FLOOR = 1e-2  # a row with no data starts at (nearly) its prior
 
 
-def row_precisions(
+def row_starts(
     guide: guides.MeanFieldGuide,
     link: str,
     link_kwargs: Mapping[str, Any],
     stats: TargetStats | None,
     counts: Mapping[str, np.ndarray],
-) -> dict[str, np.ndarray]:
-    r"""Starting :math:`\log\tau_r` of every conditional table's rows
-    (:class:`blayers.guides.ConditionalGuide`), by site: the information the row's
-    :math:`n_r` training examples carry about it, :math:`\tau_r = n_r I` with :math:`I` the
-    link's Fisher information per observation at the start (1 where it has none), so each
-    row starts at the width its count gives it. ``counts[site]``: each row's training
-    count."""
+    sums: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    r"""Where every conditional table's rows start (:class:`blayers.guides.ConditionalGuide`),
+    by site and row field:
+
+    - ``raw_scale`` :math:`= \log\tau_r`: the information the row's :math:`n_r` training
+      examples carry about it, :math:`\tau_r = n_r I` with :math:`I` the link's Fisher
+      information per observation at the start (1 where it has none), so each row starts
+      at the width its count gives it;
+    - ``loc``, for one-unit rows (random effects) and links whose score is affine in the
+      target: the one-step estimate from the start (:meth:`blayers.start.LinkStart.row_mean`),
+      so each row starts at the shrunken mean its own data gives at every scale, instead of
+      at 0 (from which tens of thousands of weakly observed rows need many epochs, and pull
+      their scale down meanwhile).
+
+    ``counts[site]`` and ``sums[site]``: each row's training count and target sum."""
     conditional = getattr(guide, "conditional", {})
     if not conditional:
         return {}
-    info = None
+    start = None
     if stats is not None and stats.count:
-        info = link_start(link, stats, link_kwargs).information
-    info = 1.0 if info is None else float(info)
-    return {
-        site: np.log(np.asarray(counts[site], np.float64) * info + ROW_PRECISION_FLOOR).astype(
-            np.float32
-        )
-        for site in conditional
-        if site in counts
-    }
+        start = link_start(link, stats, link_kwargs)
+    info = 1.0 if start is None or start.information is None else float(start.information)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for site in conditional:
+        if site not in counts:
+            continue
+        count = np.asarray(counts[site], np.float64)
+        tau = count * info + ROW_PRECISION_FLOOR
+        out[site] = {"raw_scale": np.log(tau).astype(np.float32)}
+        one_unit = guide.sites[site].unconstrained_shape[1:] in ((), (1,))
+        if start is not None and sums is not None and site in sums and one_unit:
+            out[site]["loc"] = start.row_mean(count, sums[site], tau).astype(np.float32)
+    return out
 
 
 def _intercept_site(terms: Sequence[Any], sites: Mapping[str, guides.LatentSite]) -> str | None:
