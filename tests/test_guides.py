@@ -287,3 +287,45 @@ def test_conditional_row_marginal_matches_draws_of_the_rows(rng):
     expected = (inv[:, None] * np.asarray(draws[TABLE].value)).mean(0) / inv.mean()
     got = guide.weighted_row_mean(TABLE, params[TABLE], params)
     assert_allclose(np.asarray(got), expected, atol=0.03 * float(np.max(sd)))
+
+
+def test_service_conditions_fm_factors_but_never_shifts_them(rng):
+    """The service's conditional guide conditions a categorical FM's factor rows on the FM's
+    scale (their prior is Normal(0, λ)), so factors that the data does not support follow λ
+    to its posterior at once; recentering leaves them out (their effect is a product). Their
+    log q is the conditional Normal of each element (brute force)."""
+    from scipy.stats import norm
+
+    from train import recenter
+    from train.guide_plan import service_guide
+
+    terms = [
+        {"layer": "InterceptLayer", "name": "bias"},
+        {"layer": "RandomEffectsLayer", "name": "g", "inputs": ["g"]},
+        {"layer": "FMLayer", "name": "fm", "inputs": ["g", "h"], "low_rank_dim": 3},
+    ]
+    model = build_model(
+        OmegaConf.create({"link": "gaussian", "terms": terms}),
+        Columns((), ("g", "h")),
+        {"g": 5, "h": 4},
+    )
+    batch = {"numeric": np.zeros((4, 0), np.float32), "categorical": np.zeros((4, 2), np.int32)}
+    sites = guides.latent_sites(model, batch, num_data=4)
+    guide = service_guide("conditional", model.terms, sites)
+    fm, fm_scale = "CategoricalFMLayer_fm_theta", "CategoricalFMLayer_fm_scale"
+    assert guide.conditional[fm] == fm_scale
+    assert guide.conditional["RandomEffectsLayer_g_theta"] == "RandomEffectsLayer_g_scale"
+    shifted = [t.site for t in recenter.plan(model.terms, sites).tables]
+    assert shifted == ["RandomEffectsLayer_g_theta"]
+    params = random_params(guide, rng)
+    nu = np.asarray(params[fm]["loc"], np.float64)
+    tau = np.exp(np.asarray(params[fm]["raw_scale"], np.float64))
+    anchor = np.asarray(params[fm_scale][guides.ANCHOR], np.float64)
+    for seed in range(2):
+        draws = guide.draw(jax.random.PRNGKey(seed), params)
+        lam = float(draws[fm_scale].value)
+        precision = tau + lam**-2
+        mean = anchor + nu * (tau + 1) / precision
+        exact = norm(mean, precision**-0.5).logpdf(np.asarray(draws[fm].value)).sum()
+        assert_allclose(float(jnp.sum(draws[fm].log_normal)), exact, rtol=1e-4)
+    assert nu.shape == sites[fm].unconstrained_shape and nu.ndim == 3

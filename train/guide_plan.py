@@ -28,14 +28,24 @@ from numpyro.distributions.transforms import ExpTransform
 
 from blayers import guides
 
-NORMAL_TABLES = ("RandomEffectsLayer", "EmbeddingLayer")
+# tables whose rows add to the predictor linearly: a table mean trades with the intercept
+SHIFTABLE_TABLES = ("RandomEffectsLayer", "EmbeddingLayer")
+# tables whose rows a conditional guide conditions on their scale: the linear ones and the
+# categorical FM's factors (a product, so never shifted)
+CONDITIONAL_TABLES = (*SHIFTABLE_TABLES, "CategoricalFMLayer")
 
 
-def normal_table(term: Any, sites: Mapping[str, guides.LatentSite]) -> tuple[str, str] | None:
-    """``(rows' site, scale site)`` of a table term whose rows have the default
-    ``Normal(0, λ)`` prior under a log-scale λ (random effects, slope-free embeddings), else
-    ``None``: the tables that recentering moves and a conditional guide conditions."""
-    if term.kind != "table" or term.layer_name not in NORMAL_TABLES or term.slopes_idx:
+def normal_table(
+    term: Any, sites: Mapping[str, guides.LatentSite], layers: Sequence[str] = SHIFTABLE_TABLES
+) -> tuple[str, str] | None:
+    """``(rows' site, scale site)`` of a table term of one of ``layers`` whose rows have the
+    default ``Normal(0, λ)`` prior under a log-scale λ (random effects, slope-free
+    embeddings, categorical FM factors), else ``None``. With the default ``layers``: the
+    tables that recentering moves; with ``CONDITIONAL_TABLES``: those a conditional guide
+    conditions."""
+    if term.kind not in ("table", "categorical_fm") or term.layer_name not in layers:
+        return None
+    if term.slopes_idx:
         return None
     layer = term.layer
     if layer.coef_dist is not dists.Normal or layer.coef_kwargs != {"loc": 0.0}:
@@ -55,5 +65,7 @@ def service_guide(
     dense = [f"{t.layer_name}_{t.name}_beta" for t in terms if t.kind == "dense"]
     follows = {t.table_site: intercept if t.sparse else intercept + dense for t in tables}
     follows = {table: names for table, names in follows.items() if names}  # no empty ties
-    conditional = dict(found for t in tables if (found := normal_table(t, sites)))
+    conditional = dict(
+        found for t in terms if (found := normal_table(t, sites, CONDITIONAL_TABLES))
+    )
     return guides.make_guide(family, sites, list(follows), follows, conditional)
