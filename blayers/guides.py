@@ -444,8 +444,10 @@ class ConditionalGuide(StructuredGuide):
     ) -> tuple[Any, Any]:
         """Mean and sd of rows of ``table`` given the scale ``lam`` (without the coupling)."""
         tau = jnp.exp(rows["raw_scale"])
-        precision = tau + lam**-2.0
-        return anchor + rows["loc"] * (tau + 1.0) / precision, precision**-0.5
+        # rsqrt and products instead of a division and a fractional power: scoring evaluates
+        # this for every gathered row in every draw
+        sd = jax.lax.rsqrt(tau + lam**-2.0)
+        return anchor + rows["loc"] * (tau + 1.0) * (sd * sd), sd
 
     def _row_draw(
         self,
