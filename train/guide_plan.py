@@ -1,13 +1,17 @@
 """Which sites the service's guide ties together, read off the model's terms.
 
 A structured guide (:class:`blayers.guides.StructuredGuide`) couples random-effect and
-embedding rows to the location globals, in which a row's conditional mean is linear for a
-gaussian likelihood: dense tables' rows to the intercept and every dense coefficient,
-row-sparse tables' rows to the intercept only. A coupled row carries one coupling per global
-it follows, and a sparse row also its optimizer moments, so following 32 coefficients would
-make a 10⁷-row table's state 17× larger (99 more floats per row with Adam); the intercept is
-the tie that carries the realized group means' uncertainty (the recentering variance move
-works on it), at 3 floats per row. FM factors get no tie: their effect is a product.
+embedding rows to the intercept, dense and row-sparse tables alike: the intercept is the
+tie that carries the realized group means' uncertainty (the recentering variance move works
+on it), at one float per row (3 with a sparse row's optimizer moments). FM factors get no
+tie: their effect is a product.
+
+Rows were also tied to every dense coefficient once (a row's conditional mean is linear in
+them for a gaussian likelihood). On the default job's data against NUTS
+(``benchmarks/main_job_vs_nuts.py``, 100,000 rows, 16,000 steps) that made the coefficients'
+posterior sds 0.45–0.70× NUTS's, against 0.88–1.29× tied to the intercept only (mean-field:
+0.87–0.96×), with the scales unchanged; and it cost a 10⁷-row sparse table 99 more floats
+per row for 32 coefficients.
 
 Measured against NUTS and not adopted (``tests/test_posterior_vs_nuts.py``'s data, 3,000
 steps): rows also following their own table's scale, linearly, took the scales' posterior
@@ -62,9 +66,7 @@ def service_guide(
     """The guide ``family`` over ``sites`` with the service's couplings (module docstring)."""
     tables = [t for t in terms if t.kind == "table"]
     intercept = [f"{t.layer_name}_{t.name}_beta" for t in terms if t.kind == "intercept"]
-    dense = [f"{t.layer_name}_{t.name}_beta" for t in terms if t.kind == "dense"]
-    follows = {t.table_site: intercept if t.sparse else intercept + dense for t in tables}
-    follows = {table: names for table, names in follows.items() if names}  # no empty ties
+    follows = {t.table_site: intercept for t in tables} if intercept else {}
     conditional = dict(
         found for t in terms if (found := normal_table(t, sites, CONDITIONAL_TABLES))
     )

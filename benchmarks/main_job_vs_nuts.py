@@ -1,0 +1,169 @@
+"""The default job's model against exact inference, on a random subsample of its data.
+
+On the full default job every configuration converges to user and item scales 6–9% below
+the generator's (``benchmarks/results/main_job_convergence.md``), and no exact reference
+exists at 1M rows. This takes ``--rows`` random rows of ``data/default/train.parquet``
+(run ``make train`` once to generate it), keeps the job's model without the FM term
+(intercept, the four dense coefficients under their adaptive scale, random effects for user,
+item and region; logit link), and fits it twice on the same rows:
+
+- NUTS (numpyro), the table rows non-centred (``LocScaleReparam``), with one extra row per
+  table as the service has (its out-of-vocabulary row, which no data touches);
+- the service (``train.api.fit``) with each guide in ``--guides``.
+
+It prints each global's posterior mean and sd under each, and their ratios to NUTS's. The
+subsample keeps the long tail's character: most users in it have one or two rows.
+
+    .venv/bin/python benchmarks/main_job_vs_nuts.py [--rows 40000] [--steps 4000]
+        [--guides conditional,structured] [--samples 500] [--nuts-cache nuts.json]
+
+``--nuts-cache``: NUTS's summaries are read from that file when it exists (for the same rows
+and samples), else written there, so several guides or step counts compare against one NUTS
+run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from numpyro import handlers
+from numpyro.infer import MCMC, NUTS
+from numpyro.infer.reparam import LocScaleReparam
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blayers.layers import AdaptiveLayer, InterceptLayer, RandomEffectsLayer
+from blayers.links import logit_link
+from train import api
+from train.frames import as_arrow
+
+DATA = Path("data/default/train.parquet")
+NUMERIC = ["x1", "x2", "x3", "x4"]
+CATEGORICAL = ["user", "item", "region"]
+
+
+def subsample(rows: int, path: Path) -> pa.Table:
+    table = pq.read_table(DATA, columns=[*NUMERIC, *CATEGORICAL, "y"])
+    keep = np.sort(np.random.default_rng(0).choice(table.num_rows, rows, replace=False))
+    table = table.take(pa.array(keep))
+    pq.write_table(table, path)
+    return table
+
+
+def nuts(table: pa.Table, samples: int) -> dict[str, tuple[float, float]]:
+    x = np.stack([table[c].to_numpy() for c in NUMERIC], axis=1).astype(np.float32)
+    ids, sizes = {}, {}
+    for c in CATEGORICAL:
+        codes = pc.dictionary_encode(table[c]).combine_chunks()
+        ids[c] = codes.indices.to_numpy().astype(np.int32)
+        sizes[c] = len(codes.dictionary) + 1  # + the service's out-of-vocabulary row
+    y = table["y"].to_numpy().astype(np.float32)
+
+    def model(x, ids, y):
+        mu = InterceptLayer()("bias") + AdaptiveLayer()("dense", x)
+        for c in CATEGORICAL:
+            mu = mu + RandomEffectsLayer()(c, ids[c], sizes[c])
+        return logit_link(mu, y)
+
+    thetas = {f"RandomEffectsLayer_{c}_theta": LocScaleReparam(0) for c in CATEGORICAL}
+    mcmc = MCMC(
+        NUTS(handlers.reparam(model, config=thetas)),
+        num_warmup=samples // 2,
+        num_samples=samples,
+        progress_bar=False,
+    )
+    mcmc.run(jax.random.PRNGKey(0), x, ids, y)
+    draws = mcmc.get_samples()
+    out = {}
+    for k, v in draws.items():
+        if k.endswith("_scale") or k.endswith("_beta"):
+            v = np.asarray(v).reshape(len(v), -1)
+            for j in range(v.shape[1]):
+                name = k if v.shape[1] == 1 else f"{k}[{j}]"
+                out[name] = (float(v[:, j].mean()), float(v[:, j].std()))
+    return out
+
+
+def service(
+    path: Path, run_dir: Path, guide: str, steps: int, extra: list[str]
+) -> dict[str, tuple[float, float]]:
+    run = api.fit(
+        [
+            f"run_dir={run_dir}",
+            f"data.path={path}",
+            "model=random_effects",
+            "data.batch_size=2048",
+            f"train.steps={steps}",
+            f"checkpoint.every={steps}",
+            "train.progress=false",
+            f"optim.guide={guide}",
+            *extra,
+        ]
+    )
+    rows = as_arrow(run.summary(draws=4000)).to_pylist()
+    out = {}
+    for r in rows:
+        index = str(r.get("index") or "")
+        many = r["site"] == "AdaptiveLayer_dense_beta"
+        name = f"{r['site']}[{index.split(',')[0]}]" if many else r["site"]
+        out[name] = (r["mean"], r["std"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=40_000)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--guides", default="conditional,structured")
+    parser.add_argument("--nuts-cache", type=Path, default=None)
+    parser.add_argument("override", nargs="*", help="more service settings, key=value")
+    args = parser.parse_args()
+    if not DATA.exists():
+        sys.exit(f"{DATA} is missing: run `make train` once to generate the default data")
+    families = args.guides.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sample.parquet"
+        table = subsample(args.rows, path)
+        users = len(pc.unique(table["user"]))
+        print(f"{args.rows:,} rows: {users:,} users, {len(pc.unique(table['item'])):,} items")
+        key = f"{args.rows}:{args.samples}"
+        cached = {}
+        if args.nuts_cache is not None and args.nuts_cache.exists():
+            cached = json.loads(args.nuts_cache.read_text())
+        if key in cached:
+            exact = {k: tuple(v) for k, v in cached[key].items()}
+        else:
+            start = time.perf_counter()
+            exact = nuts(table, args.samples)
+            print(f"NUTS: {time.perf_counter() - start:.0f} s", flush=True)
+            if args.nuts_cache is not None:
+                args.nuts_cache.write_text(json.dumps({**cached, key: exact}))
+        fits = {}
+        for g in families:
+            start = time.perf_counter()
+            fits[g] = service(path, Path(tmp) / g, g, args.steps, args.override)
+            print(f"{g}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"{'site':<36}{'NUTS':>18}" + "".join(f"{g:>36}" for g in families))
+    for site, (mean, sd) in exact.items():
+        if not all(site in f for f in fits.values()):
+            continue
+        row = f"{site:<36}{mean:>10.3f} ±{sd:.3f}"
+        for g in families:
+            m, s = fits[g][site]
+            row += f"{m:>10.3f} ±{s:.3f} ({m / mean:.2f}, sd {s / sd:.2f})"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
