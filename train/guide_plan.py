@@ -9,7 +9,7 @@ tie: their effect is a product.
 Rows were also tied to every dense coefficient once (a row's conditional mean is linear in
 them for a gaussian likelihood). On the default job's data against NUTS
 (``benchmarks/main_job_vs_nuts.py``, 100,000 rows, 16,000 steps) that made the coefficients'
-posterior sds 0.45–0.70× NUTS's, against 0.88–1.29× tied to the intercept only (mean-field:
+posterior sds 0.45–0.91× NUTS's, against 0.88–1.29× tied to the intercept only (mean-field:
 0.87–0.96×), with the scales unchanged; and it cost a 10⁷-row sparse table 99 more floats
 per row for 32 coefficients.
 
