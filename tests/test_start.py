@@ -160,21 +160,26 @@ def gaussian_run(tmp_path, mean: float, sd: float, **overrides):
     return cfg, y
 
 
-def initial_locs(cfg) -> dict[str, np.ndarray]:
-    from train import data as data_lib
-
-    store, vocabs = data_lib.prepare(
-        cfg.data, cfg.run_dir and __import__("pathlib").Path(cfg.run_dir), "gaussian"
-    )
-    setup = loop.make_setup(
+def service_setup(cfg, store, vocabs) -> loop.Setup:
+    """The service's setup with every statistic the encode pass gives it."""
+    return loop.make_setup(
         cfg,
         {c: v.size for c, v in vocabs.items()},
         store.num_rows,
         loop.build_mesh(cfg),
         None,
         store.target_stats,
+        store.feature_stats,
+        {c: v.counts for c, v in vocabs.items()},
+        store.category_sums,
     )
-    state = setup.init()
+
+
+def initial_locs(cfg) -> dict[str, np.ndarray]:
+    store, vocabs = data_lib.prepare(
+        cfg.data, cfg.run_dir and __import__("pathlib").Path(cfg.run_dir), "gaussian"
+    )
+    state = service_setup(cfg, store, vocabs).init()
     return {k: np.asarray(v["loc"]) for k, v in state.params.items()}
 
 
@@ -183,7 +188,7 @@ def test_service_starts_the_intercept_and_sigma_from_the_data(tmp_path):
     locs = initial_locs(cfg)
     assert_allclose(locs["InterceptLayer_bias_beta"], [[y.mean()]], rtol=1e-5)
     assert_allclose(np.exp(locs["sigma"]), y.std(), rtol=1e-4)
-    assert np.all(locs["RandomEffectsLayer_g_theta"] == 0)  # rows start at 0
+    assert np.all(locs["RandomEffectsLayer_g_theta"] == 0)  # init: 0; fresh_state moves them
     zero, _ = gaussian_run(tmp_path / "z", 3.2, 2.0, **{"optim.start": "zero"})
     assert np.all(initial_locs(zero)["InterceptLayer_bias_beta"] == 0)
 
@@ -206,17 +211,7 @@ def test_conditional_rows_start_at_their_one_step_estimate(tmp_path):
     assert abs(np.sum(want * (tau + 1.0))) < 1e-6 * np.sum(np.abs(want * (tau + 1.0)))
 
     def start_rows(store, vocabs):
-        setup = loop.make_setup(
-            cfg,
-            {c: v.size for c, v in vocabs.items()},
-            store.num_rows,
-            loop.build_mesh(cfg),
-            None,
-            store.target_stats,
-            store.feature_stats,
-            {c: v.counts for c, v in vocabs.items()},
-            store.category_sums,
-        )
+        setup = service_setup(cfg, store, vocabs)
         params = loop.fresh_state(setup).params["RandomEffectsLayer_g_theta"]
         fields = [np.asarray(guide_field(params, f)) for f in ("loc", "raw_scale")]
         return [f.reshape(len(f), -1)[: len(n), 0] for f in fields]
