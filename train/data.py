@@ -646,9 +646,8 @@ def _saved_category_sums(
     except (OSError, ValueError, KeyError):
         pass
     found = CategorySums({c: vocabs[c].size for c in store.categorical_columns})
-    found.update(
-        list(store.categorical_columns), store.column(CATEGORICAL), store.column(TARGET)
-    )
+    for ids, y in zip(store._chunks[CATEGORICAL], store._chunks[TARGET], strict=True):
+        found.update(list(store.categorical_columns), ids, y)  # a chunk at a time
     _save_category_sums(found.sums, run_dir)
     return found.sums
 
