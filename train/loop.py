@@ -46,7 +46,13 @@ from .sparse import (
     row_counts,
     table_rows,
 )
-from .starts import prior_warnings, row_starts, starting_scales, starting_values
+from .starts import (
+    observation_information,
+    prior_warnings,
+    row_starts,
+    starting_scales,
+    starting_values,
+)
 from .state import (
     TrainState,
     bytes_per_device,
@@ -88,6 +94,8 @@ class Setup:
     lr_scale: float = 1.0  # the learning rate's factor after rollbacks (train.nonfinite)
     # conditional rows' starting guide fields by site (``raw_scale``: log τ; ``loc``)
     row_start: dict[str, dict[str, np.ndarray]] | None = None
+    # the link's Fisher information per observation at the start (None: no target statistics)
+    information: float | None = None
 
 
 def fresh_state(setup: Setup) -> TrainState:
@@ -258,6 +266,7 @@ def make_setup(
         init,
         guide,
         row_start=row_start,
+        information=observation_information(str(cfg.model.link), link_kwargs, stats),
     )
 
 
@@ -809,7 +818,10 @@ def make_run_recenter(
     }
     rows = sum(len(c) for c in counts.values())
     cadence = max(every, -(-rows // batch_size))
-    return recenter_lib.make_recenter(found, setup.guide, setup.shardings, counts), cadence
+    move = recenter_lib.make_recenter(
+        found, setup.guide, setup.shardings, counts, setup.information
+    )
+    return move, cadence
 
 
 def _latest_meta(

@@ -91,6 +91,17 @@ def starting_scales(
     return out
 
 
+def observation_information(
+    link: str, link_kwargs: Mapping[str, Any], stats: TargetStats | None
+) -> float | None:
+    """The link's Fisher information about the linear predictor per observation at the
+    data-aware start, or ``None`` without target statistics or for a link that has none."""
+    if stats is None or stats.count == 0:
+        return None
+    info = link_start(link, stats, link_kwargs).information
+    return None if info is None else float(info)
+
+
 ROW_PRECISION_FLOOR = 1e-2  # a row with no data starts at (nearly) its prior
 
 
@@ -122,7 +133,7 @@ def row_starts(
     start = None
     if stats is not None and stats.count:
         start = link_start(link, stats, link_kwargs)
-    info = 1.0 if start is None or start.information is None else float(start.information)
+    info = observation_information(link, link_kwargs, stats) or 1.0
     out: dict[str, dict[str, np.ndarray]] = {}
     for site in conditional:
         if site not in counts:
