@@ -32,7 +32,7 @@ def setup(family: str = "conditional"):
     sites = guides.latent_sites(model, batch, num_data=4)
     guide = service_guide(family, model.terms, sites)
     found = rc.plan(model.terms, sites)
-    params = guide.init_params(0.1)
+    params = guide.init_params(0.1, scales={"InterceptLayer_bias_beta": 0.01})
     for t in found.tables:
         col = t.site.split("_")[1]
         # the scale's guide: log λ at the truth, with a tiny spread
@@ -99,7 +99,7 @@ def test_ties_are_the_exact_regression_on_a_balanced_crossed_design(family):
     assert np.all(got[: rows["g"]][: SIZES["g"]] < 0)
     exact_var = np.linalg.inv(hh)[0, 0]
     assert_allclose(intercept_variance(hh, got), exact_var, rtol=1e-3)
-    # and the intercept's guide sd is set to it (from the untied 0.1 it started at)
+    # and the intercept's guide sd is raised to it (from the 0.01 it started at)
     assert_allclose(sd, np.sqrt(exact_var), rtol=1e-3)
 
 
@@ -124,3 +124,14 @@ def test_ties_give_the_intercept_its_variance_on_unbalanced_data(rng):
     # rows no example reads follow nothing
     g_ties = got[: rows["g"]]
     assert_allclose(g_ties[SIZES["g"] - 2 :], 0.0)
+
+
+def test_the_intercept_sd_is_only_ever_raised(rng):
+    found, params, guide, _ = setup()
+    wide = guide.init_params(5.0)
+    params = {**params, found.intercept: wide[found.intercept]}
+    ids = {"g": rng.choice(SIZES["g"], 500), "h": rng.choice(SIZES["h"], 500)}
+    *_, sd = ties(found, params, guide, ids, 1.0)
+    before = guide.marginal(found.intercept, params[found.intercept])[1]
+    before = float(np.asarray(before).ravel()[0])
+    assert_allclose(sd, before, rtol=1e-6)

@@ -244,12 +244,16 @@ def couple(
     Laplace approximation at NUTS's scales) these ties give the intercept a sd of 0.0378
     against the exact 0.0383, where no ties give 0.0167.
 
-    The intercept's deviation is then scaled so that its variance is the one these ties
-    give it, :math:`v = (N I / (1 + Q) + p_0)^{-1}` under the same approximation (SGD would
-    otherwise grow its sd from the untied :math:`(NI + p_0)^{-1/2}` over many steps); a
-    coupled table not set here has its tie divided by the same factor, so its draws are
-    unchanged. Unlike the shift, this is not an exact ascent of the ELBO: it puts the
-    intercept's block at the Gaussian approximation's optimum, from which SGD goes on.
+    The intercept's deviation is then scaled up to the variance these ties give it,
+    :math:`v = (N I / (1 + Q) + p_0)^{-1}` under the same approximation, where it is below
+    that (SGD would otherwise grow its sd from the untied :math:`(NI + p_0)^{-1/2}` over
+    many steps). Only up: :math:`I` is the information at the target's mean, which for a
+    logit link is above the average over examples whose predictors spread (:math:`p(1-p)` is
+    concave), so :math:`v` is a floor there, and SGD takes the sd on from it. A coupled table
+    not set here has its tie divided by the same factor, so its draws are unchanged.
+
+    Unlike the shift, this is not an exact ascent of the ELBO: it puts the intercept's
+    block at the Gaussian approximation's optimum, from which SGD goes on.
     ``counts[site]``: each row's count in the training data."""
     tables = [
         t
@@ -274,7 +278,7 @@ def couple(
     # table tied to it keeps its draws
     b = recenter.intercept
     variance = 1.0 / (examples * information / (1.0 + q) + recenter.prior_scale**-2)
-    x = jnp.sqrt(variance) / guide.marginal(b, params[b])[1].reshape(())
+    x = jnp.maximum(jnp.sqrt(variance) / guide.marginal(b, params[b])[1].reshape(()), 1.0)
     s_b = guide.loc_scale(params[b])[1]
     out = dict(params)
     out[b] = {
