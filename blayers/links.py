@@ -20,7 +20,8 @@ is an error, because those sites would be scaled and replicated per row. Predict
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -30,19 +31,28 @@ import numpyro
 import numpyro.distributions as dists
 from numpyro.primitives import _PYRO_STACK
 
+from blayers import start
+
 __all__ = [
     "LINKS",
+    "LinkSpec",
     "beta_link",
     "categorical_link",
     "check_target",
+    "exponential_link",
+    "gamma_link",
     "gaussian_link",
     "get_link",
+    "link_spec",
+    "link_start",
     "logit_link",
     "lognormal_link",
     "negative_binomial_link",
     "ordinal_link",
     "poisson_link",
+    "register_link",
     "student_t_link",
+    "zinb_link",
     "zip_link",
 ]
 
@@ -221,6 +231,61 @@ def negative_binomial_link(
     return _observe(dists.NegativeBinomial2(jnp.exp(log_mean), phi), y, log_mean.shape[0], num_data)
 
 
+def gamma_link(
+    y_hat: jax.Array,
+    y: jax.Array | None = None,
+    rate: float = 1.0,
+    *,
+    num_data: int | None = None,
+) -> jax.Array:
+    r"""Gamma likelihood with log link, for positive continuous targets.
+
+    .. math:: \mu = e^{\hat y}, \quad k \sim Exponential(\text{rate}), \quad
+        y \sim Gamma(k, k/\mu)
+
+    (shape :math:`k`, rate :math:`k/\mu`), so :math:`E[y] = \mu` and :math:`\mathrm{Var}\,y =
+    \mu^2/k`. Site ``"gamma_shape"`` holds :math:`k`.
+    """
+    log_mean = _flat(y_hat)
+    k = _global("gamma_shape", dists.Exponential(rate))
+    fn = dists.Gamma(k, k * jnp.exp(-log_mean))
+    return _observe(fn, y, log_mean.shape[0], num_data)
+
+
+def exponential_link(
+    y_hat: jax.Array, y: jax.Array | None = None, *, num_data: int | None = None
+) -> jax.Array:
+    r"""Exponential likelihood with log link, for positive continuous or waiting-time targets:
+    :math:`y \sim Exponential(e^{-\hat y})`, so :math:`E[y] = e^{\hat y}` and
+    :math:`\mathrm{Var}\,y = E[y]^2` (the gamma link with its shape fixed at 1)."""
+    log_mean = _flat(y_hat)
+    return _observe(dists.Exponential(jnp.exp(-log_mean)), y, log_mean.shape[0], num_data)
+
+
+def zinb_link(
+    mu: jax.Array,
+    y: jax.Array | None = None,
+    rate: float = 1.0,
+    *,
+    num_data: int | None = None,
+) -> jax.Array:
+    r"""Zero-inflated negative binomial, for overdispersed counts with excess zeros.
+
+    .. math:: \pi \sim Beta(1, 10), \quad \phi \sim Exponential(\text{rate}), \quad
+        y \sim \pi\,\delta_0 + (1 - \pi)\, NegBinomial2(e^{\mu}, \phi)
+
+    so :math:`P(y = 0) = \pi + (1-\pi)(\phi/(\phi + e^\mu))^\phi` and :math:`E[y] =
+    (1-\pi) e^\mu`. Sites ``"zinb_gate"`` (:math:`\pi`) and ``"zinb_concentration"``
+    (:math:`\phi`).
+    """
+    log_mean = _flat(mu)
+    concentration = _global("zinb_concentration", dists.Exponential(rate))
+    gate = _global("zinb_gate", dists.Beta(1.0, 10.0))
+    base = dists.NegativeBinomial2(jnp.exp(log_mean), concentration)
+    fn = dists.ZeroInflatedDistribution(base, gate=gate)
+    return _observe(fn, y, log_mean.shape[0], num_data)
+
+
 def ordinal_link(
     mu: jax.Array, y: jax.Array | None = None, *, num_classes: int, num_data: int | None = None
 ) -> jax.Array:
@@ -270,64 +335,120 @@ def beta_link(
 
 
 Link = Callable[..., jax.Array]
-
-LINKS: dict[str, Link] = {
-    "gaussian": gaussian_link,
-    "lognormal": lognormal_link,
-    "student_t": student_t_link,
-    "logit": logit_link,
-    "bernoulli": logit_link,
-    "categorical": categorical_link,
-    "poisson": poisson_link,
-    "negative_binomial": negative_binomial_link,
-    "ordinal": ordinal_link,
-    "zip": zip_link,
-    "zero_inflated_poisson": zip_link,
-    "beta": beta_link,
-}
-
-
-def get_link(name: str) -> Link:
-    """Look up a link by its registry name (``"gaussian"``, ``"logit"``, …)."""
-    try:
-        return LINKS[name]
-    except KeyError:
-        raise ValueError(f"unknown link {name!r}; choose one of {sorted(LINKS)}") from None
+StartFn = Callable[[start.TargetStats, Mapping[str, Any]], start.LinkStart]
 
 
 def _integers(y: np.ndarray) -> bool:
     return bool(np.all(np.equal(np.floor(y), y)))
 
 
-# name -> (predicate on finite values, description of the support)
-_SUPPORT: dict[str, tuple[Callable[[np.ndarray], bool], str]] = {
-    "gaussian": (lambda y: True, "any real number"),
-    "student_t": (lambda y: True, "any real number"),
-    "lognormal": (lambda y: bool(np.all(y > 0)), "positive reals"),
-    "logit": (lambda y: bool(np.all((y == 0) | (y == 1))), "0 or 1"),
-    "categorical": (lambda y: _integers(y) and bool(np.all(y >= 0)), "integers 0..K-1"),
-    "poisson": (lambda y: _integers(y) and bool(np.all(y >= 0)), "non-negative integers"),
-    "negative_binomial": (lambda y: _integers(y) and bool(np.all(y >= 0)), "non-negative integers"),
-    "ordinal": (lambda y: _integers(y) and bool(np.all(y >= 0)), "integers 0..K-1"),
-    "zip": (lambda y: _integers(y) and bool(np.all(y >= 0)), "non-negative integers"),
-    "beta": (lambda y: bool(np.all((y > 0) & (y < 1))), "proportions strictly in (0, 1)"),
-}
-_SUPPORT["bernoulli"] = _SUPPORT["logit"]
-_SUPPORT["zero_inflated_poisson"] = _SUPPORT["zip"]
+def _any(y: np.ndarray) -> bool:
+    return True
+
+
+def _positive(y: np.ndarray) -> bool:
+    return bool(np.all(y > 0))
+
+
+def _binary(y: np.ndarray) -> bool:
+    return bool(np.all((y == 0) | (y == 1)))
+
+
+def _counts(y: np.ndarray) -> bool:
+    return _integers(y) and bool(np.all(y >= 0))
+
+
+def _proportions(y: np.ndarray) -> bool:
+    return bool(np.all((y > 0) & (y < 1)))
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """Everything the library and the service know about one link, in one record: the
+    likelihood itself, the target values it accepts (checked before any work is done), and
+    where a data-aware start puts its linear predictor and globals (``None``: at 0, the
+    guide's defaults). The response mean that scoring reports is the observation
+    distribution's own ``mean`` (the expected class for ordinal and categorical), so it
+    needs no entry here."""
+
+    fn: Link
+    supports: Callable[[np.ndarray], bool]
+    support: str  # the accepted values, in words
+    start: StartFn | None = None
+
+
+LINKS: dict[str, LinkSpec] = {}
+
+
+def register_link(name: str, spec: LinkSpec) -> None:
+    """Add a link under ``name`` (or replace it): the service's ``model.link: <name>`` then
+    trains, scores and checks targets with it."""
+    if not isinstance(spec, LinkSpec):
+        raise TypeError(f"register_link({name!r}, ...): expected a LinkSpec, got {type(spec)}")
+    LINKS[name] = spec
+
+
+for _name, _spec in {
+    "gaussian": LinkSpec(gaussian_link, _any, "any real number", start.gaussian_start),
+    "lognormal": LinkSpec(lognormal_link, _positive, "positive reals", start.lognormal_start),
+    "student_t": LinkSpec(student_t_link, _any, "any real number", start.student_t_start),
+    "logit": LinkSpec(logit_link, _binary, "0 or 1", start.logit_start),
+    "categorical": LinkSpec(
+        categorical_link, _counts, "integers 0..K-1", start.categorical_start
+    ),
+    "poisson": LinkSpec(poisson_link, _counts, "non-negative integers", start.poisson_start),
+    "negative_binomial": LinkSpec(
+        negative_binomial_link, _counts, "non-negative integers", start.negative_binomial_start
+    ),
+    "gamma": LinkSpec(gamma_link, _positive, "positive reals", start.gamma_start),
+    "exponential": LinkSpec(
+        exponential_link, _positive, "positive reals", start.exponential_start
+    ),
+    "zinb": LinkSpec(zinb_link, _counts, "non-negative integers", start.zinb_start),
+    "ordinal": LinkSpec(ordinal_link, _counts, "integers 0..K-1", start.ordinal_start),
+    "zip": LinkSpec(zip_link, _counts, "non-negative integers", start.zip_start),
+    "beta": LinkSpec(beta_link, _proportions, "proportions strictly in (0, 1)", start.beta_start),
+}.items():
+    register_link(_name, _spec)
+register_link("bernoulli", LINKS["logit"])
+register_link("zero_inflated_poisson", LINKS["zip"])
+
+
+def link_spec(name: str) -> LinkSpec:
+    """The record of the link registered as ``name``."""
+    try:
+        return LINKS[name]
+    except KeyError:
+        raise ValueError(f"unknown link {name!r}; choose one of {sorted(LINKS)}") from None
+
+
+def get_link(name: str) -> Link:
+    """Look up a link by its registry name (``"gaussian"``, ``"logit"``, …)."""
+    return link_spec(name).fn
+
+
+def link_start(
+    name: str, stats: start.TargetStats, link_kwargs: Mapping[str, Any] | None = None
+) -> start.LinkStart:
+    """Starting linear predictor and link globals for link ``name`` on a target with
+    ``stats`` (:mod:`blayers.start`)."""
+    spec = link_spec(name)
+    if stats.count == 0 or spec.start is None:
+        return start.LinkStart((0.0,), {}, None)
+    return spec.start(stats, dict(link_kwargs or {}))
 
 
 def check_target(link: str, y: Any, column: str = "target") -> None:
     """Raise ``ValueError`` naming ``column`` if ``y`` has NaN/inf or lies outside the support
     of ``link`` (e.g. a 3 for a Bernoulli target)."""
-    get_link(link)
+    spec = link_spec(link)
     values = np.asarray(y, dtype=np.float64)
     if not np.all(np.isfinite(values)):
         bad = int(np.sum(~np.isfinite(values)))
         raise ValueError(f"column {column!r}: {bad} NaN/inf target values; drop or impute them")
-    ok, support = _SUPPORT[link]
-    if values.size and not ok(values):
+    if values.size and not spec.supports(values):
         raise ValueError(
-            f"column {column!r}: values outside the support of the {link!r} link ({support}); "
-            f"observed range [{values.min():g}, {values.max():g}]. Fix the data or pick another "
-            "link"
+            f"column {column!r}: values outside the support of the {link!r} link "
+            f"({spec.support}); observed range [{values.min():g}, {values.max():g}]. Fix the "
+            "data or pick another link"
         )

@@ -10,14 +10,19 @@ For a target :math:`y` with mean :math:`\bar y`, variance :math:`s^2` and link :
 
 - intercept :math:`g(\bar y)`: identity (gaussian, student-t), mean of :math:`\log y`
   (lognormal), :math:`\mathrm{logit}\,\bar y` (logit, beta), :math:`\log \bar y` (poisson,
-  negative binomial), centred log class frequencies (categorical), 0 (ordinal, whose
-  cut-points carry the location);
+  negative binomial, gamma, exponential), centred log class frequencies (categorical), 0
+  (ordinal, whose cut-points carry the location);
 - noise :math:`\sigma = s` (gaussian; :math:`s\sqrt{(\nu-2)/\nu}` for student-t; the sd of
   :math:`\log y` for lognormal);
 - negative-binomial concentration :math:`\phi = \bar y^2 / (s^2 - \bar y)` from
   :math:`\mathrm{Var}\,y = \mu + \mu^2/\phi`;
 - zero-inflated Poisson: :math:`\lambda = \bar y + s^2/\bar y - 1`, gate
   :math:`\pi = 1 - \bar y/\lambda`;
+- gamma shape :math:`k = \bar y^2 / s^2` (:math:`\mathrm{Var}\,y = \mu^2/k`); exponential:
+  the intercept only;
+- zero-inflated negative binomial: the gate :math:`\pi`, with the mean :math:`\mu = \bar
+  y/(1-\pi)` and concentration :math:`\phi` it implies from the mean and variance, that
+  best reproduces the share of zeros;
 - beta precision :math:`\phi = \bar y(1-\bar y)/s^2 - 1`;
 - ordinal cut-points :math:`c_k = \mathrm{logit}\,P(y \le k)` from the class frequencies.
 
@@ -203,36 +208,36 @@ def _positive_sd(sd: float) -> float:
     return max(sd, 1e-3)
 
 
-def _gaussian(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+def gaussian_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     sd = _positive_sd(stats.sd)
     info = 1.0 / sd**2
     score = (info, -stats.mean * info)
     return LinkStart((stats.mean,), {"sigma": np.float32(sd)}, stats.sd, info, score)
 
 
-def _student_t(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+def student_t_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     df = float(kwargs.get("df", 4.0))
     sd = _positive_sd(stats.sd) * (math.sqrt((df - 2.0) / df) if df > 2.0 else 0.5)
     info = (df + 1.0) / ((df + 3.0) * sd**2)
     return LinkStart((stats.mean,), {"sigma": np.float32(sd)}, stats.sd, info)
 
 
-def _lognormal(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+def lognormal_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     sd = _positive_sd(stats.log_sd)
     return LinkStart((stats.log_mean,), {"sigma": np.float32(sd)}, stats.log_sd, 1.0 / sd**2)
 
 
-def _logit_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+def logit_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     p = _clip(stats.mean, _EPS, 1 - _EPS)
     return LinkStart((_logit(p),), {}, None, p * (1 - p), (1.0, -p))
 
 
-def _poisson(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+def poisson_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     m = max(stats.mean, 1e-3)
     return LinkStart((math.log(m),), {}, None, m, (1.0, -m))
 
 
-def _negative_binomial(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+def negative_binomial_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     m = max(stats.mean, 1e-3)
     excess = stats.var - m
     phi = _clip(m * m / excess if excess > 1e-3 * m else 1e3, 1e-3, 1e4)  # 1e3: near Poisson
@@ -241,14 +246,46 @@ def _negative_binomial(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkSta
     return LinkStart((math.log(m),), {"concentration": np.float32(phi)}, None, info, score)
 
 
-def _zip(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+def gamma_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+    m = max(stats.mean, 1e-6)
+    k = _clip(m * m / max(stats.var, 1e-12), 1e-2, 1e4)
+    # d/d eta log Gamma(y; k, k e^-eta) = k (y e^-eta - 1); information k per observation
+    return LinkStart((math.log(m),), {"gamma_shape": np.float32(k)}, None, k, (k / m, -k))
+
+
+def exponential_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+    m = max(stats.mean, 1e-6)
+    return LinkStart((math.log(m),), {}, None, 1.0, (1.0 / m, -1.0))
+
+
+def zinb_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+    m, v = max(stats.mean, 1e-3), stats.var
+    zeros = stats.zeros / max(stats.count, 1)
+    best = (math.inf, 0.0, math.log(m), 1e3)
+    for gate in np.linspace(0.0, min(zeros, 0.95), 96):
+        mu = m / (1.0 - gate)
+        # Var y = (1-π) μ (1 + μ/φ) + π (1-π) μ², solved for φ (no excess: nearly Poisson)
+        excess = v - (1.0 - gate) * mu - gate * (1.0 - gate) * mu * mu
+        phi = _clip((1.0 - gate) * mu * mu / excess if excess > 1e-9 else 1e3, 1e-2, 1e3)
+        p0 = gate + (1.0 - gate) * (phi / (phi + mu)) ** phi
+        if abs(p0 - zeros) < best[0]:
+            best = (abs(p0 - zeros), float(gate), math.log(mu), phi)
+    _, gate, eta, phi = best
+    globals_ = {
+        "zinb_gate": np.float32(_clip(gate, 1e-3, 0.95)),
+        "zinb_concentration": np.float32(phi),
+    }
+    return LinkStart((eta,), globals_, None)
+
+
+def zip_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     m = max(stats.mean, 1e-3)
     rate = max(m + stats.var / m - 1.0, m)
     gate = _clip(1.0 - m / rate, 1e-3, 0.9)
     return LinkStart((math.log(rate),), {"zip_gate": np.float32(gate)}, None)
 
 
-def _beta(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+def beta_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     m = _clip(stats.mean, _EPS, 1 - _EPS)
     phi = m * (1 - m) / max(stats.var, 1e-8) - 1.0
     return LinkStart((_logit(m),), {"beta_phi": np.float32(_clip(phi, 0.1, 1e4))}, None)
@@ -262,7 +299,7 @@ def _class_freq(stats: TargetStats, k: int) -> np.ndarray:
     return (counts + 0.5) / (counts.sum() + 0.5 * k)  # every class possible
 
 
-def _ordinal(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+def ordinal_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     k = int(kwargs.get("num_classes", len(stats.classes or ()) or 2))
     cum = np.cumsum(_class_freq(stats, k))[:-1]
     cuts = np.array([_logit(float(p)) for p in cum])
@@ -272,34 +309,7 @@ def _ordinal(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     return LinkStart((0.0,), out, None)
 
 
-def _categorical(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
+def categorical_start(stats: TargetStats, kwargs: Mapping[str, Any]) -> LinkStart:
     k = max(len(stats.classes or ()), 2)
     logf = np.log(_class_freq(stats, k))
     return LinkStart(tuple(float(v) for v in logf - logf.mean()), {}, None)
-
-
-_STARTS = {
-    "gaussian": _gaussian,
-    "student_t": _student_t,
-    "lognormal": _lognormal,
-    "logit": _logit_start,
-    "bernoulli": _logit_start,
-    "poisson": _poisson,
-    "negative_binomial": _negative_binomial,
-    "zip": _zip,
-    "zero_inflated_poisson": _zip,
-    "beta": _beta,
-    "ordinal": _ordinal,
-    "categorical": _categorical,
-}
-
-
-def link_start(
-    link: str, stats: TargetStats, link_kwargs: Mapping[str, Any] | None = None
-) -> LinkStart:
-    """Starting linear predictor and link globals for ``link`` on a target with ``stats``."""
-    if link not in _STARTS:
-        raise ValueError(f"no data-aware start for link {link!r}; choose one of {sorted(_STARTS)}")
-    if stats.count == 0:
-        return LinkStart((0.0,), {}, None)
-    return _STARTS[link](stats, dict(link_kwargs or {}))

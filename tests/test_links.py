@@ -27,6 +27,9 @@ TARGETS = {
     "ordinal": np.array([0, 1, 2, 3, 2, 1]),
     "zip": np.array([0, 0, 2, 3, 0, 1.0]),
     "beta": np.linspace(0.1, 0.9, B),
+    "gamma": np.linspace(0.5, 2, B),
+    "exponential": np.linspace(0.5, 2, B),
+    "zinb": np.array([0, 0, 2, 3, 0, 1.0]),
 }
 
 

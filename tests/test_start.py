@@ -17,7 +17,8 @@ from numpyro import handlers
 from omegaconf import OmegaConf
 
 from blayers import links
-from blayers.start import CategorySums, TargetStats, link_start
+from blayers.links import link_start
+from blayers.start import CategorySums, TargetStats
 from train import data as data_lib
 from train import loop
 from train.config import Config

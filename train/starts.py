@@ -15,7 +15,8 @@ import numpy as np
 import numpyro.distributions as dists
 
 from blayers import guides
-from blayers.start import FeatureStats, LinkStart, TargetStats, link_start
+from blayers.links import link_start
+from blayers.start import FeatureStats, LinkStart, TargetStats
 
 PRIOR_SDS = 4.0  # an intercept start this many prior sds out is named
 SCALE_RATIO = 10.0  # a target sd this many times a term's prior scale is named

@@ -59,6 +59,19 @@ def generate(path: str | Path, rows: int = 1_000_000, seed: int = 0) -> dict:
     return truth
 
 
+def _zinb(rng: np.random.Generator, mean: np.ndarray) -> np.ndarray:
+    counts = rng.negative_binomial(2.0, 2.0 / (2.0 + mean))
+    return np.where(rng.random(mean.shape) < 0.3, 0, counts).astype(np.float64)
+
+
+# the other links' targets given the mean e^eta: gamma shape 3; zinb concentration 2, gate 0.3
+CROSSED_EXTRA = {
+    "gamma": lambda rng, mean: rng.gamma(3.0, mean / 3.0),
+    "exponential": lambda rng, mean: rng.exponential(mean),
+    "zinb": _zinb,
+}
+
+
 def crossed_effects(
     path: str | Path,
     rows: int,
@@ -71,8 +84,9 @@ def crossed_effects(
 ) -> dict[str, np.ndarray]:
     """A target with crossed random effects (one id column per entry of ``levels``, effects
     drawn with ``sds``), an optional numeric ``x`` with coefficient ``slope``, under a
-    gaussian (noise sd 1), logit or poisson link; written to ``path`` as Parquet. For checking
-    the posterior against exact inference on data with a known truth."""
+    gaussian (noise sd 1), logit or poisson link, or one of :data:`CROSSED_EXTRA`'s;
+    written to ``path`` as Parquet. For checking the posterior against exact inference on
+    data with a known truth."""
     rng = np.random.default_rng(seed)
     eta = np.full(rows, float(intercept))
     cols: dict[str, np.ndarray] = {}
@@ -90,8 +104,11 @@ def crossed_effects(
         y = (rng.random(rows) < 1.0 / (1.0 + np.exp(-eta))).astype(np.float64)
     elif link == "poisson":
         y = rng.poisson(np.exp(eta)).astype(np.float64)
+    elif link in CROSSED_EXTRA:
+        y = CROSSED_EXTRA[link](rng, np.exp(eta))
     else:
-        raise ValueError(f"crossed_effects: link {link!r} is not gaussian, logit or poisson")
+        links = ["gaussian", "logit", "poisson", *CROSSED_EXTRA]
+        raise ValueError(f"crossed_effects: link {link!r} is not one of {links}")
     cols["y"] = y.astype(np.float32)
     pq.write_table(pa.table(cols), path)
     return cols
