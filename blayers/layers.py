@@ -43,6 +43,7 @@ __all__ = [
     "EmbeddingLayer",
     "FM3Layer",
     "FMLayer",
+    "FixedEffectsLayer",
     "FixedPriorLayer",
     "HorseshoeLayer",
     "InteractionLayer",
@@ -650,6 +651,36 @@ class RandomEffectsLayer(_HierarchicalLayer):
         scale = self._scale(name)
         theta = self._coef(name, "theta", (num_categories,), (ax.CATEGORIES,), scale)
         return theta[ids][:, None]
+
+
+class FixedEffectsLayer(_FixedPriorBase):
+    r"""Bayesian fixed-effects layer — a scalar effect per category under a fixed prior.
+
+    .. math::
+        \theta_c \sim Normal(0, 1), \quad \theta \in \mathbb{R}^{c \times 1},
+        \quad \text{output}_i = \theta[x_i]
+
+    The no-pooling counterpart of :class:`RandomEffectsLayer`: no learned variance, so the
+    prior's scale is a fixed ridge penalty on per-category dummies. Use it for few,
+    well-observed groups, or where pooling is unwanted. Sites: ``FixedEffectsLayer_{name}_theta``
+    ``(c, 1)`` with logical axes ``("categories", "units")``.
+    """
+
+    def __call__(self, name: str, x: jax.Array, num_categories: int) -> jax.Array:
+        """Forward pass through the fixed-effect lookup.
+
+        Args:
+            name: Variable name scope.
+            x: Integer ids in ``[0, num_categories)``, shape ``(n,)`` or ``(n, 1)``.
+            num_categories: Number of groups ``c``.
+
+        Returns:
+            ``(n, 1)``.
+        """
+        ids = check_ids(x, num_categories, self._site(name, "x"))
+        prior = self.coef_dist(**self.coef_kwargs)
+        theta = self._sample(name, "theta", prior, (num_categories, 1), (ax.CATEGORIES, ax.UNITS))
+        return theta[ids]
 
 
 class RandomWalkLayer(_HierarchicalLayer):

@@ -53,9 +53,9 @@ DENSE = {
     "FM3Layer",
 }
 PAIR = {"InteractionLayer", "BilinearLayer", "LowRankInteractionLayer", "LowRankBilinearLayer"}
-TABLE = {"EmbeddingLayer", "RandomEffectsLayer", "RandomWalkLayer"}
+TABLE = {"EmbeddingLayer", "FixedEffectsLayer", "RandomEffectsLayer", "RandomWalkLayer"}
 CATEGORICAL_FM = {"CategoricalFMLayer"}
-GATHERABLE = {"EmbeddingLayer", "RandomEffectsLayer", "CategoricalFMLayer"}
+GATHERABLE = {"EmbeddingLayer", "FixedEffectsLayer", "RandomEffectsLayer", "CategoricalFMLayer"}
 TERM_KEYS = {"layer", "name", "inputs", "z_inputs", "slopes", "sparse"}
 SPARSE_AUTO_ROWS = 100_000  # dense is cheap below this and converges rare rows in fewer epochs
 SUPPLIED = {"name", "x", "z", "num_categories", "self"}  # call args the builder fills in
