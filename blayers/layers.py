@@ -35,6 +35,7 @@ Activation = Callable[[jax.Array], jax.Array]
 identity: Activation = jax.nn.identity
 
 __all__ = [
+    "AR1Layer",
     "AdaptiveLayer",
     "AttentionLayer",
     "BLayer",
@@ -51,6 +52,7 @@ __all__ = [
     "LowRankBilinearLayer",
     "LowRankInteractionLayer",
     "RandomEffectsLayer",
+    "RandomSlopesLayer",
     "RandomWalkLayer",
     "SpikeAndSlabLayer",
     "pairwise_interactions",
@@ -681,6 +683,194 @@ class FixedEffectsLayer(_FixedPriorBase):
         prior = self.coef_dist(**self.coef_kwargs)
         theta = self._sample(name, "theta", prior, (num_categories, 1), (ax.CATEGORIES, ax.UNITS))
         return theta[ids]
+
+
+class RandomSlopesLayer(BLayer):
+    r"""Group-specific slope deviations, partially pooled: one scale per predictor and output.
+
+    .. math::
+        \tau_{ju} \sim HalfNormal(1), \quad \beta_{gju} \sim Normal(0, \tau_{ju}),
+        \quad \text{output}_{iu} = \text{act}\Big(\sum_j x_{ij}\, \beta_{g_i ju}\Big)
+
+    The population slopes belong in another layer (e.g. :class:`AdaptiveLayer`); a column of
+    ones in ``x`` adds a varying intercept. Slopes are independent given the scales (no
+    correlation between them is estimated). Sites: ``RandomSlopesLayer_{name}_scale``
+    ``(d, u)`` and ``RandomSlopesLayer_{name}_beta`` ``(c, d, u)``, the table, with logical
+    axes ``("categories", "features", "units")``.
+    """
+
+    def __init__(
+        self,
+        scale_dist: type[distributions.Distribution] = distributions.HalfNormal,
+        scale_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        r"""
+        Args:
+            scale_dist: Prior of the between-group scales :math:`\tau` (continuous,
+                positive, scalar; its kwargs may broadcast to ``(d, u)``).
+            scale_kwargs: Its parameters; default ``{"scale": 1.0}``.
+
+        Raises:
+            TypeError: ``scale_dist`` cannot take ``scale_kwargs``.
+            ValueError: ``scale_dist`` is discrete or not scalar.
+        """
+        self.scale_kwargs = {"scale": 1.0} if scale_kwargs is None else dict(scale_kwargs)
+        check_kwargs(scale_dist, self.scale_kwargs, "scale")
+        prior = scale_dist(**self.scale_kwargs)
+        if prior.is_discrete or prior.event_shape:
+            raise ValueError("RandomSlopesLayer: scale_dist must be a continuous scalar prior")
+        self.scale_dist = scale_dist
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        groups: jax.Array,
+        num_categories: int,
+        units: int = 1,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """Forward pass: each row's predictors times its group's slopes.
+
+        Args:
+            name: Variable name scope.
+            x: Predictors ``(n, d)`` (``(n,)`` is read as ``(n, 1)``).
+            groups: Integer group ids in ``[0, num_categories)``, ``(n,)`` or ``(n, 1)``.
+            num_categories: Number of groups ``c`` (the table's rows).
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        ids = check_ids(groups, num_categories, self._site(name, "groups"))
+        if ids.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{self._site(name, 'groups')}: {ids.shape[0]} group ids for {x.shape[0]} rows "
+                "of x; give one group id per row"
+            )
+        d = x.shape[1]
+        prior = self.scale_dist(**self.scale_kwargs)
+        scale = self._sample(name, "scale", prior, (d, units), (ax.FEATURES, ax.UNITS))
+        beta = self._sample(
+            name,
+            "beta",
+            distributions.Normal(0.0, scale),
+            (num_categories, d, units),
+            (ax.CATEGORIES, ax.FEATURES, ax.UNITS),
+        )
+        return activation(jnp.einsum("nd,ndu->nu", x, beta[ids]))
+
+
+class AR1Layer(BLayer):
+    r"""Stationary zero-mean AR(1) effects over equally spaced time slots, per output.
+
+    .. math::
+        p_u \sim Beta(a, a), \quad \rho_u = 2p_u - 1, \quad \sigma_u \sim HalfNormal(1),
+
+        \theta_{0u} \sim Normal\big(0, \sigma_u / \sqrt{1 - \rho_u^2}\big), \quad
+        \theta_{tu} \mid \theta_{t-1,u} \sim Normal(\rho_u \theta_{t-1,u}, \sigma_u),
+        \quad \text{output}_{iu} = \text{act}(\theta_{x_i u})
+
+    :math:`\sigma` is the innovation sd; the stationary covariance is
+    :math:`\sigma^2 \rho^{|t-s|} / (1 - \rho^2)`. Add an :class:`InterceptLayer` for the
+    mean. Sites: ``AR1Layer_{name}_rho`` ``(u,)``, ``AR1Layer_{name}_scale`` ``(u,)``, and the
+    states ``AR1Layer_{name}_theta`` ``(c, u)``, or with ``noncentered=True`` the standardized
+    innovations ``AR1Layer_{name}_z`` ``(c, u)`` from which the states are computed (often
+    better when states are weakly observed). Slots keep their place: missing periods keep
+    their slot, reserved future slots follow the recursion.
+    """
+
+    def __init__(
+        self,
+        scale_dist: type[distributions.Distribution] = distributions.HalfNormal,
+        scale_kwargs: dict[str, Any] | None = None,
+        rho_concentration: float = 2.0,
+        noncentered: bool = False,
+    ) -> None:
+        r"""
+        Args:
+            scale_dist: Prior of the innovation sd :math:`\sigma` (continuous, positive,
+                scalar; kwargs may broadcast to ``(u,)``).
+            scale_kwargs: Its parameters; default ``{"scale": 1.0}``.
+            rho_concentration: :math:`a` of the symmetric Beta prior on :math:`(\rho+1)/2`;
+                1 is uniform on ``(-1, 1)``, the default 2 mildly favours persistence near 0.
+            noncentered: Sample standardized innovations instead of the states.
+
+        Raises:
+            ValueError: ``rho_concentration`` is not finite and positive, or ``scale_dist``
+                is discrete or not scalar.
+        """
+        if not np.isfinite(rho_concentration) or rho_concentration <= 0:
+            raise ValueError(
+                f"AR1Layer: rho_concentration must be finite and > 0, got {rho_concentration}"
+            )
+        self.scale_kwargs = {"scale": 1.0} if scale_kwargs is None else dict(scale_kwargs)
+        check_kwargs(scale_dist, self.scale_kwargs, "scale")
+        prior = scale_dist(**self.scale_kwargs)
+        if prior.is_discrete or prior.event_shape:
+            raise ValueError("AR1Layer: scale_dist must be a continuous scalar prior")
+        self.scale_dist = scale_dist
+        self.rho_concentration = float(rho_concentration)
+        self.noncentered = bool(noncentered)
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        num_categories: int,
+        units: int = 1,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """Forward pass: each row's state at its time slot.
+
+        Args:
+            name: Variable name scope.
+            x: Integer time slots in ``[0, num_categories)``, ``(n,)`` or ``(n, 1)``.
+            num_categories: Number of slots ``c`` (the whole grid, future slots included).
+            units: Number of independent series.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        ids = check_ids(x, num_categories, self._site(name, "x"))
+        a = self.rho_concentration
+        rho_prior = distributions.TransformedDistribution(
+            distributions.Beta(a, a), distributions.transforms.AffineTransform(-1.0, 2.0)
+        )
+        rho = self._sample(name, "rho", rho_prior, (units,), (ax.UNITS,))
+        prior = self.scale_dist(**self.scale_kwargs)
+        sigma = self._sample(name, "scale", prior, (units,), (ax.UNITS,))
+        # rho rounds to ±1 in float32 at the edge of its support: keep the variance finite
+        first = sigma * jax.lax.rsqrt(jnp.maximum((1.0 - rho) * (1.0 + rho), 1e-12))
+        if self.noncentered:
+            z = self._sample(
+                name,
+                "z",
+                distributions.Normal(0.0, 1.0),
+                (num_categories, units),
+                (ax.CATEGORIES, ax.UNITS),
+            )
+
+            def step(previous: jax.Array, innovation: jax.Array) -> tuple[jax.Array, jax.Array]:
+                current = rho * previous + sigma * innovation
+                return current, current
+
+            _, rest = jax.lax.scan(step, first * z[0], z[1:])
+            states = jnp.concatenate([(first * z[0])[None], rest], axis=0)
+        else:
+            # innovations e_t ~ N(0, sd_t) mapped to states by theta_t = rho theta_{t-1} + e_t
+            sd = jnp.broadcast_to(sigma, (num_categories, units)).at[0].set(first)
+            recursion = distributions.transforms.RecursiveLinearTransform(jnp.diag(rho))
+            fn = distributions.TransformedDistribution(
+                distributions.Normal(0.0, sd).to_event(2), recursion
+            )
+            site = self._site(name, "theta")
+            _refuse_duplicate(site, name)
+            states = numpyro.sample(site, fn, infer=ax.tag((ax.CATEGORIES, ax.UNITS)))
+        return activation(states[ids])
 
 
 class RandomWalkLayer(_HierarchicalLayer):

@@ -1,0 +1,173 @@
+"""RandomSlopesLayer and AR1Layer (upstream 0.3.7's names, signatures and sites): outputs and
+densities against brute force, and recovery of known truth under SVI and NUTS."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from numpy.testing import assert_allclose
+from numpyro import handlers
+from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
+from numpyro.infer.util import log_density
+from scipy import stats
+
+from blayers.layers import AR1Layer, InterceptLayer, RandomSlopesLayer
+from blayers.links import gaussian_link
+
+
+def svi_draws(model, args, steps=3000, lr=0.03):
+    guide = AutoNormal(model)
+    optim = optax.adam(optax.cosine_decay_schedule(lr, steps, 0.05))
+    result = SVI(model, guide, optim, Trace_ELBO()).run(
+        jax.random.PRNGKey(0), steps, *args, progress_bar=False
+    )
+    return guide.sample_posterior(jax.random.PRNGKey(1), result.params, sample_shape=(2000,))
+
+
+def nuts_draws(model, args):
+    mcmc = MCMC(NUTS(model), num_warmup=400, num_samples=500, progress_bar=False)
+    with warnings.catch_warnings():
+        # warmup's long trajectories reach unconstrained values where float32's sigmoid is
+        # exactly 1, i.e. rho on the edge of its open support; those proposals are rejected
+        warnings.filterwarnings("ignore", "Out-of-support values", UserWarning)
+        mcmc.run(jax.random.PRNGKey(0), *args)
+    return mcmc.get_samples()
+
+
+# ------------------------------------------------------------------------------ random slopes
+
+
+def test_random_slopes_output_and_density_match_brute_force(rng):
+    x = rng.normal(size=(5, 2)).astype(np.float32)
+    groups = np.array([0, 2, 2, 1, 0])
+    tau = np.array([[0.5, 1.0], [2.0, 0.3]], np.float32)
+    beta = rng.normal(size=(3, 2, 2)).astype(np.float32)
+    sites = {"RandomSlopesLayer_s_scale": tau, "RandomSlopesLayer_s_beta": beta}
+
+    def model():
+        return RandomSlopesLayer()("s", x, groups, 3, units=2)
+
+    out = handlers.substitute(handlers.seed(model, 0), sites)()
+    expected = np.stack([x[i] @ beta[groups[i]] for i in range(5)])
+    assert_allclose(out, expected, rtol=1e-5)
+    ll, _ = log_density(model, (), {}, sites)
+    ref = stats.halfnorm.logpdf(tau).sum() + stats.norm(0, tau[None]).logpdf(beta).sum()
+    assert_allclose(ll, ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="RandomSlopesLayer_s_groups"):
+        handlers.seed(lambda: RandomSlopesLayer()("s", x, np.array([0, 3, 1, 1, 0]), 3), 0)()
+    with pytest.raises(ValueError, match="one group id per row"):
+        handlers.seed(lambda: RandomSlopesLayer()("s", x, np.array([0, 1]), 3), 0)()
+
+
+SLOPES = np.array([-1.2, -0.6, -0.1, 0.3, 0.8, 1.1])
+
+
+def slopes_data(rng, n=1800):
+    x = rng.normal(size=(n, 1)).astype(np.float32)
+    g = rng.integers(0, len(SLOPES), n)
+    y = (0.5 + x[:, 0] * SLOPES[g] + rng.normal(0, 0.5, n)).astype(np.float32)
+    return x, g, y
+
+
+def slopes_model(x, g, y=None):
+    eta = InterceptLayer()("b") + RandomSlopesLayer()("s", x, g, len(SLOPES))
+    return gaussian_link(eta, y)
+
+
+def assert_slopes_recovered(draws):
+    beta = np.asarray(draws["RandomSlopesLayer_s_beta"])[:, :, 0, 0]
+    mean, sd = beta.mean(0), beta.std(0)
+    assert np.all(np.abs(mean - SLOPES) < 3.5 * sd), (mean, sd)
+    assert np.all(sd < 0.06)
+    tau = np.asarray(draws["RandomSlopesLayer_s_scale"]).ravel()
+    assert np.quantile(tau, 0.01) < SLOPES.std() < np.quantile(tau, 0.99)
+
+
+@pytest.mark.parametrize("method", ["nuts", "svi"])
+def test_random_slopes_recovered(rng, method):
+    args = slopes_data(rng)
+    draws = nuts_draws(slopes_model, args) if method == "nuts" else svi_draws(slopes_model, args)
+    assert_slopes_recovered(draws)
+
+
+# --------------------------------------------------------------------------------------- AR(1)
+
+
+@pytest.mark.parametrize("noncentered", [False, True])
+def test_ar1_density_is_the_stationary_gaussian(noncentered):
+    c, rho, sigma = 7, np.float32(0.6), np.float32(0.8)
+    ids = np.arange(c)
+
+    def model():
+        return AR1Layer(noncentered=noncentered)("t", ids, c)
+
+    lag = np.abs(np.subtract.outer(np.arange(c), np.arange(c)))
+    cov = sigma**2 * rho**lag / (1 - rho**2)
+    rho_prior = stats.beta(2, 2).logpdf((rho + 1) / 2) - np.log(2)
+    priors = rho_prior + stats.halfnorm.logpdf(sigma)
+    sites = {"AR1Layer_t_rho": jnp.array([rho]), "AR1Layer_t_scale": jnp.array([sigma])}
+    if noncentered:
+        z = np.random.default_rng(0).normal(size=(c, 1)).astype(np.float32)
+        sites["AR1Layer_t_z"] = z
+        out = handlers.substitute(handlers.seed(model, 0), sites)()
+        states = [sigma / np.sqrt(1 - rho**2) * z[0, 0]]
+        for t in range(1, c):
+            states.append(rho * states[-1] + sigma * z[t, 0])
+        assert_allclose(out[:, 0], states, rtol=1e-5)
+        ll, _ = log_density(model, (), {}, sites)
+        assert_allclose(ll, priors + stats.norm.logpdf(z).sum(), rtol=1e-5)
+    else:
+        theta = np.random.default_rng(1).normal(size=(c, 1)).astype(np.float32)
+        sites["AR1Layer_t_theta"] = theta
+        out = handlers.substitute(handlers.seed(model, 0), sites)()
+        assert_allclose(out, theta)
+        ll, _ = log_density(model, (), {}, sites)
+        ref = priors + stats.multivariate_normal(np.zeros(c), cov).logpdf(theta[:, 0])
+        assert_allclose(ll, ref, rtol=1e-4)
+
+
+def test_ar1_rejects_bad_settings():
+    with pytest.raises(ValueError, match="rho_concentration"):
+        AR1Layer(rho_concentration=0.0)
+    with pytest.raises(ValueError, match="AR1Layer_t_x"):
+        handlers.seed(lambda: AR1Layer()("t", np.array([0, 5]), 5), 0)()
+
+
+RHO, SIGMA, SLOTS = 0.8, 0.4, 60
+
+
+def ar1_data(rng, per_slot=15):
+    theta = [rng.normal(0, SIGMA / np.sqrt(1 - RHO**2))]
+    for _ in range(SLOTS - 1):
+        theta.append(RHO * theta[-1] + rng.normal(0, SIGMA))
+    t = np.repeat(np.arange(SLOTS), per_slot)
+    y = (np.asarray(theta)[t] + rng.normal(0, 0.3, len(t))).astype(np.float32)
+    return t, y, np.asarray(theta)
+
+
+def ar1_model(t, y=None):
+    # states observed 15 times each: the centred form, whose sites the data pin one by one,
+    # suits a mean-field guide (non-centred, rho and the innovations are tightly correlated)
+    return gaussian_link(AR1Layer()("t", t, SLOTS), y)
+
+
+@pytest.mark.parametrize("method", ["nuts", "svi"])
+def test_ar1_recovered(rng, method):
+    t, y, theta = ar1_data(rng)
+    if method == "nuts":
+        draws = nuts_draws(ar1_model, (t, y))
+    else:
+        draws = svi_draws(ar1_model, (t, y), steps=4000)
+    rho = np.asarray(draws["AR1Layer_t_rho"]).ravel()
+    sigma = np.asarray(draws["AR1Layer_t_scale"]).ravel()
+    assert abs(rho.mean() - RHO) < 3.5 * rho.std() + 0.02, (rho.mean(), rho.std())
+    assert abs(sigma.mean() - SIGMA) < 3.5 * sigma.std() + 0.02, (sigma.mean(), sigma.std())
+    states = np.asarray(draws["AR1Layer_t_theta"])[:, :, 0]
+    err = np.abs(states.mean(0) - theta) / states.std(0)
+    assert np.mean(err < 2.0) > 0.85, np.sort(err)[-5:]
