@@ -21,7 +21,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -481,12 +481,17 @@ def source_fingerprint(files: Sequence[str], columns: Sequence[str]) -> str:
 
 
 def prepare(
-    data_cfg: Any, run_dir: Path, link: str | None, read_batch_rows: int = 1 << 18
+    data_cfg: Any,
+    run_dir: Path,
+    link: str | None,
+    read_batch_rows: int = 1 << 18,
+    ordered: Collection[str] = (),
 ) -> tuple[Store, dict[str, vocab_lib.Vocab]]:
     """Vocabulary + encoded store for training, reusing the run's own when the input is unchanged.
 
     A run keeps its vocabulary for life (ids must mean the same rows after a resume): when
-    ``run_dir/vocab`` exists it is loaded, never rebuilt.
+    ``run_dir/vocab`` exists it is loaded, never rebuilt. ``ordered``: columns whose ids
+    follow their values' order (:func:`train.model.ordered_columns`).
     """
     dataset = open_dataset(data_cfg.path)
     numeric, categorical, target = (
@@ -513,7 +518,8 @@ def prepare(
     vocabs = _saved_vocab(run_dir, categorical)
     if vocabs is None:
         try:
-            vocabs = vocab_lib.build(categorical, scan(dataset, categorical, read_batch_rows))
+            batches = scan(dataset, categorical, read_batch_rows)
+            vocabs = vocab_lib.build(categorical, batches, by_value=ordered)
         except ValueError as err:  # null or unusable categorical values, named by column
             raise DataError(str(err)) from None
     if store_path.exists() and stamp.exists():

@@ -35,7 +35,7 @@ from .cores import CoreSplit
 from .cores import reserve as reserve_cores
 from .dedup import host_rows
 from .guide_plan import service_guide
-from .model import Columns, build_model, configured_link_kwargs
+from .model import Columns, build_model, configured_link_kwargs, ordered_columns
 from .settings import check_posterior_settings, check_resume_settings, check_settings
 from .sparse import (
     COUNT,
@@ -283,11 +283,12 @@ def prepare_data(cfg: Any, run_dir: Path) -> tuple[data_lib.Store, dict[str, Any
     """The run's encoded store and vocabularies (:func:`train.data.prepare`): process 0
     writes them, the others read them after it."""
     link_check = None if cfg.model.get("_target_") else str(cfg.model.link)
+    ordered = ordered_columns(cfg.model)
     if jax.process_index() == 0:  # one writer for the run's vocabulary and encoded store
-        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check)
+        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check, ordered=ordered)
     distributed.barrier("blayers-data-prepared")
     if jax.process_index() != 0:
-        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check)
+        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check, ordered=ordered)
     return store, vocabs
 
 

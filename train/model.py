@@ -54,6 +54,8 @@ DENSE = {
 }
 PAIR = {"InteractionLayer", "BilinearLayer", "LowRankInteractionLayer", "LowRankBilinearLayer"}
 TABLE = {"EmbeddingLayer", "FixedEffectsLayer", "RandomEffectsLayer", "RandomWalkLayer"}
+# tables whose rows are ordered in time: their column's ids follow its values' order
+ORDERED = {"RandomWalkLayer"}
 CATEGORICAL_FM = {"CategoricalFMLayer"}
 GATHERABLE = {"EmbeddingLayer", "FixedEffectsLayer", "RandomEffectsLayer", "CategoricalFMLayer"}
 TERM_KEYS = {"layer", "name", "inputs", "z_inputs", "slopes", "sparse"}
@@ -367,6 +369,18 @@ def build_model(
 
     model.terms = terms  # type: ignore[attr-defined]
     return model
+
+
+def ordered_columns(model_cfg: Any) -> set[str]:
+    """The categorical columns an ordered table term reads (:data:`ORDERED`): their
+    vocabularies give ids in the values' ascending order, not by frequency, so that adjacent
+    rows are adjacent periods. The out-of-vocabulary row comes right after the last period,
+    so an unseen (later) period continues the series."""
+    out: set[str] = set()
+    for spec in _get(model_cfg, "terms") or []:
+        if isinstance(spec, Mapping) and spec.get("layer") in ORDERED:
+            out.update(spec.get("inputs") or [])
+    return out
 
 
 def configured_link_kwargs(model_cfg: Any) -> dict[str, Any]:

@@ -1,15 +1,17 @@
 """Vocabulary pass: raw categorical values → contiguous ids, with per-category counts.
 
 Ids are ordered by descending training frequency (ties by value), so id 0 is the most common
-category. Counts feed the row-sparse objective (each row's prior term is spread over the
-``count`` examples that contain it). Values absent from the vocabulary encode to ``-1`` and are
-handled explicitly by the caller (an error in training, the prior at scoring).
+category; a column that an ordered table reads (a time index under ``RandomWalkLayer``) orders
+them by value instead. Counts feed the row-sparse objective (each row's
+prior term is spread over the ``count`` examples that contain it). Values absent from the
+vocabulary encode to ``-1`` and are handled explicitly by the caller (an error in training, the
+prior at scoring).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +56,9 @@ class Vocab:
 class VocabBuilder:
     """Streams batches of a column and accumulates value counts with bounded memory."""
 
-    def __init__(self, column: str, merge_every: int = 32) -> None:
+    def __init__(self, column: str, merge_every: int = 32, by_value: bool = False) -> None:
         self.column = column
+        self.by_value = by_value
         self._pending: list[pa.Table] = []
         self._merged: pa.Table | None = None
         self._merge_every = merge_every
@@ -87,16 +90,18 @@ class VocabBuilder:
         self._merge()
         if self._merged is None or self._merged.num_rows == 0:
             raise ValueError(f"column {self.column!r}: no values to build a vocabulary from")
-        order = pc.sort_indices(
-            self._merged, sort_keys=[("count", "descending"), ("value", "ascending")]
-        )
+        keys = [("count", "descending"), ("value", "ascending")]
+        order = pc.sort_indices(self._merged, sort_keys=keys[1:] if self.by_value else keys)
         table = self._merged.take(order)
         return Vocab(self.column, table["value"].combine_chunks(), table["count"].to_numpy().copy())
 
 
-def build(columns: Iterable[str], batches: Iterable[pa.RecordBatch]) -> dict[str, Vocab]:
-    """Vocabularies for ``columns`` from a stream of record batches."""
-    builders = {c: VocabBuilder(c) for c in columns}
+def build(
+    columns: Iterable[str], batches: Iterable[pa.RecordBatch], by_value: Collection[str] = ()
+) -> dict[str, Vocab]:
+    """Vocabularies for ``columns`` from a stream of record batches; those in ``by_value``
+    number their values in ascending order, the others by descending frequency."""
+    builders = {c: VocabBuilder(c, by_value=c in by_value) for c in columns}
     for batch in batches:
         for name, builder in builders.items():
             builder.add(batch.column(name))
