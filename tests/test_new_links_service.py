@@ -1,5 +1,5 @@
 """The gamma, exponential and zero-inflated negative binomial links through the service's
-command lines: each trains, summarizes (its own global sites included) and scores a small
+command lines: each trains and scores, and summarizes its own global sites, on a small
 crossed random-effects dataset, and a target outside its support is refused at the start. A
 link of the user's own is one registered record."""
 
@@ -11,6 +11,7 @@ import pytest
 from blayers import links
 from tests.service_helpers import quiet_config, refusal, run_cli
 from train import loop, synth
+from train.summary import summarize
 
 GLOBALS = {"gamma": ["gamma_shape"], "exponential": [], "zinb": ["zinb_gate", "zinb_concentration"]}
 
@@ -18,7 +19,7 @@ GLOBALS = {"gamma": ["gamma_shape"], "exponential": [], "zinb": ["zinb_gate", "z
 @pytest.mark.parametrize("link", sorted(GLOBALS))
 def test_link_trains_summarizes_and_scores_through_the_cli(tmp_path, link):
     data = tmp_path / "data.parquet"
-    cols = synth.crossed_effects(data, 1500, {"a": 12, "b": 30}, {"a": 0.4, "b": 0.3}, link, 0.5)
+    cols = synth.crossed_effects(data, 1000, {"a": 12, "b": 30}, {"a": 0.4, "b": 0.3}, link, 0.5)
     run = tmp_path / "run"
     common = [f"run_dir={run}", "train.progress=false"]
     proc = run_cli(
@@ -32,16 +33,15 @@ def test_link_trains_summarizes_and_scores_through_the_cli(tmp_path, link):
         "model.terms=[{layer: InterceptLayer, name: bias},"
         "{layer: RandomEffectsLayer, name: a, inputs: [a]},"
         "{layer: RandomEffectsLayer, name: b, inputs: [b]}]",
-        "train.steps=300",
-        "checkpoint.every=300",
+        "train.steps=200",
+        "checkpoint.every=200",
         "mesh.data=1",
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = run_cli("summary", f"run_dir={run}")
-    assert summary.returncode == 0, summary.stderr[-3000:]
-    for site in ["InterceptLayer_bias_beta", *GLOBALS[link]]:
-        assert site in summary.stdout
+    # the summary in this process (its command line is the same function, tested elsewhere)
+    sites = {r["site"] for r in summarize(run, draws=200)}
+    assert {"InterceptLayer_bias_beta", *GLOBALS[link]} <= sites
     scores = tmp_path / "scores"
     proc = run_cli("score", f"run_dir={run}", f"data.path={data}", f"output={scores}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -103,8 +103,6 @@ def test_a_registered_link_of_the_users_own_trains_in_the_service(tmp_path, lapl
         "mesh.data": 1,
     }
     loop.train(quiet_config(data, tmp_path / "run", settings), log=lambda _: None)
-    from train.summary import summarize
-
     rows = {r["site"]: r for r in summarize(tmp_path / "run", draws=500)}
     assert "laplace_scale" in rows
     # no data-aware start of its own: the intercept still finds the target's centre
