@@ -91,6 +91,10 @@ def _refuse_duplicate(site: str, name: str) -> None:
 class BLayer(ABC):
     """Abstract base class for Bayesian layers. Lays out an interface."""
 
+    # the parameter a table-backed layer keeps one row of per category (its site is
+    # ``{Layer}_{name}_{table_param}``), which the service gathers and shards by row
+    table_param = "theta"
+
     @abstractmethod
     def __init__(self, *args: Any) -> None:
         """Store the prior family and its parameters (no sampling happens here)."""
@@ -698,6 +702,8 @@ class RandomSlopesLayer(BLayer):
     ``(d, u)`` and ``RandomSlopesLayer_{name}_beta`` ``(c, d, u)``, the table, with logical
     axes ``("categories", "features", "units")``.
     """
+
+    table_param = "beta"
 
     def __init__(
         self,

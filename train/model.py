@@ -53,14 +53,28 @@ DENSE = {
     "FM3Layer",
 }
 PAIR = {"InteractionLayer", "BilinearLayer", "LowRankInteractionLayer", "LowRankBilinearLayer"}
-TABLE = {"EmbeddingLayer", "FixedEffectsLayer", "RandomEffectsLayer", "RandomWalkLayer"}
+TABLE = {
+    "EmbeddingLayer",
+    "FixedEffectsLayer",
+    "RandomEffectsLayer",
+    "RandomSlopesLayer",
+    "RandomWalkLayer",
+}
+# table layers that take the slopes' columns as their own input: layer(name, x, ids, c)
+SLOPES_INPUT = {"RandomSlopesLayer"}
 # tables whose rows are ordered in time: their column's ids follow its values' order
 ORDERED = {"RandomWalkLayer"}
 CATEGORICAL_FM = {"CategoricalFMLayer"}
-GATHERABLE = {"EmbeddingLayer", "FixedEffectsLayer", "RandomEffectsLayer", "CategoricalFMLayer"}
+GATHERABLE = {
+    "CategoricalFMLayer",
+    "EmbeddingLayer",
+    "FixedEffectsLayer",
+    "RandomEffectsLayer",
+    "RandomSlopesLayer",
+}
 TERM_KEYS = {"layer", "name", "inputs", "z_inputs", "slopes", "sparse"}
 SPARSE_AUTO_ROWS = 100_000  # dense is cheap below this and converges rare rows in fewer epochs
-SUPPLIED = {"name", "x", "z", "num_categories", "self"}  # call args the builder fills in
+SUPPLIED = {"name", "x", "z", "groups", "num_categories", "self"}  # call args the builder fills
 
 Model = Callable[..., Any]
 LINEAR_PREDICTOR = "linear_predictor"
@@ -109,7 +123,7 @@ class Term:
 
     @property
     def table_site(self) -> str:
-        return f"{self.layer_name}_{self.name}_theta"
+        return f"{self.layer_name}_{self.name}_{self.layer.table_param}"
 
     @property
     def row_offsets(self) -> np.ndarray:
@@ -135,7 +149,7 @@ class Term:
                 size = local.shape[0] * local.shape[1]
             if self.kind == "categorical_fm":
                 return self.layer(self.name, local, size, ids_are_rows=True, **kw)
-            return self._table_out(numeric, self.layer(self.name, local[:, 0], size, **kw))
+            return self._table_call(numeric, local[:, 0], size)
         if self.kind == "intercept":
             return self.layer(self.name, **kw)
         if self.kind == "dense":
@@ -148,11 +162,19 @@ class Term:
             ids = categorical[:, list(self.categorical_idx)]
             return self.layer(self.name, ids, list(self.num_categories), **kw)
         ids = categorical[:, self.categorical_idx[0]]
-        return self._table_out(numeric, self.layer(self.name, ids, self.num_categories[0], **kw))
+        return self._table_call(numeric, ids, self.num_categories[0])
 
-    def _table_out(self, numeric: jax.Array, out: jax.Array) -> jax.Array:
-        if self.slopes_idx:
-            return jnp.sum(out * _columns(numeric, self.slopes_idx), axis=1, keepdims=True)
+    def _table_call(self, numeric: jax.Array, ids: jax.Array, rows: int) -> jax.Array:
+        """A table layer's output on ``ids`` into a table of ``rows`` rows, summed to
+        ``(n, 1)``: its rows times the slopes' columns for an embedding with ``slopes``, the
+        layer's own product for a layer that takes them as input (:data:`SLOPES_INPUT`)."""
+        kw = self.call_kwargs
+        if self.layer_name in SLOPES_INPUT:
+            out = self.layer(self.name, _columns(numeric, self.slopes_idx), ids, rows, **kw)
+        else:
+            out = self.layer(self.name, ids, rows, **kw)
+            if self.slopes_idx:
+                out = out * _columns(numeric, self.slopes_idx)
         return jnp.sum(out, axis=1, keepdims=True)
 
 
@@ -305,9 +327,11 @@ def build_term(
     if len(inputs) != 1:
         raise ConfigError(f"{where}: {layer_name} takes exactly one categorical input")
     slopes = list(spec.get("slopes") or [])
-    if slopes and layer_name != "EmbeddingLayer":
-        raise ConfigError(f"{where}: 'slopes' applies to EmbeddingLayer only")
-    if slopes:
+    if slopes and layer_name not in {"EmbeddingLayer", *SLOPES_INPUT}:
+        raise ConfigError(f"{where}: 'slopes' applies to EmbeddingLayer and RandomSlopesLayer")
+    if layer_name in SLOPES_INPUT and not slopes:
+        raise ConfigError(f"{where}: {layer_name} needs the numeric columns of its 'slopes'")
+    if slopes and layer_name == "EmbeddingLayer":
         call_kw.setdefault("embedding_dim", len(slopes))
         if call_kw["embedding_dim"] != len(slopes):
             raise ConfigError(f"{where}: embedding_dim must equal the number of slopes")
