@@ -1020,7 +1020,7 @@ class HorseshoeLayer(BLayer):
     r"""Bayesian layer with (regularized) horseshoe prior (Piironen & Vehtari 2017).
 
     .. math::
-        \tau_u \sim HalfCauchy(1), \quad \lambda_{ju} \sim HalfCauchy(1),
+        \tau_u \sim HalfCauchy(\tau_0), \quad \lambda_{ju} \sim HalfCauchy(1),
         \quad \beta_{ju} \sim Normal(0, \tau_u \tilde\lambda_{ju})
 
     with :math:`\tilde\lambda = \lambda` (plain), or when ``slab_scale`` :math:`s` is set
@@ -1030,7 +1030,12 @@ class HorseshoeLayer(BLayer):
         \tilde\lambda_{ju}^2 = \frac{c^2 \lambda_{ju}^2}{c^2 + \tau_u^2 \lambda_{ju}^2}
 
     Sites: ``..._tau`` ``(u,)``, ``..._scale`` ``(d, u)``, ``..._c2`` (regularized only),
-    ``..._beta`` ``(d, u)``.
+    ``..._beta`` ``(d, u)``. :math:`\tau_0` (``tau0``, default 1) sets how hard the layer
+    selects: Piironen & Vehtari suggest :math:`\tau_0 = \frac{p_0}{p - p_0}
+    \frac{\sigma}{\sqrt n}` for :math:`p_0` expected non-zero coefficients of :math:`p`.
+    Later upstream releases take it as the first argument; here it comes last, keeping the
+    published positional order, so pass it by name (``HorseshoeLayer(tau0=0.05)``) to run
+    the same code under both.
     """
 
     def __init__(
@@ -1039,6 +1044,7 @@ class HorseshoeLayer(BLayer):
         slab_df: float = 4.0,
         coef_dist: type[distributions.Distribution] = distributions.Normal,
         coef_kwargs: dict[str, float] = {"loc": 0.0},  # noqa: B006
+        tau0: float = 1.0,
     ) -> None:
         """
         Args:
@@ -1047,12 +1053,16 @@ class HorseshoeLayer(BLayer):
             slab_df: Degrees of freedom ``ν`` of the slab variance prior.
             coef_dist: Coefficient distribution; receives ``scale`` from the shrinkage.
             coef_kwargs: Extra kwargs for ``coef_dist`` (beyond ``scale``).
+            tau0: Scale of the global shrinkage's HalfCauchy prior.
         """
+        if not (np.isfinite(tau0) and tau0 > 0):
+            raise ValueError(f"HorseshoeLayer: tau0 must be finite and > 0, got {tau0}")
         if slab_scale is not None and not slab_scale > 0:
             raise ValueError(f"HorseshoeLayer: slab_scale must be > 0 or None, got {slab_scale}")
         if not slab_df > 0:
             raise ValueError(f"HorseshoeLayer: slab_df must be > 0, got {slab_df}")
         check_kwargs(coef_dist, coef_kwargs, "coef", provided=("scale",))
+        self.tau0 = float(tau0)
         self.slab_scale = slab_scale
         self.slab_df = float(slab_df)
         self.coef_dist = coef_dist
@@ -1075,7 +1085,8 @@ class HorseshoeLayer(BLayer):
         x = as_2d(x, self._site(name, "x"))
         d = x.shape[1]
         half_cauchy = distributions.HalfCauchy(1.0)
-        tau = self._sample(name, "tau", half_cauchy, (units,), (ax.UNITS,))
+        global_prior = distributions.HalfCauchy(self.tau0)
+        tau = self._sample(name, "tau", global_prior, (units,), (ax.UNITS,))
         lam = self._sample(name, "scale", half_cauchy, (d, units), (ax.FEATURES, ax.UNITS))
         if self.slab_scale is not None:
             half_df = self.slab_df / 2.0

@@ -17,7 +17,7 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.util import log_density
 from scipy import stats
 
-from blayers.layers import AR1Layer, InterceptLayer, RandomSlopesLayer
+from blayers.layers import AR1Layer, HorseshoeLayer, InterceptLayer, RandomSlopesLayer
 from blayers.links import gaussian_link
 
 
@@ -171,3 +171,43 @@ def test_ar1_recovered(rng, method):
     states = np.asarray(draws["AR1Layer_t_theta"])[:, :, 0]
     err = np.abs(states.mean(0) - theta) / states.std(0)
     assert np.mean(err < 2.0) > 0.85, np.sort(err)[-5:]
+
+
+# -------------------------------------------------------------------------- horseshoe's tau0
+
+
+def test_horseshoe_tau0_is_the_global_scale_of_its_half_cauchy(rng):
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    sites = {
+        "HorseshoeLayer_h_tau": np.array([0.3], np.float32),
+        "HorseshoeLayer_h_scale": np.full((3, 1), 0.7, np.float32),
+        "HorseshoeLayer_h_beta": rng.normal(size=(3, 1)).astype(np.float32),
+    }
+    ll, _ = log_density(lambda: HorseshoeLayer(tau0=0.05)("h", x), (), {}, sites)
+    ref = (
+        stats.halfcauchy(scale=0.05).logpdf(0.3)
+        + stats.halfcauchy.logpdf(np.full(3, 0.7)).sum()
+        + stats.norm(0, 0.3 * 0.7).logpdf(sites["HorseshoeLayer_h_beta"]).sum()
+    )
+    assert_allclose(ll, ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="tau0"):
+        HorseshoeLayer(tau0=0.0)
+
+
+def test_a_small_tau0_shrinks_the_null_coefficients_under_nuts(rng):
+    n, p = 200, 12
+    x = rng.normal(size=(n, p)).astype(np.float32)
+    beta = np.zeros(p)
+    beta[:2] = [1.5, -1.0]
+    y = (x @ beta + rng.normal(0, 1.0, n)).astype(np.float32)
+    null = {}
+    for tau0 in (1.0, 0.01):
+
+        def model(x, y=None, tau0=tau0):
+            return gaussian_link(HorseshoeLayer(tau0=tau0)("h", x), y)
+
+        draws = nuts_draws(model, (x, y))
+        b = np.asarray(draws["HorseshoeLayer_h_beta"])[:, :, 0]
+        assert np.all(np.abs(b[:, :2].mean(0) - beta[:2]) < 3.5 * b[:, :2].std(0))
+        null[tau0] = np.abs(b[:, 2:].mean(0)).mean()
+    assert null[0.01] < 0.7 * null[1.0], null
