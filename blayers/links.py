@@ -20,6 +20,7 @@ is an error, because those sites would be scaled and replicated per row. Predict
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -130,6 +131,22 @@ def _sigma(
     return _global("sigma", sigma_dist(**kwargs))
 
 
+def _loc_scale(
+    family: Callable[[jax.Array, Any], dists.Distribution],
+    y_hat: jax.Array,
+    y: jax.Array | None,
+    sigma_dist: type[dists.Distribution],
+    sigma_kwargs: dict[str, Any] | None,
+    scale: float | jax.Array | None,
+    untransformed_scale: jax.Array | None,
+    num_data: int | None,
+) -> jax.Array:
+    """The location-scale links' one body: ``family(loc, sigma)`` observed at ``y``."""
+    mu = _flat(y_hat)
+    sigma = _sigma(sigma_dist, sigma_kwargs, scale, untransformed_scale)
+    return _observe(family(mu, sigma), y, mu.shape[0], num_data)
+
+
 def gaussian_link(
     y_hat: jax.Array,
     y: jax.Array | None = None,
@@ -145,9 +162,9 @@ def gaussian_link(
     :math:`\sigma \sim` ``sigma_dist(**sigma_kwargs)`` (default ``Exponential(1)``, site
     ``"sigma"``), or a known ``scale``, or ``softplus(untransformed_scale)`` per row.
     """
-    mu = _flat(y_hat)
-    sigma = _sigma(sigma_dist, sigma_kwargs, scale, untransformed_scale)
-    return _observe(dists.Normal(mu, sigma), y, mu.shape[0], num_data)
+    return _loc_scale(
+        dists.Normal, y_hat, y, sigma_dist, sigma_kwargs, scale, untransformed_scale, num_data
+    )
 
 
 def lognormal_link(
@@ -161,9 +178,9 @@ def lognormal_link(
     num_data: int | None = None,
 ) -> jax.Array:
     r"""Log-normal likelihood :math:`\log y \sim Normal(\hat y, \sigma)`, for positive ``y``."""
-    mu = _flat(y_hat)
-    sigma = _sigma(sigma_dist, sigma_kwargs, scale, untransformed_scale)
-    return _observe(dists.LogNormal(mu, sigma), y, mu.shape[0], num_data)
+    return _loc_scale(
+        dists.LogNormal, y_hat, y, sigma_dist, sigma_kwargs, scale, untransformed_scale, num_data
+    )
 
 
 def student_t_link(
@@ -178,9 +195,10 @@ def student_t_link(
     num_data: int | None = None,
 ) -> jax.Array:
     r"""Robust regression :math:`y \sim StudentT(\nu, \hat y, \sigma)`, default :math:`\nu=4`."""
-    mu = _flat(y_hat)
-    sigma = _sigma(sigma_dist, sigma_kwargs, scale, untransformed_scale)
-    return _observe(dists.StudentT(df, mu, sigma), y, mu.shape[0], num_data)
+    student_t = functools.partial(dists.StudentT, df)
+    return _loc_scale(
+        student_t, y_hat, y, sigma_dist, sigma_kwargs, scale, untransformed_scale, num_data
+    )
 
 
 def logit_link(
@@ -393,17 +411,13 @@ for _name, _spec in {
     "lognormal": LinkSpec(lognormal_link, _positive, "positive reals", start.lognormal_start),
     "student_t": LinkSpec(student_t_link, _any, "any real number", start.student_t_start),
     "logit": LinkSpec(logit_link, _binary, "0 or 1", start.logit_start),
-    "categorical": LinkSpec(
-        categorical_link, _counts, "integers 0..K-1", start.categorical_start
-    ),
+    "categorical": LinkSpec(categorical_link, _counts, "integers 0..K-1", start.categorical_start),
     "poisson": LinkSpec(poisson_link, _counts, "non-negative integers", start.poisson_start),
     "negative_binomial": LinkSpec(
         negative_binomial_link, _counts, "non-negative integers", start.negative_binomial_start
     ),
     "gamma": LinkSpec(gamma_link, _positive, "positive reals", start.gamma_start),
-    "exponential": LinkSpec(
-        exponential_link, _positive, "positive reals", start.exponential_start
-    ),
+    "exponential": LinkSpec(exponential_link, _positive, "positive reals", start.exponential_start),
     "zinb": LinkSpec(zinb_link, _counts, "non-negative integers", start.zinb_start),
     "ordinal": LinkSpec(ordinal_link, _counts, "integers 0..K-1", start.ordinal_start),
     "zip": LinkSpec(zip_link, _counts, "non-negative integers", start.zip_start),
