@@ -40,8 +40,12 @@ SLOW_FILES = (
     "test_multiprocess.py",
     "test_coverage.py",
     "test_posterior_vs_nuts.py",
+    "test_new_links_service.py",
+    "test_upstream_layers.py",
+    "test_new_links.py",
     "test_guides.py",
     "test_faults.py",
+    "test_fixed_effects.py",
     "test_service_train.py",
 )
 

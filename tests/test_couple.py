@@ -5,6 +5,7 @@ marginal variance, which untied rows lose."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
@@ -65,7 +66,8 @@ def ties(found, params, guide, ids, info):
         .astype(np.float32)
         for t in found.tables
     }
-    out = rc.couple(params, counts, found, guide, info)
+    # one compiled call (op by op, its few dozen small ops each compile on a busy worker)
+    out = jax.jit(lambda p, c: rc.couple(p, c, found, guide, info))(params, counts)
     tied = np.concatenate(
         [
             np.asarray(guide_field(out[t.site], guides.COUPLING))[
