@@ -191,24 +191,39 @@ def _spread(
     V = a * v * jnp.sum(w)
     quad = p0 * v + V
     x = ((K + V) + jnp.sqrt((K + V) ** 2 + 4.0 * quad)) / (2.0 * quad)
+
+    def seen_rows_follow(table: str, tie: jax.Array) -> jax.Array:
+        return tie - (w * (x - 1.0) / x).reshape(tie.shape) if table == site else tie
+
+    return _rescale_intercept(params, intercept, guide, x, seen_rows_follow)
+
+
+def _rescale_intercept(
+    params: Mapping[str, Any],
+    intercept: str,
+    guide: guides.StructuredGuide,
+    x: jax.Array,
+    then: Callable[[str, jax.Array], jax.Array],
+) -> dict[str, Any]:
+    """The intercept's deviation :math:`z_b` scaled by ``x`` (its sd and its row of
+    :math:`T`), every coupled table's tie to it divided by ``x`` so that the table's draws
+    are unchanged, and then ``then(table, tie)``: the calling move's own change to a table's
+    ties."""
     out = dict(params)
     s_b = guide.loc_scale(params[intercept])[1]
-    raw_b = jnp.log(jnp.expm1(x * s_b))  # softplus^-1 of the scaled sd
     out[intercept] = {
         **params[intercept],
-        "raw_scale": raw_b,
+        "raw_scale": jnp.log(jnp.expm1(x * s_b)).astype(s_b.dtype),  # softplus^-1
         guides.COUPLING: params[intercept][guides.COUPLING] * x,
     }
-    for other in guide.coupled:
-        other_k = guide.row_column(other, intercept)
-        if other_k is None:
+    for table in guide.coupled:
+        k = guide.row_column(table, intercept)
+        if k is None:
             continue
-        coupling = jnp.asarray(guide_field(out[other], guides.COUPLING))
-        col = coupling[..., other_k] / x
-        if other == site:
-            col = col - (w * (x - 1.0) / x).reshape(col.shape)
-        out[other] = with_guide_field(
-            out[other], guides.COUPLING, coupling.at[..., other_k].set(col)
+        coupling = jnp.asarray(guide_field(out[table], guides.COUPLING))
+        tie = then(table, coupling[..., k] / x)
+        out[table] = with_guide_field(
+            out[table], guides.COUPLING, coupling.at[..., k].set(tie.astype(coupling.dtype))
         )
     return out
 
@@ -262,6 +277,8 @@ def couple(
         and t.site in guide.coupled
         and guide.row_column(t.site, recenter.intercept) is not None
     ]
+    if not tables:
+        return dict(params)
     kappa, mean_kappa = {}, {}
     for table in tables:
         mu, s = guide.marginal(table.scale_site, params[table.scale_site])
@@ -270,8 +287,6 @@ def couple(
         h = n * information
         kappa[table.site] = h / (h + a)
         mean_kappa[table.site] = jnp.sum(n * kappa[table.site]) / jnp.maximum(jnp.sum(n), 1.0)
-    if not tables:
-        return dict(params)
     q = sum((k / (1.0 - k) for k in mean_kappa.values()), jnp.zeros(()))
     examples = jnp.max(jnp.stack([jnp.sum(counts[t.site]) for t in tables]))
     # the intercept's deviation is rescaled to its variance under these ties; every other
@@ -279,29 +294,15 @@ def couple(
     b = recenter.intercept
     variance = 1.0 / (examples * information / (1.0 + q) + recenter.prior_scale**-2)
     x = jnp.maximum(jnp.sqrt(variance) / guide.marginal(b, params[b])[1].reshape(()), 1.0)
-    s_b = guide.loc_scale(params[b])[1]
-    out = dict(params)
-    out[b] = {
-        **params[b],
-        "raw_scale": jnp.log(jnp.expm1(x * s_b)).astype(s_b.dtype),  # softplus^-1
-        guides.COUPLING: params[b][guides.COUPLING] * x,
-    }
-    set_here = {t.site for t in tables}
-    for table in guide.coupled:
-        k = guide.row_column(table, b)
-        if k is None:
-            continue
-        coupling = jnp.asarray(guide_field(out[table], guides.COUPLING))
-        if table in set_here:
-            c = 1.0 / ((1.0 + q) * (1.0 - mean_kappa[table]))
-            col = (-c * kappa[table]).reshape((-1,) + (1,) * (coupling.ndim - 2))
-            col = jnp.broadcast_to(col, coupling.shape[:-1])
-        else:
-            col = coupling[..., k] / x
-        out[table] = with_guide_field(
-            out[table], guides.COUPLING, coupling.at[..., k].set(col.astype(coupling.dtype))
-        )
-    return out
+
+    def closed_form_ties(table: str, tie: jax.Array) -> jax.Array:
+        if table not in kappa:
+            return tie
+        c = 1.0 / ((1.0 + q) * (1.0 - mean_kappa[table]))
+        per_row = (-c * kappa[table]).reshape((-1,) + (1,) * (tie.ndim - 1))
+        return jnp.broadcast_to(per_row, tie.shape)
+
+    return _rescale_intercept(params, b, guide, x, closed_form_ties)
 
 
 def make_recenter(
