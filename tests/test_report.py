@@ -50,6 +50,16 @@ def test_the_report_has_its_figures_and_the_held_out_fit(scored):
     assert f"Brier {brier:.4f}" in text
 
 
+def test_the_run_writes_its_model_and_the_report_shows_it(scored):
+    run, _ = scored
+    text = (run / "model.txt").read_text()
+    assert "θ_region ~ Normal(0, λ_region)" in text and "y_i ~ Bernoulli" in text
+    assert "η_i = β_bias + [x1, x2, x3, x4]·β_dense + θ_user[user_i]" in text
+    assert "\\begin{align}" in (run / "model.tex").read_text()
+    page = report.build(run).read_text()
+    assert "<h2>Model</h2>" in page and "θ_region ~ Normal(0, λ_region)" in page
+
+
 def test_truth_json_beside_the_data_is_read_for_the_forest_plot(scored):
     run, _ = scored
     truth = report._truth(run)

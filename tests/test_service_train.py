@@ -89,11 +89,21 @@ def test_dry_run_prints_plan_and_writes_no_checkpoint(dataset, tmp_path):
         dataset, tmp_path / "run", **{"dry_run": True, "mesh.data": 2, "mesh.model": 4}
     )
     out = []
-    loop.train(cfg, log=out.append)
-    plan = out[-1]
+    result = loop.train(cfg, log=out.append)
+    plan = out[-2]
     assert "RandomEffectsLayer_user_theta.loc" in plan and "P('model',)" in plan
     assert "bytes/device" in plan and "mesh {'data': 2, 'model': 4}" in plan
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # the model written down: priors, the linear predictor from every term, the likelihood
+    model = out[-1]
+    assert model.startswith("model:") and model.endswith("y_i ~ Bernoulli(logit⁻¹(η_i))")
+    assert "θ_user ~ Normal(0, λ_user)" in model
+    eta = next(line for line in result["model"].splitlines() if "η_i =" in line)
+    assert eta.split("=", 1)[1].strip() == (
+        "β_bias + [x1, x2, x3, x4]·β_dense + θ_user[user_i] + θ_region[region_i] + "
+        "FM(θ_fm[user_i], θ_fm[item_i])"
+    )
+    assert not (tmp_path / "run" / "model.txt").exists()  # a dry run writes no run files
 
 
 def test_sharded_training_matches_single_device(dataset, tmp_path):

@@ -22,12 +22,13 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from blayers import guides
+from blayers.latex import render_text
 from blayers.sharding import ShardingError, assert_sharded, make_mesh
 from blayers.start import FeatureStats, TargetStats
 
 from . import checkpoint as ckpt
 from . import data as data_lib
-from . import distributed, files, hooks, metric_sinks, nonfinite, rundir
+from . import describe, distributed, files, hooks, metric_sinks, nonfinite, rundir
 from . import recenter as recenter_lib
 from .config import ConfigError, from_container, to_container, with_saved_defaults
 from .convergence import ConvergenceTracker, window_steps
@@ -365,14 +366,17 @@ def _train(
         ):
             log(f"warning: {line}")
     plan = sharding_plan(setup.abstract, setup.shardings, setup.guide)
+    statements = describe.describe(cfg.model, setup.columns)
     if cfg.dry_run:
         opt = bytes_per_device(setup.abstract.opt_state, setup.shardings.opt_state)
         log(format_plan(plan, mesh, opt))
-        return {"dry_run": True, "plan": plan}
+        log("model:\n" + render_text(statements))
+        return {"dry_run": True, "plan": plan, "model": render_text(statements)}
 
     setup, state, saved = restore_or_init(cfg, setup, ckpt_dir, latest, saved, log)
     if jax.process_index() == 0:  # the resolved config this start runs under, beside the run
         files.write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(to_container(cfg)))
+        describe.write(run_dir, statements)
     assert_sharded(_flat_params(state.params), _flat_params(setup.shardings.params))
 
     checkpointer = ckpt.Checkpointer(

@@ -2,6 +2,8 @@
 
     blayers-report runs/default [SCORES_DIR]
 
+- **Model**: its priors, linear predictor and likelihood as the run wrote them
+  (:mod:`train.describe`), as text and LaTeX.
 - **Training**: the ELBO per row by step, raw and smoothed (a running median), on the whole
   run and on its last 80% (so the first steps' large values neither clip nor flatten the
   rest), and the throughput; the convergence verdict.
@@ -37,6 +39,7 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from . import files
+from .describe import read as describe_files
 
 MAX_LEVELS_PLOTTED = 400  # caterpillar: evenly spaced levels of a long table
 MAX_POINTS = 50_000  # shrinkage and fit scatter: a stride sample
@@ -281,6 +284,15 @@ def build(run_dir: Path, scores: Path | None = None) -> Path:
     parts = [f"<h1>blayers run: {html.escape(str(run_dir))}</h1>"]
     if plt is None:
         parts.append("<p>(figures need matplotlib: pip install 'blayers[report]')</p>")
+    written = describe_files(run_dir)
+    if "text" in written:
+        parts.append("<h2>Model</h2>")
+        parts.append(f"<pre>{html.escape(written['text'])}</pre>")
+        if "latex" in written:
+            parts.append(
+                f"<details><summary>LaTeX</summary><pre>{html.escape(written['latex'])}</pre>"
+                "</details>"
+            )
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
