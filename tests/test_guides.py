@@ -289,11 +289,12 @@ def test_conditional_row_marginal_matches_draws_of_the_rows(rng):
     assert_allclose(np.asarray(got), expected, atol=0.03 * float(np.max(sd)))
 
 
-def test_service_conditions_fm_factors_but_never_shifts_them(rng):
-    """The service's conditional guide conditions a categorical FM's factor rows on the FM's
-    scale (their prior is Normal(0, λ)), so factors that the data does not support follow λ
-    to its posterior at once; recentering leaves them out (their effect is a product). Their
-    log q is the conditional Normal of each element (brute force)."""
+def test_service_conditions_fm_factors_only_when_asked_and_never_shifts_them(rng):
+    """With ``fm_rows: site`` the service's conditional guide conditions a categorical FM's
+    factor rows on the FM's scale (their prior is Normal(0, λ)); their log q is then the
+    conditional Normal of each element (brute force). By default (``free``) they are a
+    Normal of their own (train/guide_plan.py says why). Recentering leaves them out either
+    way (their effect is a product)."""
     from scipy.stats import norm
 
     from train import recenter
@@ -311,10 +312,19 @@ def test_service_conditions_fm_factors_but_never_shifts_them(rng):
     )
     batch = {"numeric": np.zeros((4, 0), np.float32), "categorical": np.zeros((4, 2), np.int32)}
     sites = guides.latent_sites(model, batch, num_data=4)
-    guide = service_guide("conditional", model.terms, sites)
+    guide = service_guide("conditional", model.terms, sites, fm_rows="site")
     fm, fm_scale = "CategoricalFMLayer_fm_theta", "CategoricalFMLayer_fm_scale"
     assert guide.conditional[fm] == fm_scale
     assert guide.conditional["RandomEffectsLayer_g_theta"] == "RandomEffectsLayer_g_scale"
+    # by default (fm_rows: free) the factors are a Normal of their own; the rows stay
+    free = service_guide("conditional", model.terms, sites)
+    assert free.conditional == {"RandomEffectsLayer_g_theta": "RandomEffectsLayer_g_scale"}
+    free_params = random_params(free, rng)
+    assert guides.ANCHOR not in free_params[fm_scale]
+    free_draw = free.draw(jax.random.PRNGKey(0), free_params)[fm]
+    loc, sd = free.loc_scale(free_params[fm])
+    eps = (np.asarray(free_draw.value) - np.asarray(loc)) / np.asarray(sd)
+    assert_allclose(eps, np.asarray(free_draw.noise), rtol=1e-4, atol=1e-5)
     shifted = [t.site for t in recenter.plan(model.terms, sites).tables]
     assert shifted == ["RandomEffectsLayer_g_theta"]
     params = random_params(guide, rng)

@@ -46,13 +46,16 @@ def fingerprint(
     link: str,
     sparse: list[str] | None = None,
     guide: str = "mean_field",
+    fm_rows: str = "site",
 ) -> str:
     """Identity of a model's parameter structure, its link, which tables train row-sparse
-    (their state differs: one row state per table, ``train.state.ROW_STATE``) and the guide
-    family (its parameters differ)."""
+    (their state differs: one row state per table, ``train.state.ROW_STATE``), the guide
+    family and how it draws FM factors (their parameters mean different things)."""
     content: dict[str, Any] = {"sites": structure(sites), "link": link, "sparse": sparse or []}
     if guide != "mean_field":  # mean-field runs keep the fingerprint they always had
         content["guide"] = guide
+    if fm_rows != "site":  # so do runs whose FM factors are drawn as they always were
+        content["fm_rows"] = fm_rows
     if sparse:
         content["row_state"] = 2  # layout version; 1 kept moments apart from the parameters
         if guide != "mean_field":  # their rows carry a coupling state since this version
@@ -289,8 +292,8 @@ def check_compatible(
     saved = meta.get("structure", {})
     now = structure(sites)
     diff = sorted(set(saved) ^ set(now)) or sorted(k for k in now if saved.get(k) != now[k])
+    what = f"sites differ: {diff[:6]}" if diff else "same sites; link, sparse or guide differ"
     raise CheckpointError(
         f"the checkpoint in {where} was written by a different model structure "
-        f"(sites differ: {diff[:6]}); use a new run_dir, or restore the config it was trained "
-        "with"
+        f"({what}); use a new run_dir, or restore the config it was trained with"
     )

@@ -71,6 +71,9 @@ class OptimConfig:
     # structured: a joint Normal over the globals with tables' rows linear in them
     # (blayers.guides.StructuredGuide); mean_field: independent Normals per element
     guide: str = "conditional"
+    # how a conditional guide draws categorical-FM factors (train/guide_plan.py): free, a
+    # Normal of their own; site, conditioned on the FM's scale like random-effect rows
+    fm_rows: str = "free"
     # data: the intercept at the link of the target's mean and the link's globals at their
     # moment estimates (blayers.start); zero: every guide loc at 0 (the prior's centre)
     start: str = "data"
@@ -187,7 +190,7 @@ def to_container(cfg: Any) -> dict[str, Any]:
 
 
 # keys whose default changed: a run saved before a key existed keeps the value it ran with
-SAVED_DEFAULTS = {("optim", "guide"): "mean_field"}
+SAVED_DEFAULTS = {("optim", "guide"): "mean_field", ("optim", "fm_rows"): "site"}
 
 
 def with_saved_defaults(saved: dict[str, Any]) -> dict[str, Any]:

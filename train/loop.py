@@ -35,7 +35,7 @@ from .convergence import ConvergenceTracker, window_steps
 from .cores import CoreSplit
 from .cores import reserve as reserve_cores
 from .dedup import host_rows
-from .guide_plan import service_guide
+from .guide_plan import fm_rows_in_effect, service_guide
 from .model import Columns, build_model, configured_link_kwargs, ordered_columns
 from .settings import check_posterior_settings, check_resume_settings, check_settings
 from .sparse import (
@@ -225,7 +225,7 @@ def make_setup(
     scales = starting_scales(
         terms, sites, str(cfg.model.link), link_kwargs, stats, feature_stats, num_data, levels
     )
-    guide = service_guide(str(cfg.optim.guide), terms, sites)
+    guide = service_guide(str(cfg.optim.guide), terms, sites, str(cfg.optim.fm_rows))
     init = init_fn(
         guide,
         optimizer,
@@ -258,7 +258,13 @@ def make_setup(
         abstract,
         shardings,
         optimizer,
-        ckpt.fingerprint(sites, str(cfg.model.link), sorted(sparse), guide.name),
+        ckpt.fingerprint(
+            sites,
+            str(cfg.model.link),
+            sorted(sparse),
+            guide.name,
+            fm_rows_in_effect(guide.name, terms, sites, str(cfg.optim.fm_rows)),
+        ),
         num_data,
         pad,
         sparse,

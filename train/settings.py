@@ -14,6 +14,7 @@ from typing import Any
 from blayers import guides, links
 
 from .config import ConfigError, from_container, to_container, with_saved_defaults
+from .guide_plan import FM_ROWS
 from .nonfinite import POLICIES
 from .state import OPTIMIZERS, SCHEDULES
 
@@ -105,6 +106,8 @@ def check_posterior_settings(cfg: Any) -> None:
     conv = cfg.train.convergence
     if cfg.optim.guide not in guides.GUIDES:
         raise ConfigError(f"optim.guide={cfg.optim.guide!r}: choose one of {list(guides.GUIDES)}")
+    if cfg.optim.fm_rows not in FM_ROWS:
+        raise ConfigError(f"optim.fm_rows={cfg.optim.fm_rows!r}: choose one of {list(FM_ROWS)}")
     if cfg.optim.start not in ("data", "zero"):
         raise ConfigError(f"optim.start={cfg.optim.start!r}: choose data or zero")
     if cfg.optim.recenter_every < 0:
