@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from . import cli, effects, inference_data, score, summary
+from . import cli, compile_cache, effects, inference_data, score, summary
 from . import config as config_lib
 from .config import ConfigError
 from .frames import as_arrow, as_frame
@@ -74,8 +74,10 @@ _MISSING = object()
 
 def fit(settings: Settings = None) -> Run:
     """Train (or resume) the job ``settings`` describe (see :func:`config`); the trained
-    :class:`Run`."""
+    :class:`Run`. Turns on the persistent compilation cache as the commands do
+    (:mod:`train.compile_cache`), unless JAX already has one."""
     cfg = config(settings)
+    compile_cache.enable()
     cli.run_train(cfg)
     return Run(Path(cfg.run_dir))
 

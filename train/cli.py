@@ -19,8 +19,8 @@ from omegaconf import DictConfig, open_dict
 
 from blayers.sharding import ShardingError
 
+from . import compile_cache, late_reads
 from . import config as config_lib
-from . import late_reads
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
@@ -74,7 +74,9 @@ def _friendly(fn: Callable[[DictConfig], Any], schema: type) -> Callable[[DictCo
         for name in ("absl", "orbax", "jax"):
             logging.getLogger(name).setLevel(logging.ERROR)
         try:
-            result = fn(config_lib.from_container(cfg, schema))
+            checked = config_lib.from_container(cfg, schema)
+            compile_cache.enable()
+            result = fn(checked)
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             _exit(2)
