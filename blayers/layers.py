@@ -769,6 +769,29 @@ class RandomSlopesLayer(BLayer):
         return activation(jnp.einsum("nd,ndu->nu", x, beta[ids]))
 
 
+class _StretchedBeta(distributions.Distribution):
+    r""":math:`\rho = 2p - 1` with :math:`p \sim Beta(a, a)`, on :math:`(-1, 1)`.
+
+    Its support is declared as that interval with constant bounds. An affine map of a Beta
+    (``TransformedDistribution``) reads as supported on the whole real line unless the map's
+    domain is given, and then its bounds are computed, so a trace under ``jax.eval_shape``
+    leaks them as tracers; either way a guide or NUTS could propose :math:`|\rho| \ge 1`,
+    where the density is 0."""
+
+    support = distributions.constraints.interval(-1.0, 1.0)
+
+    def __init__(self, concentration: float, *, validate_args: bool | None = None) -> None:
+        self.concentration = concentration
+        self._beta = distributions.Beta(concentration, concentration)
+        super().__init__(batch_shape=(), validate_args=validate_args)
+
+    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> jax.Array:
+        return 2.0 * self._beta.sample(key, sample_shape) - 1.0
+
+    def log_prob(self, value: jax.Array) -> jax.Array:
+        return self._beta.log_prob((value + 1.0) / 2.0) - jnp.log(2.0)
+
+
 class AR1Layer(BLayer):
     r"""Stationary zero-mean AR(1) effects over equally spaced time slots, per output.
 
@@ -843,9 +866,7 @@ class AR1Layer(BLayer):
         """
         ids = check_ids(x, num_categories, self._site(name, "x"))
         a = self.rho_concentration
-        rho_prior = distributions.TransformedDistribution(
-            distributions.Beta(a, a), distributions.transforms.AffineTransform(-1.0, 2.0)
-        )
+        rho_prior = _StretchedBeta(a)
         rho = self._sample(name, "rho", rho_prior, (units,), (ax.UNITS,))
         prior = self.scale_dist(**self.scale_kwargs)
         sigma = self._sample(name, "scale", prior, (units,), (ax.UNITS,))

@@ -132,6 +132,21 @@ def test_ar1_density_is_the_stationary_gaussian(noncentered):
         assert_allclose(ll, ref, rtol=1e-4)
 
 
+def test_ar1_rho_is_declared_on_its_interval_so_no_guide_draws_outside_it():
+    # an affine map of the Beta without its domain reads as supported on the real line: a
+    # guide then drew rho > 1 in about 3% of draws (a -inf log density and a skipped step)
+    from numpyro.distributions import biject_to, constraints
+
+    from blayers.guides import latent_sites
+
+    site = latent_sites(lambda: AR1Layer()("t", np.arange(5), 5))["AR1Layer_t_rho"]
+    support = site.support.base_constraint  # per unit
+    assert isinstance(support, constraints.interval)
+    assert (float(support.lower_bound), float(support.upper_bound)) == (-1.0, 1.0)
+    rho = biject_to(site.support)(jnp.linspace(-15.0, 15.0, 101))
+    assert float(rho.min()) > -1.0 and float(rho.max()) < 1.0
+
+
 def test_ar1_rejects_bad_settings():
     with pytest.raises(ValueError, match="rho_concentration"):
         AR1Layer(rho_concentration=0.0)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the report reads the written files without importing JAX
 
 TEXT_FILE, LATEX_FILE = "model.txt", "model.tex"
 # table layers whose level effects are a path built from their rows, not the rows themselves
-ORDERED_LAYERS = {"RandomWalkLayer": "cumsum", "AR1Layer": "ar1"}
+ORDERED_LAYERS = {"RandomWalkLayer": "cumsum"}
 
 
 def _term_piece(term: Term, columns: Columns, sites: set[str]) -> tuple[str, str]:

@@ -54,6 +54,7 @@ DENSE = {
 }
 PAIR = {"InteractionLayer", "BilinearLayer", "LowRankInteractionLayer", "LowRankBilinearLayer"}
 TABLE = {
+    "AR1Layer",
     "EmbeddingLayer",
     "FixedEffectsLayer",
     "RandomEffectsLayer",
@@ -62,8 +63,10 @@ TABLE = {
 }
 # table layers that take the slopes' columns as their own input: layer(name, x, ids, c)
 SLOPES_INPUT = {"RandomSlopesLayer"}
-# tables whose rows are ordered in time: their column's ids follow its values' order
-ORDERED = {"RandomWalkLayer"}
+# tables whose rows are ordered in time: their column's ids follow its values' order, and
+# the field's unseen-category row and padding come after the last period (for AR1Layer, a
+# forecast: states past the last period follow the recursion)
+ORDERED = {"AR1Layer", "RandomWalkLayer"}
 CATEGORICAL_FM = {"CategoricalFMLayer"}
 GATHERABLE = {
     "CategoricalFMLayer",
@@ -337,6 +340,9 @@ def build_term(
             raise ConfigError(f"{where}: embedding_dim must equal the number of slopes")
     if layer_name in {"EmbeddingLayer", "RandomWalkLayer"} and "embedding_dim" not in call_kw:
         raise ConfigError(f"{where}: {layer_name} needs 'embedding_dim'")
+    if layer_name == "AR1Layer" and getattr(layer, "noncentered", False):
+        # the table must hold the states: per-level effects and scoring read them row by row
+        raise ConfigError(f"{where}: the service trains AR1Layer's states; drop noncentered")
     rows = pad_to_multiple(sizes[0], pad_multiple)
     return Term(
         layer,
