@@ -47,6 +47,9 @@ SLOW_FILES = (
     "test_faults.py",
     "test_fixed_effects.py",
     "test_service_train.py",
+    "test_compile_cache.py",
+    "test_fm_rows.py",
+    "test_ordered_tables.py",
 )
 
 
