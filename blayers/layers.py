@@ -46,6 +46,7 @@ __all__ = [
     "FMLayer",
     "FixedEffectsLayer",
     "FixedPriorLayer",
+    "HorseshoeInteractionLayer",
     "HorseshoeLayer",
     "InteractionLayer",
     "InterceptLayer",
@@ -1117,6 +1118,57 @@ class HorseshoeLayer(BLayer):
         prior = self.coef_dist(scale=tau * lam, **self.coef_kwargs)
         beta = self._sample(name, "beta", prior, (d, units), (ax.FEATURES, ax.UNITS))
         return activation(x @ beta)
+
+
+class HorseshoeInteractionLayer(HorseshoeLayer):
+    r"""Sparse pairwise interactions under the (regularized) horseshoe of
+    :class:`HorseshoeLayer`: its local scales let a few interactions stand while the rest
+    shrink to 0, which one global scale (:class:`InteractionLayer`) cannot do.
+
+    Within one feature set (``z`` omitted) the design has the :math:`\binom{d}{2}` distinct
+    products, in the row-major order of the upper triangle (:math:`k`-th column
+    :math:`(i, j)`, :math:`i < j`, as ``numpy.triu_indices(d, 1)`` lists them); between
+    two sets it has all :math:`d_1 d_2` products, column :math:`k = i d_2 + j`:
+
+    .. math::
+        \text{output}_{nu} = \sum_{i<j} x_{ni} x_{nj} \beta_{(ij)u}
+        \quad\text{or}\quad \sum_{i, j} x_{ni} z_{nj} \beta_{(ij)u}
+
+    with :math:`\beta` under the horseshoe prior above (same sites, ``d`` the number of
+    pairs). It costs one coefficient per pair: for many features and prediction only,
+    prefer :class:`LowRankInteractionLayer` or :class:`FMLayer`.
+    """
+
+    def __call__(  # type: ignore[override]  # (x, z?) differs from the horseshoe's (x)
+        self,
+        name: str,
+        x: jax.Array,
+        z: jax.Array | None = None,
+        units: int = 1,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """Forward pass.
+
+        Args:
+            name: Variable name scope.
+            x: Input matrix ``(n, d1)``.
+            z: Optional second input ``(n, d2)``; omitted, the pairs are within ``x``.
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        if z is not None:
+            return super().__call__(name, pairwise_interactions(x, z), units, activation)
+        if x.shape[1] < 2:
+            raise ValueError(
+                f"{self._site(name, 'x')}: pairs within x need at least 2 columns, got "
+                f"{x.shape[1]}; pass z for interactions with another input"
+            )
+        i, j = np.triu_indices(x.shape[1], k=1)
+        return super().__call__(name, x[:, i] * x[:, j], units, activation)
 
 
 class SpikeAndSlabLayer(BLayer):

@@ -1,5 +1,6 @@
-"""RandomSlopesLayer and AR1Layer (upstream 0.3.7's names, signatures and sites): outputs and
-densities against brute force, and recovery of known truth under SVI and NUTS."""
+"""RandomSlopesLayer, AR1Layer and HorseshoeInteractionLayer (upstream 0.3.7's names,
+signatures and sites): outputs and densities against brute force, and recovery of known truth
+under SVI and NUTS."""
 
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.util import log_density
 from scipy import stats
 
-from blayers.layers import AR1Layer, HorseshoeLayer, InterceptLayer, RandomSlopesLayer
+from blayers.layers import (
+    AR1Layer,
+    HorseshoeInteractionLayer,
+    HorseshoeLayer,
+    InterceptLayer,
+    RandomSlopesLayer,
+)
 from blayers.links import gaussian_link
 
 
@@ -226,3 +233,77 @@ def test_a_small_tau0_shrinks_the_null_coefficients_under_nuts(rng):
         assert np.all(np.abs(b[:, :2].mean(0) - beta[:2]) < 3.5 * b[:, :2].std(0))
         null[tau0] = np.abs(b[:, 2:].mean(0)).mean()
     assert null[0.01] < 0.7 * null[1.0], null
+
+
+# ------------------------------------------------------------------- horseshoe interactions
+
+
+def test_horseshoe_interactions_match_brute_force(rng):
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    z = rng.normal(size=(6, 2)).astype(np.float32)
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]  # 6, row-major upper triangle
+    beta = rng.normal(size=(len(pairs), 1)).astype(np.float32)
+    sites = {
+        "HorseshoeInteractionLayer_h_tau": np.array([0.4], np.float32),
+        "HorseshoeInteractionLayer_h_scale": np.full((len(pairs), 1), 0.9, np.float32),
+        "HorseshoeInteractionLayer_h_beta": beta,
+    }
+
+    def within():
+        return HorseshoeInteractionLayer()("h", x)
+
+    out = handlers.substitute(handlers.seed(within, 0), sites)()
+    expected = [
+        sum(x[n, i] * x[n, j] * beta[k, 0] for k, (i, j) in enumerate(pairs)) for n in range(6)
+    ]
+    assert_allclose(out[:, 0], expected, rtol=1e-5)
+    ll, _ = log_density(within, (), {}, sites)
+    ref = (
+        stats.halfcauchy.logpdf(0.4)
+        + stats.halfcauchy.logpdf(np.full(len(pairs), 0.9)).sum()
+        + stats.norm(0, 0.4 * 0.9).logpdf(beta).sum()
+    )
+    assert_allclose(ll, ref, rtol=1e-5)
+
+    cross_beta = rng.normal(size=(8, 1)).astype(np.float32)
+    cross_sites = {
+        **sites,
+        "HorseshoeInteractionLayer_h_scale": np.full((8, 1), 0.9, np.float32),
+        "HorseshoeInteractionLayer_h_beta": cross_beta,
+    }
+    cross = handlers.substitute(
+        handlers.seed(lambda: HorseshoeInteractionLayer()("h", x, z), 0), cross_sites
+    )()
+    expected = [
+        sum(x[n, i] * z[n, j] * cross_beta[i * 2 + j, 0] for i in range(4) for j in range(2))
+        for n in range(6)
+    ]
+    assert_allclose(cross[:, 0], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"HorseshoeInteractionLayer_h_x.*at least 2 columns"):
+        handlers.seed(lambda: HorseshoeInteractionLayer()("h", x[:, :1]), 0)()
+
+
+def interaction_data(rng, n=300):
+    x = rng.normal(size=(n, 5)).astype(np.float32)
+    i, j = np.triu_indices(5, 1)
+    beta = np.zeros(len(i))
+    beta[[0, 8]] = [1.2, -0.8]  # pairs (0, 1) and (2, 4)
+    y = ((x[:, i] * x[:, j]) @ beta + rng.normal(0, 0.5, n)).astype(np.float32)
+    return x, y, beta
+
+
+def interaction_model(x, y=None):
+    return gaussian_link(HorseshoeInteractionLayer(tau0=0.1)("h", x), y)
+
+
+@pytest.mark.parametrize("method", ["nuts", "svi"])
+def test_horseshoe_interactions_find_the_two_real_pairs(rng, method):
+    x, y, beta = interaction_data(rng)
+    if method == "nuts":
+        draws = nuts_draws(interaction_model, (x, y))
+    else:
+        draws = svi_draws(interaction_model, (x, y), steps=4000, lr=0.02)
+    b = np.asarray(draws["HorseshoeInteractionLayer_h_beta"])[:, :, 0]
+    real = beta != 0
+    assert np.all(np.abs(b[:, real].mean(0) - beta[real]) < 3.5 * b[:, real].std(0) + 0.05)
+    assert np.abs(b[:, ~real].mean(0)).max() < 0.1, b[:, ~real].mean(0)

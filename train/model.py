@@ -52,7 +52,15 @@ DENSE = {
     "FMLayer",
     "FM3Layer",
 }
-PAIR = {"InteractionLayer", "BilinearLayer", "LowRankInteractionLayer", "LowRankBilinearLayer"}
+PAIR = {
+    "InteractionLayer",
+    "BilinearLayer",
+    "LowRankInteractionLayer",
+    "LowRankBilinearLayer",
+    "HorseshoeInteractionLayer",
+}
+# pair layers that, without z_inputs, take the pairs within their inputs
+PAIRS_WITHIN = {"HorseshoeInteractionLayer"}
 TABLE = {
     "AR1Layer",
     "EmbeddingLayer",
@@ -288,6 +296,8 @@ def build_term(
         return Term(layer, "dense", name, numeric_idx=numeric_idx(inputs), call_kwargs=call_kw)
     if layer_name in PAIR:
         z = list(spec.get("z_inputs") or [])
+        if inputs and not z and layer_name in PAIRS_WITHIN:
+            return Term(layer, "dense", name, numeric_idx=numeric_idx(inputs), call_kwargs=call_kw)
         if not inputs or not z:
             raise ConfigError(f"{where}: {layer_name} needs numeric 'inputs' and 'z_inputs'")
         return Term(
