@@ -158,6 +158,13 @@ class _Values:
 def _law(fn: Any, values: _Values) -> tuple[str, str]:
     base = _unwrap(fn)
     cls = type(base).__name__
+    if cls == "MixtureGeneral":  # weights, then each component's law
+        weights = _softmax_of(base.mixing_distribution.probs, values)
+        parts = [_law(c, values) for c in base.component_distributions]
+        return (
+            rf"\mathrm{{Mixture}}({weights[0]}; " + ", ".join(p[0] for p in parts) + ")",
+            f"Mixture({weights[1]}; " + ", ".join(p[1] for p in parts) + ")",
+        )
     if cls == "TransformedDistribution":  # e.g. a bounded coefficient: a base law, mapped
         inner = _law(base.base_dist, values)
         maps = [type(t).__name__.removesuffix("Transform") for t in base.transforms]
@@ -169,6 +176,16 @@ def _law(fn: Any, values: _Values) -> tuple[str, str]:
     name = cls.removesuffix("Logits").removesuffix("Probs")
     tex = rf"\mathrm{{{name}}}(" + ", ".join(a[0] for a in args) + ")"
     return tex, f"{name}(" + ", ".join(a[1] for a in args) + ")"
+
+
+def _softmax_of(probs: Any, values: _Values) -> tuple[str, str]:
+    """``softmax(γ)`` when the weights are the softmax of a drawn site, else the values."""
+    p = np.asarray(probs, np.float64).reshape(-1, np.shape(probs)[-1])[0]
+    for drawn, symbol in values.draws:
+        if drawn.shape == p.shape and np.allclose(np.exp(drawn) / np.exp(drawn).sum(), p):
+            return rf"\mathrm{{softmax}}({symbol[0]})", f"softmax({symbol[1]})"
+    numbers = ", ".join(_number(float(v)) for v in p)
+    return f"({numbers})", f"({numbers})"
 
 
 def _likelihood(fn: Any, values: _Values) -> tuple[str, str]:

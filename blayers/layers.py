@@ -52,6 +52,7 @@ __all__ = [
     "InterceptLayer",
     "LowRankBilinearLayer",
     "LowRankInteractionLayer",
+    "MixtureLayer",
     "RandomEffectsLayer",
     "RandomSlopesLayer",
     "RandomWalkLayer",
@@ -1119,6 +1120,117 @@ class HorseshoeLayer(BLayer):
         beta = self._sample(name, "beta", prior, (d, units), (ax.FEATURES, ax.UNITS))
         return activation(x @ beta)
 
+
+
+class MixtureLayer(BLayer):
+    r"""Coefficients from a finite mixture of priors (for example Normal and Laplace).
+
+    .. math::
+        \gamma \sim Normal(0, s)^{K}, \quad w = \mathrm{softmax}(\gamma), \quad
+        \beta_{ju} \sim \textstyle\sum_{k=1}^{K} w_k\, p_k(\cdot), \quad
+        \text{output} = \text{act}(x \beta)
+
+    or fixed weights :math:`w` when ``weights`` is given. Which component a coefficient
+    comes from is summed out (``numpyro.distributions.MixtureGeneral``), so the density is
+    smooth in :math:`\beta` and the layer runs under SVI and NUTS alike. The weights' prior
+    is logistic-normal (``softmax`` of Normal logits, scale :math:`s` = ``weight_scale``)
+    rather than a Dirichlet, so the site is unconstrained with as many dimensions as
+    components. A heavy-tailed component lets a few large coefficients escape the shrinkage
+    the others get. Sites: ``MixtureLayer_{name}_logits`` ``(K,)`` (unless ``weights``),
+    ``MixtureLayer_{name}_beta`` ``(d, u)``.
+    """
+
+    def __init__(
+        self,
+        component_dists: Sequence[type[distributions.Distribution]] = (
+            distributions.Normal,
+            distributions.Laplace,
+        ),
+        component_kwargs: Sequence[dict[str, float]] = (
+            {"loc": 0.0, "scale": 1.0},
+            {"loc": 0.0, "scale": 1.0},
+        ),
+        weights: Sequence[float] | None = None,
+        weight_scale: float = 1.0,
+    ) -> None:
+        """
+        Args:
+            component_dists: One distribution class per component (at least two), all on
+                the real line.
+            component_kwargs: Each component's parameters.
+            weights: Fixed mixing weights, one per component, summing to 1; ``None``: a
+                logistic-normal prior on them.
+            weight_scale: The sd of the Normal logits behind that prior.
+
+        Raises:
+            ValueError: fewer than two components, lengths that differ, weights that are
+                not a distribution, a component not on the real line, or a non-positive
+                ``weight_scale``.
+            TypeError: a component's kwargs do not fit it.
+        """
+        dists_ = tuple(component_dists)
+        kwargs = tuple(dict(k) for k in component_kwargs)
+        if len(dists_) < 2:
+            raise ValueError("MixtureLayer: a mixture needs at least two components")
+        if len(dists_) != len(kwargs):
+            raise ValueError(
+                f"MixtureLayer: {len(dists_)} component_dists but {len(kwargs)} component_kwargs"
+            )
+        for cls, kw in zip(dists_, kwargs, strict=True):
+            check_kwargs(cls, kw, "component")
+            if cls(**kw).support is not distributions.constraints.real:
+                raise ValueError(f"MixtureLayer: component {cls.__name__} is not on the real line")
+        if weights is not None:
+            w = np.asarray(weights, np.float64)
+            if w.shape != (len(dists_),) or (w < 0).any() or not np.isclose(w.sum(), 1.0):
+                raise ValueError(
+                    f"MixtureLayer: weights must be {len(dists_)} non-negative numbers summing "
+                    f"to 1, got {list(weights)}"
+                )
+        if not weight_scale > 0:
+            raise ValueError(f"MixtureLayer: weight_scale must be > 0, got {weight_scale}")
+        self.component_dists = dists_
+        self.component_kwargs = kwargs
+        self.weights = None if weights is None else tuple(float(v) for v in weights)
+        self.weight_scale = float(weight_scale)
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        units: int = 1,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """Forward pass.
+
+        Args:
+            name: Variable name scope.
+            x: Input matrix ``(n, d)``.
+            units: Number of outputs.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+        """
+        x = as_2d(x, self._site(name, "x"))
+        d, k = x.shape[1], len(self.component_dists)
+        if self.weights is None:
+            logits = self._sample(
+                name, "logits", distributions.Normal(0.0, self.weight_scale), (k,), (None,)
+            )
+            w = jax.nn.softmax(logits)
+        else:
+            w = jnp.asarray(self.weights)
+        mixing = distributions.Categorical(probs=jnp.broadcast_to(w, (d, units, k)))
+        components = [
+            cls(**kw).expand((d, units))
+            for cls, kw in zip(self.component_dists, self.component_kwargs, strict=True)
+        ]
+        prior = distributions.MixtureGeneral(mixing, components).to_event(2)
+        site = self._site(name, "beta")
+        _refuse_duplicate(site, name)
+        beta = numpyro.sample(site, prior, infer=ax.tag((ax.FEATURES, ax.UNITS)))
+        return activation(x @ beta)
 
 class HorseshoeInteractionLayer(HorseshoeLayer):
     r"""Sparse pairwise interactions under the (regularized) horseshoe of

@@ -1,6 +1,8 @@
-"""HorseshoeInteractionLayer in the service: declared in model.terms with or without
-z_inputs, it trains, summarizes and scores through the command line, and finds the one real
-pair among the pairs of its inputs."""
+"""HorseshoeInteractionLayer and MixtureLayer in the service: HorseshoeInteractionLayer,
+declared in model.terms with or without z_inputs, trains, summarizes and scores through the
+command line and finds the one real pair among the pairs of its inputs; a MixtureLayer term
+takes its components by name from the config, and a bad setting is a config error naming
+the term."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 
 from tests.service_helpers import load_params, quiet_config, run_cli
 from train import loop
+from train.config import ConfigError
 from train.summary import summarize
 
 SITE = "HorseshoeInteractionLayer_hx_beta"
@@ -76,3 +79,29 @@ def test_between_two_sets_with_z_inputs(dataset, tmp_path):
     loop.train(cfg, log=lambda _: None)
     beta = load_params(run)[f"{SITE}.loc"][:, 0]  # (a c), (b c)
     assert beta.shape == (2,) and beta[0] > 0.8 and abs(beta[1]) < 0.15, beta
+
+
+def test_a_mixture_prior_term_trains_through_the_config(dataset, tmp_path):
+    terms = [
+        {"layer": "InterceptLayer", "name": "bias"},
+        {
+            "layer": "MixtureLayer",
+            "name": "mix",
+            "inputs": ["a", "b", "w"],
+            "component_dists": ["Normal", "Laplace"],
+            "component_kwargs": [{"loc": 0.0, "scale": 0.1}, {"loc": 0.0, "scale": 1.0}],
+        },
+    ]
+    run = tmp_path / "run"
+    cfg = quiet_config(dataset, run, settings(**{"model.terms": terms, "train.steps": 600}))
+    loop.train(cfg, log=lambda _: None)
+    beta = load_params(run)["MixtureLayer_mix_beta.loc"][:, 0]  # a, b, w: 0, 0, 0.5
+    assert abs(beta[2] - 0.5) < 0.1 and np.abs(beta[:2]).max() < 0.1, beta
+    rows = {r["site"] for r in summarize(run, draws=300)}
+    assert "MixtureLayer_mix_logits" in rows
+    bad = [*terms[:1], {**terms[1], "weights": [0.5, 0.6]}]
+    with pytest.raises(ConfigError, match=r"model.terms\[mix\].*summing to 1"):
+        loop.train(
+            quiet_config(dataset, tmp_path / "bad", settings(**{"model.terms": bad})),
+            log=lambda _: None,
+        )

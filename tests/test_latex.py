@@ -16,6 +16,7 @@ from blayers.layers import (
     FixedPriorLayer,
     HorseshoeLayer,
     InterceptLayer,
+    MixtureLayer,
     RandomEffectsLayer,
 )
 
@@ -59,6 +60,19 @@ def test_a_global_local_scale_is_written_as_the_product_of_its_sites():
 
     text = model_to_text(horseshoe, x=X)
     assert "β_hs ~ Normal(0, τ_hs·λ_hs)" in text, text
+
+
+def test_a_mixture_prior_is_written_with_its_weights_and_components():
+    def mixture(x, y=None):
+        return links.gaussian_link(MixtureLayer()("m", x), y)
+
+    def fixed(x, y=None):
+        return links.gaussian_link(MixtureLayer(weights=[0.3, 0.7])("m", x), y)
+
+    text = model_to_text(mixture, x=X)
+    assert "β_m ~ Mixture(softmax(γ_m); Normal(0, 1), Laplace(0, 1))" in text, text
+    assert "γ_m ~ Normal(0, 1)" in text
+    assert "β_m ~ Mixture((0.3, 0.7); Normal(0, 1), Laplace(0, 1))" in model_to_text(fixed, x=X)
 
 
 def test_latex_environments_and_notebook_display():

@@ -44,6 +44,7 @@ from .config import ConfigError
 
 INTERCEPT = {"InterceptLayer"}
 DENSE = {
+    "MixtureLayer",
     "AdaptiveLayer",
     "FixedPriorLayer",
     "HorseshoeLayer",
@@ -192,6 +193,10 @@ class Term:
 def _resolve_dists(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     out = {}
     for key, value in kwargs.items():
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        if key.endswith("_dists") and isinstance(value, list):  # one class name per component
+            value = [_resolve_dists({key[:-1]: v}, where)[key[:-1]] for v in value]
         if key.endswith("_dist") and isinstance(value, str):
             cls = getattr(dists, value, None)
             if not (inspect.isclass(cls) and issubclass(cls, dists.Distribution)):
@@ -279,7 +284,7 @@ def build_term(
             )
     try:
         layer = cls(**_resolve_dists(init_kw, where))
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # the layer's own check of its settings
         raise ConfigError(f"{where}: {err}") from err
     _check_prior_values(layer, where)
 
