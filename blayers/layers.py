@@ -29,7 +29,8 @@ from numpyro import distributions, handlers
 from numpyro.primitives import _PYRO_STACK
 
 from blayers import axes as ax
-from blayers._checks import as_2d, check_id_range, check_ids, check_kwargs
+from blayers._checks import as_2d, check_id_range, check_ids, check_kwargs, is_concrete
+from blayers.splines import bspline_basis
 
 Activation = Callable[[jax.Array], jax.Array]
 identity: Activation = jax.nn.identity
@@ -46,6 +47,7 @@ __all__ = [
     "FMLayer",
     "FixedEffectsLayer",
     "FixedPriorLayer",
+    "HSGPLayer",
     "HorseshoeInteractionLayer",
     "HorseshoeLayer",
     "InteractionLayer",
@@ -53,10 +55,12 @@ __all__ = [
     "LowRankBilinearLayer",
     "LowRankInteractionLayer",
     "MixtureLayer",
+    "PSplineLayer",
     "RandomEffectsLayer",
     "RandomSlopesLayer",
     "RandomWalkLayer",
     "SpikeAndSlabLayer",
+    "hsgp_L",
     "pairwise_interactions",
 ]
 
@@ -901,6 +905,277 @@ class AR1Layer(BLayer):
             states = numpyro.sample(site, fn, infer=ax.tag((ax.CATEGORIES, ax.UNITS)))
         return activation(states[ids])
 
+
+
+class PSplineLayer(BLayer):
+    r"""A smooth effect of one numeric input: a B-spline basis whose coefficients have a
+    second-difference prior (a Bayesian P-spline, after Eilers & Marx), anchored at 0.
+
+    With the clamped ``knots`` of degree :math:`p` giving :math:`K` basis functions
+    :math:`B(x)` (:func:`blayers.splines.bspline_basis`), :math:`D` the :math:`(K-2)\times K`
+    second-difference matrix and :math:`R = D^\top (D D^\top)^{-1}` its minimum-norm right
+    inverse:
+
+    .. math::
+        \lambda_u \sim \text{scale\_dist}, \quad
+        \delta_{\cdot u} \sim Normal(0, \lambda_u)^{K-2}, \quad
+        t_u \sim Normal(0, s_t),
+
+        \beta_{\cdot u} = R\,\delta_{\cdot u} + \ell\, t_u, \quad
+        \ell = \mathrm{linspace}(-1, 1, K), \qquad
+        f_u(x) = \big(B(\mathrm{clip}(x)) - B(x_0)\big)\,\beta_{\cdot u}
+
+    so :math:`D\beta = \delta` exactly (a smaller :math:`\lambda` penalizes roughness more),
+    the coefficients' linear trend (:math:`D\ell = 0`) has its own prior of scale
+    :math:`s_t` (``trend_scale``), and since each row of :math:`B` sums to 1 the constant is
+    removed by the anchor :math:`f(x_0) = 0` (``reference``, default the knots' midpoint):
+    add an :class:`InterceptLayer` for the level. Outside the knots the curve holds its
+    boundary value. Sites: ``PSplineLayer_{name}_scale`` ``(u,)``, ``..._differences``
+    ``(K-2, u)``, ``..._trend`` ``(u,)``. With clamped or uneven knots the coefficients'
+    linear trend is not exactly linear in :math:`x` near the ends; a separate linear term
+    on the same input would be confounded with it.
+    """
+
+    def __init__(
+        self,
+        scale_dist: type[distributions.Distribution] = distributions.HalfNormal,
+        scale_kwargs: dict[str, Any] | None = None,
+        trend_scale: float = 1.0,
+        degree: int = 3,
+    ) -> None:
+        """
+        Args:
+            scale_dist: Prior of the smoothing scale :math:`\\lambda` (continuous, positive,
+                scalar; kwargs may broadcast to ``(u,)``).
+            scale_kwargs: Its parameters; default ``{"scale": 1.0}``.
+            trend_scale: Prior sd :math:`s_t` of the coefficients' linear trend.
+            degree: Degree :math:`p` of the B-splines (the knots must be made for it).
+
+        Raises:
+            ValueError: ``degree`` is not an integer >= 1, ``trend_scale`` is not finite
+                and positive, or ``scale_dist`` is discrete or not scalar.
+        """
+        if isinstance(degree, bool) or not isinstance(degree, int | np.integer) or degree < 1:
+            raise ValueError(f"PSplineLayer: degree must be an integer >= 1, got {degree!r}")
+        if not (np.isfinite(trend_scale) and trend_scale > 0):
+            raise ValueError(f"PSplineLayer: trend_scale must be finite and > 0, got {trend_scale}")
+        self.scale_kwargs = {"scale": 1.0} if scale_kwargs is None else dict(scale_kwargs)
+        check_kwargs(scale_dist, self.scale_kwargs, "scale")
+        prior = scale_dist(**self.scale_kwargs)
+        if prior.is_discrete or prior.event_shape:
+            raise ValueError("PSplineLayer: scale_dist must be a continuous scalar prior")
+        self.scale_dist = scale_dist
+        self.trend_scale = float(trend_scale)
+        self.degree = int(degree)
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        knots: jax.Array,
+        units: int = 1,
+        reference: float | None = None,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """Forward pass: the smooth effect at each row's ``x``.
+
+        Args:
+            name: Variable name scope.
+            x: One numeric input, ``(n,)`` or ``(n, 1)``.
+            knots: A clamped knot vector for this degree with at least 3 basis functions
+                (:func:`blayers.splines.make_knots`); the same at training and prediction.
+            units: Number of outputs (independent curves).
+            reference: Where the curve is 0; default the knots' midpoint.
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``; a row whose ``x`` is not finite is NaN.
+
+        Raises:
+            ValueError: (for concrete values) ``x`` not one column, knots not clamped and
+                ordered or too few, ``reference`` outside them, or ``x`` not finite.
+        """
+        what = self._site(name, "x")
+        x = as_2d(x, what)
+        if x.shape[1] != 1:
+            raise ValueError(f"{what}: PSplineLayer takes one input column, got {x.shape[1]}")
+        x = x[:, 0]
+        knots_np = np.asarray(knots, np.float64).reshape(-1)
+        p = self.degree
+        k = knots_np.size - p - 1
+        lo, hi = (knots_np[0], knots_np[-1]) if knots_np.size else (np.nan, np.nan)
+        ref = (lo + hi) / 2.0 if reference is None else float(reference)
+        clamped = (
+            k >= 3
+            and np.isfinite(knots_np).all()
+            and (np.diff(knots_np) >= 0).all()
+            and hi > lo
+            and (knots_np[: p + 1] == lo).all()
+            and (knots_np[-p - 1 :] == hi).all()
+        )
+        if not clamped:
+            raise ValueError(
+                f"{what}: knots must be a finite, ordered, clamped knot vector of degree {p} "
+                "with at least 3 basis functions (blayers.splines.make_knots)"
+            )
+        if not lo <= ref <= hi:
+            raise ValueError(f"{what}: reference {ref} is outside the knots' range [{lo}, {hi}]")
+        finite = jnp.isfinite(x)
+        if is_concrete(finite) and not bool(jnp.all(finite)):
+            raise ValueError(f"{what}: x must be finite")
+        knots_j = jnp.asarray(knots_np, jnp.float32)
+        basis = bspline_basis(jnp.clip(x, lo, hi), knots_j, p)
+        basis = basis - bspline_basis(jnp.asarray([ref], jnp.float32), knots_j, p)
+        second = np.diff(np.eye(k), n=2, axis=0)
+        right_inverse = np.linalg.solve(second @ second.T, second).T  # float64, then fixed
+        scale = self._sample(
+            name, "scale", self.scale_dist(**self.scale_kwargs), (units,), (ax.UNITS,)
+        )
+        delta = self._sample(
+            name, "differences", distributions.Normal(0.0, scale), (k - 2, units), (None, ax.UNITS)
+        )
+        trend = self._sample(
+            name, "trend", distributions.Normal(0.0, self.trend_scale), (units,), (ax.UNITS,)
+        )
+        beta = jnp.asarray(right_inverse, jnp.float32) @ delta + jnp.asarray(
+            np.linspace(-1.0, 1.0, k), jnp.float32
+        )[:, None] * trend
+        return activation(jnp.where(finite[:, None], basis @ beta, jnp.nan))
+
+
+def hsgp_L(x: Any, c: float = 1.5) -> float:  # noqa: N802  (upstream's name)
+    """The half-width :math:`L = c \\max|x|` of the domain :math:`[-L, L]` on which
+    :class:`HSGPLayer` builds its basis. Compute it once on the (centred) training inputs and
+    pass the same value at prediction; ``c`` between 1.2 and 2 keeps the approximation good
+    up to the data's edges."""
+    if not c > 1.0:
+        raise ValueError(f"hsgp_L: c must be > 1 (the domain must reach past the data), got {c}")
+    span = float(np.max(np.abs(np.asarray(x, np.float64))))
+    if not (np.isfinite(span) and span > 0):
+        raise ValueError("hsgp_L: x must be finite and not all 0")
+    return float(c * span)
+
+
+class HSGPLayer(BLayer):
+    r"""A Gaussian-process effect of one numeric input, approximated in a Hilbert-space basis
+    (Solin & Särkkä; Riutort-Mayol et al. 2020): squared-exponential kernel, learned
+    lengthscale and amplitude, linear cost in the rows.
+
+    On :math:`[-L, L]` the Laplacian's eigenfunctions and eigenvalues are
+    :math:`\phi_j(x) = L^{-1/2} \sin\big(\sqrt{\lambda_j}(x + L)\big)`,
+    :math:`\sqrt{\lambda_j} = j\pi / (2L)`, :math:`j = 1..m`, and the kernel
+    :math:`k(x, x') = \alpha^2 \exp(-(x - x')^2 / 2\ell^2)` has spectral density
+    :math:`S(\omega) = \alpha^2 \sqrt{2\pi}\, \ell\, e^{-\ell^2\omega^2/2}`:
+
+    .. math::
+        \ell \sim \text{lengthscale\_dist}, \quad \alpha \sim \text{sigma\_dist}, \quad
+        \beta_{ju} \sim Normal(0, 1), \quad
+        f_u(x) = \textstyle\sum_{j=1}^{m} \phi_j(x) \sqrt{S(\sqrt{\lambda_j})}\, \beta_{ju}
+
+    so :math:`\mathrm{Cov}\, f(x), f(x') = \sum_j S(\sqrt{\lambda_j}) \phi_j(x) \phi_j(x')
+    \to k(x, x')` as :math:`m` grows, for :math:`x, x'` well inside the domain. Centre
+    :math:`x`, choose :math:`L` with :func:`hsgp_L` and keep it and :math:`m` at prediction;
+    20–50 functions suit lengthscales that are not short against :math:`L`. Sites:
+    ``HSGPLayer_{name}_lengthscale``, ``..._sigma`` (scalars), ``..._beta`` ``(m, u)``.
+    """
+
+    def __init__(
+        self,
+        lengthscale_dist: type[distributions.Distribution] = distributions.InverseGamma,
+        lengthscale_kwargs: dict[str, float] | None = None,
+        sigma_dist: type[distributions.Distribution] = distributions.HalfNormal,
+        sigma_kwargs: dict[str, float] | None = None,
+    ) -> None:
+        """
+        Args:
+            lengthscale_dist: Prior of the lengthscale :math:`\\ell` (positive, scalar).
+            lengthscale_kwargs: Its parameters; default ``{"concentration": 5.0, "rate": 5.0}``.
+            sigma_dist: Prior of the amplitude :math:`\\alpha` (positive, scalar).
+            sigma_kwargs: Its parameters; default ``{"scale": 1.0}``.
+
+        Raises:
+            TypeError: kwargs that do not fit their distribution.
+            ValueError: a prior that is not continuous, scalar and positive.
+        """
+        self.lengthscale_kwargs = (
+            {"concentration": 5.0, "rate": 5.0}
+            if lengthscale_kwargs is None
+            else dict(lengthscale_kwargs)
+        )
+        self.sigma_kwargs = {"scale": 1.0} if sigma_kwargs is None else dict(sigma_kwargs)
+        for role, cls, kw in (
+            ("lengthscale", lengthscale_dist, self.lengthscale_kwargs),
+            ("sigma", sigma_dist, self.sigma_kwargs),
+        ):
+            check_kwargs(cls, kw, role)
+            prior = cls(**kw)
+            if prior.is_discrete or prior.event_shape or prior.support is not (
+                distributions.constraints.positive
+            ):
+                raise ValueError(f"HSGPLayer: {role}_dist must be a continuous positive scalar")
+        self.lengthscale_dist = lengthscale_dist
+        self.sigma_dist = sigma_dist
+
+    @staticmethod
+    def basis(x: jax.Array, L: float, m: int) -> tuple[jax.Array, jax.Array]:
+        """``(phi, sqrt_lambda)``: the ``(n, m)`` eigenfunctions at ``x`` and ``(m,)`` roots
+        of the eigenvalues on ``[-L, L]``."""
+        root = jnp.arange(1, m + 1, dtype=jnp.float32) * (jnp.pi / (2.0 * L))
+        phi = jnp.sin(root[None, :] * (jnp.reshape(x, (-1, 1)) + L)) / jnp.sqrt(L)
+        return phi, root
+
+    def __call__(
+        self,
+        name: str,
+        x: jax.Array,
+        L: float,
+        m: int,
+        units: int = 1,
+        activation: Activation = identity,
+    ) -> jax.Array:
+        """Forward pass: the GP's value at each row's ``x``.
+
+        Args:
+            name: Variable name scope.
+            x: One numeric input, ``(n,)`` or ``(n, 1)``, inside ``[-L, L]``.
+            L: Half-width of the basis' domain (:func:`hsgp_L`), the same at prediction.
+            m: Number of basis functions.
+            units: Number of outputs (independent functions).
+            activation: Applied to the output.
+
+        Returns:
+            ``(n, u)``.
+
+        Raises:
+            ValueError: ``x`` not one column, ``L`` or ``m`` not positive, or (for concrete
+                values) ``x`` outside ``[-L, L]``.
+        """
+        what = self._site(name, "x")
+        x = as_2d(x, what)
+        if x.shape[1] != 1:
+            raise ValueError(f"{what}: HSGPLayer takes one input column, got {x.shape[1]}")
+        if not (float(L) > 0 and int(m) >= 1):
+            raise ValueError(f"{what}: L must be > 0 and m >= 1, got L={L}, m={m}")
+        inside = jnp.all(jnp.abs(x) <= L)
+        if is_concrete(inside) and not bool(inside):
+            raise ValueError(
+                f"{what}: x reaches outside [-L, L] = [{-L:g}, {L:g}]; centre x and take L "
+                "from blayers.layers.hsgp_L on the training data"
+            )
+        phi, root = self.basis(x[:, 0], float(L), int(m))
+        ell = self._sample(
+            name, "lengthscale", self.lengthscale_dist(**self.lengthscale_kwargs), (), ()
+        )
+        alpha = self._sample(name, "sigma", self.sigma_dist(**self.sigma_kwargs), (), ())
+        # sqrt(S) in closed form: the square root of an S that underflows to 0 at a long
+        # lengthscale would have an infinite gradient
+        root_density = (
+            alpha * (2.0 * jnp.pi) ** 0.25 * jnp.sqrt(ell) * jnp.exp(-0.25 * (ell * root) ** 2)
+        )
+        beta = self._sample(
+            name, "beta", distributions.Normal(0.0, 1.0), (int(m), units), (None, ax.UNITS)
+        )
+        return activation(phi @ (root_density[:, None] * beta))
 
 class RandomWalkLayer(_HierarchicalLayer):
     r"""Bayesian Gaussian random walk over ordered categories.

@@ -42,6 +42,8 @@ SLOW_FILES = (
     "test_posterior_vs_nuts.py",
     "test_new_links_service.py",
     "test_upstream_layers.py",
+    "test_upstream_smoothers.py",
+    "test_upstream_priors.py",
     "test_new_links.py",
     "test_guides.py",
     "test_faults.py",
