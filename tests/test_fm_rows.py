@@ -40,7 +40,7 @@ def test_the_fm_scale_is_recovered(interaction_data, tmp_path, fm_rows):
         {"layer": "RandomEffectsLayer", "name": "item", "inputs": ["item"]},
         {"layer": "FMLayer", "name": "fm", "inputs": ["user", "item"], "low_rank_dim": RANK},
     ]
-    settings = {"model.terms": terms, "optim.fm_rows": fm_rows}
+    settings = {"model.terms": terms, "optim.fm_rows": fm_rows, "train.steps": 2000}
     cfg = crossed_config(path, tmp_path / "run", ["user", "item"], **settings)
     loop.train(cfg, log=lambda _: None)
     rows = {r["site"]: r for r in summarize(tmp_path / "run", draws=2000)}

@@ -75,6 +75,7 @@ def interaction_model(x, y=None):
     return gaussian_link(HorseshoeInteractionLayer(tau0=0.1)("h", x), y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nuts", "svi"])
 def test_horseshoe_interactions_find_the_two_real_pairs(rng, method):
     x, y, beta = interaction_data(rng)
@@ -146,6 +147,7 @@ def mixture_model(x, y=None):
     return gaussian_link(layer("m", x), y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nuts", "svi"])
 def test_mixture_recovers_large_and_small_coefficients(rng, method):
     x, y, beta = mixture_data(rng)

@@ -76,13 +76,14 @@ def pspline_model(x, knots, y=None):
     return gaussian_link(pspline_curve(x, knots), y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nuts", "svi"])
 def test_pspline_recovers_a_smooth_curve(rng, method):
-    x = rng.uniform(-3, 3, 300).astype(np.float32)
+    x = rng.uniform(-3, 3, 200).astype(np.float32)
     y = (np.sin(x) + rng.normal(0, 0.3, x.size)).astype(np.float32)
     knots = make_knots(x, 8)
     if method == "nuts":
-        draws = nuts_draws(lambda x, y: pspline_model(x, knots, y), (x, y), 300, 300)
+        draws = nuts_draws(lambda x, y: pspline_model(x, knots, y), (x, y), 250, 250)
     else:
         draws = svi_draws(lambda x, y: pspline_model(x, knots, y), (x, y), steps=4000)
     grid = np.linspace(-2.8, 2.8, 30).astype(np.float32)
@@ -149,9 +150,10 @@ def hsgp_curve(x, L):
     return InterceptLayer()("b") + HSGPLayer()("g", x, L, 24)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nuts", "svi"])
 def test_hsgp_recovers_a_smooth_curve(rng, method):
-    x = rng.uniform(-3, 3, 300).astype(np.float32)
+    x = rng.uniform(-3, 3, 200).astype(np.float32)
     y = (np.sin(x) + rng.normal(0, 0.3, x.size)).astype(np.float32)
     L = hsgp_L(x)
 
@@ -159,7 +161,7 @@ def test_hsgp_recovers_a_smooth_curve(rng, method):
         return gaussian_link(hsgp_curve(x, L), y)
 
     if method == "nuts":
-        draws = nuts_draws(model, (x, y), 300, 300)
+        draws = nuts_draws(model, (x, y), 250, 250)
     else:  # AutoNormal starts the lengthscale anywhere in e^[-2, 2]: 3,000 steps at 0.03
         draws = svi_draws(model, (x, y), steps=4000, lr=0.05)  # left it at 4 (truth ~1.7)
     grid = np.linspace(-2.8, 2.8, 30).astype(np.float32)
