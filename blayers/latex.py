@@ -173,7 +173,7 @@ def _law(fn: Any, values: _Values) -> tuple[str, str]:
             inner[1] + "".join(f" → {m}" for m in maps),
         )
     args = [values(getattr(base, k)) for k in base.arg_constraints if hasattr(base, k)]
-    name = cls.removesuffix("Logits").removesuffix("Probs")
+    name = cls.lstrip("_").removesuffix("Logits").removesuffix("Probs")
     tex = rf"\mathrm{{{name}}}(" + ", ".join(a[0] for a in args) + ")"
     return tex, f"{name}(" + ", ".join(a[1] for a in args) + ")"
 

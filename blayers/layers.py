@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -785,6 +785,9 @@ class _StretchedBeta(distributions.Distribution):
     where the density is 0."""
 
     support = distributions.constraints.interval(-1.0, 1.0)
+    arg_constraints: ClassVar[dict[str, Any]] = {
+        "concentration": distributions.constraints.positive
+    }
 
     def __init__(self, concentration: float, *, validate_args: bool | None = None) -> None:
         self.concentration = concentration

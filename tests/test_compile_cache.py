@@ -48,10 +48,18 @@ def test_a_second_summary_compiles_nothing_new_and_writes_the_same(tmp_path, mon
     assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
     first = run_cli("summary", f"run_dir={run}", "draws=300")
     assert first.returncode == 0, first.stderr[-2000:]
-    written = _entries(cache)
-    assert written, "the first command wrote no compiled program"
+    programs = sorted(p for p in _entries(cache) if p.endswith("-cache"))
+    assert programs, "the first command wrote no compiled program"
+    # the cache stamps each entry's last read in its "-atime" file
+    def stamp(program: str) -> bytes:
+        return (cache / program.replace("-cache", "-atime")).read_bytes()
+
+    stamps = {p: stamp(p) for p in programs}
     summary = (run / "summary.csv").read_text()
     second = run_cli("summary", f"run_dir={run}", "draws=300")
     assert second.returncode == 0, second.stderr[-2000:]
-    assert _entries(cache) == written  # every program came from the cache
+    # every program the first command compiled, the second read from the cache (one that
+    # compiled near the 0.2 s threshold may be added only now, under load: that is allowed)
+    read = [p for p in programs if stamp(p) != stamps[p]]
+    assert read == programs, sorted(set(programs) - set(read))
     assert (run / "summary.csv").read_text() == summary

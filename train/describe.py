@@ -88,7 +88,8 @@ def describe(model_cfg: Any, columns: Columns) -> list[Statement]:
     terms: Sequence[Term] = getattr(model, "terms", [])
     if not terms:
         return statements
-    pieces = [_term_piece(t, columns, _site_names(statements, terms)) for t in terms]
+    sites = _site_names(statements, terms)
+    pieces = [_term_piece(t, columns, sites) for t in terms]
     eta = Statement(ETA, (" + ".join(p[0] for p in pieces), " + ".join(p[1] for p in pieces)), "=")
     return [*statements[:-1], eta, statements[-1]]
 

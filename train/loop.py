@@ -376,8 +376,9 @@ def _train(
     if cfg.dry_run:
         opt = bytes_per_device(setup.abstract.opt_state, setup.shardings.opt_state)
         log(format_plan(plan, mesh, opt))
-        log("model:\n" + render_text(statements))
-        return {"dry_run": True, "plan": plan, "model": render_text(statements)}
+        text = render_text(statements)
+        log("model:\n" + text)
+        return {"dry_run": True, "plan": plan, "model": text}
 
     setup, state, saved = restore_or_init(cfg, setup, ckpt_dir, latest, saved, log)
     if jax.process_index() == 0:  # the resolved config this start runs under, beside the run
