@@ -775,6 +775,22 @@ class RandomSlopesLayer(BLayer):
         return activation(jnp.einsum("nd,ndu->nu", x, beta[ids]))
 
 
+def _scalar_prior(
+    layer: str,
+    dist: type[distributions.Distribution],
+    kwargs: dict[str, Any] | None,
+    role: str,
+) -> dict[str, Any]:
+    """``kwargs`` (default ``{"scale": 1.0}``) for a layer's continuous scalar ``role`` prior,
+    checked at construction: they fit ``dist``, which is continuous and scalar."""
+    kwargs = {"scale": 1.0} if kwargs is None else dict(kwargs)
+    check_kwargs(dist, kwargs, role)
+    prior = dist(**kwargs)
+    if prior.is_discrete or prior.event_shape:
+        raise ValueError(f"{layer}: {role}_dist must be a continuous scalar prior")
+    return kwargs
+
+
 class _StretchedBeta(distributions.Distribution):
     r""":math:`\rho = 2p - 1` with :math:`p \sim Beta(a, a)`, on :math:`(-1, 1)`.
 
@@ -844,11 +860,7 @@ class AR1Layer(BLayer):
             raise ValueError(
                 f"AR1Layer: rho_concentration must be finite and > 0, got {rho_concentration}"
             )
-        self.scale_kwargs = {"scale": 1.0} if scale_kwargs is None else dict(scale_kwargs)
-        check_kwargs(scale_dist, self.scale_kwargs, "scale")
-        prior = scale_dist(**self.scale_kwargs)
-        if prior.is_discrete or prior.event_shape:
-            raise ValueError("AR1Layer: scale_dist must be a continuous scalar prior")
+        self.scale_kwargs = _scalar_prior("AR1Layer", scale_dist, scale_kwargs, "scale")
         self.scale_dist = scale_dist
         self.rho_concentration = float(rho_concentration)
         self.noncentered = bool(noncentered)
@@ -962,11 +974,7 @@ class PSplineLayer(BLayer):
             raise ValueError(f"PSplineLayer: degree must be an integer >= 1, got {degree!r}")
         if not (np.isfinite(trend_scale) and trend_scale > 0):
             raise ValueError(f"PSplineLayer: trend_scale must be finite and > 0, got {trend_scale}")
-        self.scale_kwargs = {"scale": 1.0} if scale_kwargs is None else dict(scale_kwargs)
-        check_kwargs(scale_dist, self.scale_kwargs, "scale")
-        prior = scale_dist(**self.scale_kwargs)
-        if prior.is_discrete or prior.event_shape:
-            raise ValueError("PSplineLayer: scale_dist must be a continuous scalar prior")
+        self.scale_kwargs = _scalar_prior("PSplineLayer", scale_dist, scale_kwargs, "scale")
         self.scale_dist = scale_dist
         self.trend_scale = float(trend_scale)
         self.degree = int(degree)
