@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["bspline_basis", "make_knots"]
+__all__ = ["bspline_basis", "even_knots", "make_knots"]
 
 
 def make_knots(x: Any, num_knots: int, degree: int = 3) -> jax.Array:
@@ -45,7 +45,29 @@ def make_knots(x: Any, num_knots: int, degree: int = 3) -> jax.Array:
             f"make_knots: num_knots and degree must be >= 0, got {num_knots} and {degree}"
         )
     interior = np.quantile(values, np.linspace(0.0, 1.0, num_knots + 2)[1:-1])
-    ends = [np.full(degree + 1, values.min()), np.full(degree + 1, values.max())]
+    return _clamped(values.min(), interior, values.max(), degree)
+
+
+def even_knots(low: float, high: float, num_knots: int, degree: int = 3) -> jax.Array:
+    """A clamped knot vector on ``[low, high]`` with ``num_knots`` evenly spaced interior
+    knots: the spacing a P-spline's difference penalty assumes, and the one to use when the
+    range is known but the data's quantiles are not (a streaming service, a fixed scale).
+
+    Raises:
+        ValueError: ``low >= high``, either not finite, ``num_knots < 0`` or ``degree < 0``.
+    """
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"even_knots: need finite low < high, got [{low}, {high}]")
+    if num_knots < 0 or degree < 0:
+        raise ValueError(
+            f"even_knots: num_knots and degree must be >= 0, got {num_knots} and {degree}"
+        )
+    return _clamped(low, np.linspace(low, high, num_knots + 2)[1:-1], high, degree)
+
+
+def _clamped(low: float, interior: np.ndarray, high: float, degree: int) -> jax.Array:
+    """``degree + 1`` copies of each end around the interior knots."""
+    ends = [np.full(degree + 1, low), np.full(degree + 1, high)]
     return jnp.asarray(np.concatenate([ends[0], interior, ends[1]]), jnp.float32)
 
 

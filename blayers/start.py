@@ -121,10 +121,13 @@ class TargetStats:
 
 @dataclass
 class FeatureStats:
-    """Streaming second moments of the numeric features, :math:`E[x_j^2]` per column."""
+    """Streaming second moments of the numeric features, :math:`E[x_j^2]` per column, and
+    each column's range (the domain of a smooth term on it)."""
 
     count: int = 0
     total_sq: list[float] = field(default_factory=list)
+    low: list[float] = field(default_factory=list)
+    high: list[float] = field(default_factory=list)
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float64)
@@ -132,6 +135,9 @@ class FeatureStats:
             return
         sq = np.einsum("ij,ij->j", x, x)
         self.total_sq = (sq + np.asarray(self.total_sq or np.zeros_like(sq))).tolist()
+        low, high = x.min(axis=0), x.max(axis=0)
+        self.low = (np.minimum(low, self.low) if self.low else low).tolist()
+        self.high = (np.maximum(high, self.high) if self.high else high).tolist()
         self.count += int(x.shape[0])
 
     @property

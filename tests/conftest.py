@@ -52,6 +52,8 @@ SLOW_FILES = (
     "test_compile_cache.py",
     "test_fm_rows.py",
     "test_ordered_tables.py",
+    "test_smooth_service.py",
+    "test_coupling_rate.py",
 )
 
 

@@ -66,6 +66,8 @@ class OptimConfig:
     end_lr_factor: float = 0.05  # cosine decays to lr * end_lr_factor
     clip_norm: float | None = None
     guide_init_scale: float = 0.1
+    # the structured guide's coupling of the globals learns at lr times this (train.state)
+    coupling_lr_factor: float = 0.03
     # conditional: structured, with each Normal-prior table's rows their prior given the
     # drawn scale times a learned Gaussian site (blayers.guides.ConditionalGuide);
     # structured: a joint Normal over the globals with tables' rows linear in them
@@ -190,7 +192,11 @@ def to_container(cfg: Any) -> dict[str, Any]:
 
 
 # keys whose default changed: a run saved before a key existed keeps the value it ran with
-SAVED_DEFAULTS = {("optim", "guide"): "mean_field", ("optim", "fm_rows"): "site"}
+SAVED_DEFAULTS = {
+    ("optim", "guide"): "mean_field",
+    ("optim", "fm_rows"): "site",
+    ("optim", "coupling_lr_factor"): 1.0,
+}
 
 
 def with_saved_defaults(saved: dict[str, Any]) -> dict[str, Any]:

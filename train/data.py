@@ -609,8 +609,8 @@ def _read_stamp(stamp: Path) -> dict[str, Any]:
 
 def _stamped_stats(stamped: dict[str, Any], store: Store) -> tuple[TargetStats, FeatureStats]:
     """The target's and features' moments saved with the store; a store encoded before they
-    were saved has them computed once from its columns."""
-    if "target_stats" in stamped and "feature_stats" in stamped:
+    were saved (or before the features' ranges were) has them computed once from its columns."""
+    if "target_stats" in stamped and "low" in stamped.get("feature_stats", {}):
         return (
             TargetStats.from_dict(stamped["target_stats"]),
             FeatureStats.from_dict(stamped["feature_stats"]),

@@ -28,9 +28,15 @@ from blayers.start import FeatureStats, TargetStats
 
 from . import checkpoint as ckpt
 from . import data as data_lib
-from . import describe, distributed, files, hooks, metric_sinks, nonfinite, rundir
+from . import describe, distributed, files, hooks, metric_sinks, nonfinite, rundir, smooth
 from . import recenter as recenter_lib
-from .config import ConfigError, from_container, to_container, with_saved_defaults
+from .config import (
+    SAVED_DEFAULTS,
+    ConfigError,
+    from_container,
+    to_container,
+    with_saved_defaults,
+)
 from .convergence import ConvergenceTracker, window_steps
 from .cores import CoreSplit
 from .cores import reserve as reserve_cores
@@ -206,7 +212,7 @@ def make_setup(
     sites = guides.latent_sites(
         model, abstract_batch(cfg.data.batch_size, columns), num_data=num_data
     )
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps, global_sites=global_site_names(sites))
     terms = getattr(model, "terms", [])
     sparse = {
         t.table_site: SparseTable(t.table_site, t, int(sum(t.num_categories)))
@@ -348,11 +354,12 @@ def _train(
         held.enter_context(rundir.locked(run_dir))
     link = str(cfg.model.link)
     store, vocabs = prepare_data(cfg, run_dir)
+    cfg = with_smooth_domains(cfg, store.feature_stats, log)
     sizes = {c: v.size for c, v in vocabs.items()}
     ckpt_dir = run_dir / "checkpoints"
     latest, saved = _latest_meta(cfg, ckpt_dir, log)
     if saved is not None:
-        cfg = keep_saved_guide(cfg, saved, log)
+        cfg = keep_saved_settings(cfg, saved, log)
         check_resume_settings(saved.get("config", {}), cfg)
     setup = make_setup(
         cfg,
@@ -756,6 +763,10 @@ def roll_back(
     return setup, state, make_tracker(cfg, setup, saved)
 
 
+def global_site_names(sites: Mapping[str, guides.LatentSite]) -> frozenset[str]:
+    return frozenset(n for n, site in sites.items() if guides.is_global(site))
+
+
 def with_lr_scale(setup: Setup, cfg: Any, scale: float) -> Setup:
     """``setup`` with its optimizer and schedule at ``optim.lr × scale`` (the optimizer
     state's structure is the same, so a restored state fits)."""
@@ -763,21 +774,45 @@ def with_lr_scale(setup: Setup, cfg: Any, scale: float) -> Setup:
         return setup
     return dataclasses.replace(
         setup,
-        optimizer=make_optimizer(cfg.optim, cfg.train.steps, scale),
+        optimizer=make_optimizer(
+            cfg.optim, cfg.train.steps, scale, global_site_names(setup.sites)
+        ),
         schedule=make_schedule(cfg.optim, cfg.train.steps, scale),
         lr_scale=scale,
     )
 
 
-def keep_saved_guide(cfg: Any, saved: Mapping[str, Any], log: Callable[[str], None]) -> Any:
-    """A run resumes with the guide family it was trained with: one saved before the family
-    was a setting ran mean-field, whatever today's default is."""
-    ran = with_saved_defaults(saved.get("config", {})).get("optim", {}).get("guide")
-    if ran is None or ran == cfg.optim.guide:
-        return cfg
-    log(f"resuming with optim.guide={ran}, the guide this run was trained with")
+def keep_saved_settings(cfg: Any, saved: Mapping[str, Any], log: Callable[[str], None]) -> Any:
+    """A run resumes with the guide family it was trained with, and with the value it ran
+    under of every setting whose default changed after it was saved (:data:`SAVED_DEFAULTS`:
+    one saved before the family was a setting ran mean-field, before the coupling had its
+    own rate ran it at the full rate), whatever today's defaults are."""
+    saved_config = saved.get("config", {})
+    ran = with_saved_defaults(saved_config)
+    keep = [("optim", "guide")] + [
+        (group, key)
+        for group, key in SAVED_DEFAULTS
+        if key not in saved_config.get(group, {}) and (group, key) != ("optim", "guide")
+    ]
     data = to_container(cfg)
-    data["optim"]["guide"] = ran
+    for group, key in keep:
+        value = ran.get(group, {}).get(key)
+        if value is None or value == data[group][key]:
+            continue
+        log(f"resuming with {group}.{key}={value}, the setting this run was trained with")
+        data[group][key] = value
+    return from_container(data) if data != to_container(cfg) else cfg
+
+
+def with_smooth_domains(cfg: Any, stats: FeatureStats | None, log: Callable[[str], None]) -> Any:
+    """``cfg`` with its smooth terms' domains set from the training data (:mod:`train.smooth`),
+    so that the resolved config, the checkpoints' and scoring carry the same knots and L."""
+    if cfg.model.get("_target_") or not cfg.model.terms:
+        return cfg
+    data = to_container(cfg)
+    data["model"]["terms"] = smooth.with_domains(
+        data["model"]["terms"], tuple(cfg.data.numeric), stats, log
+    )
     return from_container(data)
 
 
@@ -864,7 +899,9 @@ def check_terms(cfg: Any) -> None:
     if cfg.model.get("_target_"):
         return
     columns = Columns(tuple(cfg.data.numeric), tuple(cfg.data.categorical))
-    build_model(cfg.model, columns, dict.fromkeys(columns.categorical, 1))
+    model_cfg = dict(to_container(cfg)["model"])
+    model_cfg["terms"] = smooth.with_domains(model_cfg.get("terms") or [], columns.numeric, None)
+    build_model(model_cfg, columns, dict.fromkeys(columns.categorical, 1))
 
 
 def set_aside_after(

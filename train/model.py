@@ -41,6 +41,7 @@ from blayers import links
 from blayers.sharding import pad_to_multiple
 
 from .config import ConfigError
+from .smooth import SMOOTH, SMOOTH_KEYS, domain
 
 INTERCEPT = {"InterceptLayer"}
 DENSE = {
@@ -124,6 +125,7 @@ class Term:
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     num_categories: tuple[int, ...] = ()
     sparse: bool = False  # train this term's table with the row-sparse step
+    center: float = 0.0  # a smooth term's input is x - center (:mod:`train.smooth`)
 
     @property
     def layer_name(self) -> str:
@@ -166,6 +168,11 @@ class Term:
             return self.layer(self.name, **kw)
         if self.kind == "dense":
             return self.layer(self.name, _columns(numeric, self.numeric_idx), **kw)
+        if self.kind == "smooth":
+            x = _columns(numeric, self.numeric_idx)
+            if "L" in kw:  # the HSGP's basis is periodic past its domain: hold the boundary
+                x = jnp.clip(x - self.center, -kw["L"], kw["L"])
+            return self.layer(self.name, x, **kw)
         if self.kind == "pair":
             x = _columns(numeric, self.numeric_idx)
             z = _columns(numeric, self.z_idx)
@@ -260,7 +267,7 @@ def build_term(
     if not (inspect.isclass(cls) and issubclass(cls, L.BLayer) and cls is not L.BLayer):
         raise ConfigError(
             f"{where}: unknown layer {layer_name!r}; choose one of "
-            f"{sorted(INTERCEPT | DENSE | PAIR | TABLE | CATEGORICAL_FM)}"
+            f"{sorted(INTERCEPT | DENSE | PAIR | TABLE | CATEGORICAL_FM | SMOOTH)}"
         )
     inputs = list(spec.get("inputs") or [])
     is_categorical = bool(inputs) and all(c in columns.categorical for c in inputs)
@@ -270,8 +277,9 @@ def build_term(
     init_params = set(inspect.signature(cls.__init__).parameters) - {"self"}
     call_params = set(inspect.signature(cls.__call__).parameters) - SUPPLIED
     init_kw, call_kw = {}, {}
+    own_keys = TERM_KEYS | SMOOTH_KEYS.get(str(layer_name), frozenset())
     for key, value in spec.items():
-        if key in TERM_KEYS:
+        if key in own_keys:
             continue
         if key in init_params:
             init_kw[key] = value
@@ -280,7 +288,7 @@ def build_term(
         else:
             raise ConfigError(
                 f"{where}: {layer_name} has no argument {key!r}; valid: "
-                f"{sorted(init_params | call_params | TERM_KEYS)}"
+                f"{sorted(init_params | call_params | own_keys)}"
             )
     try:
         layer = cls(**_resolve_dists(init_kw, where))
@@ -299,6 +307,20 @@ def build_term(
         if not inputs:
             raise ConfigError(f"{where}: {layer_name} needs numeric 'inputs'")
         return Term(layer, "dense", name, numeric_idx=numeric_idx(inputs), call_kwargs=call_kw)
+    if layer_name in SMOOTH:
+        if len(inputs) != 1:
+            raise ConfigError(f"{where}: {layer_name} takes exactly one numeric input")
+        if layer_name == "HSGPLayer" and "m" not in call_kw:
+            raise ConfigError(f"{where}: HSGPLayer needs m, its number of basis functions")
+        call_kw.update(domain(spec, getattr(layer, "degree", 0)))
+        return Term(
+            layer,
+            "smooth",
+            name,
+            numeric_idx=numeric_idx(inputs),
+            call_kwargs=call_kw,
+            center=float(spec.get("center", 0.0)),
+        )
     if layer_name in PAIR:
         z = list(spec.get("z_inputs") or [])
         if inputs and not z and layer_name in PAIRS_WITHIN:

@@ -43,6 +43,10 @@ def check_run_settings(cfg: Any) -> None:
         raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: choose one of {list(SCHEDULES)}")
     _positive(cfg.optim.lr, "optim.lr", "must be positive, e.g. 0.01")
     _positive(cfg.optim.guide_init_scale, "optim.guide_init_scale")
+    if not 0 < cfg.optim.coupling_lr_factor <= 1:
+        raise ConfigError(
+            f"optim.coupling_lr_factor={cfg.optim.coupling_lr_factor} must lie in (0, 1]"
+        )
     if cfg.optim.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
     if not 0 <= cfg.optim.end_lr_factor <= 1:
