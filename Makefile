@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train example test lint clean
+.PHONY: install train daily example test lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ train: $(STAMP)
 	$(BIN)/blayers-score run_dir=$(RUN_DIR)
 	$(BIN)/blayers-report $(RUN_DIR)
 	@echo "results in $(RUN_DIR): checkpoints/ metrics.jsonl summary.csv scores/ report.html"
+
+# Three days of drifting data with new users each day, trained day by day (init_from), against
+# a model frozen on day 1 (train/daily.py); runs in runs/daily
+daily: $(STAMP)
+	$(BIN)/python -m train.daily
 
 example: $(STAMP)
 	$(BIN)/python -m blayers.examples.regression

@@ -168,6 +168,9 @@ class DistributedConfig:
 class Config:
     run_dir: str = "runs/default"
     dry_run: bool = False
+    # a trained run this new one continues on new data (train/warm_start.py): its vocabulary
+    # extended, its guide and optimizer moments carried over for the rows it knows
+    init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -486,12 +486,15 @@ def prepare(
     link: str | None,
     read_batch_rows: int = 1 << 18,
     ordered: Collection[str] = (),
+    base_vocabs: Mapping[str, vocab_lib.Vocab] | None = None,
 ) -> tuple[Store, dict[str, vocab_lib.Vocab]]:
     """Vocabulary + encoded store for training, reusing the run's own when the input is unchanged.
 
     A run keeps its vocabulary for life (ids must mean the same rows after a resume): when
     ``run_dir/vocab`` exists it is loaded, never rebuilt. ``ordered``: columns whose ids
-    follow their values' order (:func:`train.model.ordered_columns`).
+    follow their values' order (:func:`train.model.ordered_columns`). ``base_vocabs``: the
+    vocabularies of the run this one continues (:mod:`train.warm_start`), which a new run's
+    vocabulary extends (:meth:`train.vocab.Vocab.extended`).
     """
     dataset = open_dataset(data_cfg.path)
     numeric, categorical, target = (
@@ -520,6 +523,10 @@ def prepare(
         try:
             batches = scan(dataset, categorical, read_batch_rows)
             vocabs = vocab_lib.build(categorical, batches, by_value=ordered)
+            if base_vocabs is not None:
+                vocabs = {
+                    c: base_vocabs[c].extended(v, ordered=c in ordered) for c, v in vocabs.items()
+                }
         except ValueError as err:  # null or unusable categorical values, named by column
             raise DataError(str(err)) from None
     if store_path.exists() and stamp.exists():

@@ -116,7 +116,7 @@ def to_arviz(
         missing = [c for c in features if c not in table.schema.names]
         if missing:
             raise data_lib.DataError(f"data: column(s) {missing} are missing")
-        encoded, _ = _encode_part(table, columns, vocabs)
+        encoded = _encode_part(table, columns, vocabs)[0]
         if not np.all(np.isfinite(encoded["numeric"])):
             raise data_lib.DataError("data: numeric features hold NaN or inf")
         batch = dict(encoded)

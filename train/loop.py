@@ -28,7 +28,17 @@ from blayers.start import FeatureStats, TargetStats
 
 from . import checkpoint as ckpt
 from . import data as data_lib
-from . import describe, distributed, files, hooks, metric_sinks, nonfinite, rundir, smooth
+from . import (
+    describe,
+    distributed,
+    files,
+    hooks,
+    metric_sinks,
+    nonfinite,
+    rundir,
+    smooth,
+    warm_start,
+)
 from . import recenter as recenter_lib
 from .config import (
     SAVED_DEFAULTS,
@@ -292,17 +302,58 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         return _train(cfg, log, multi_process, held)
 
 
-def prepare_data(cfg: Any, run_dir: Path) -> tuple[data_lib.Store, dict[str, Any]]:
+def prepare_data(
+    cfg: Any, run_dir: Path, base: warm_start.Base | None = None
+) -> tuple[data_lib.Store, dict[str, Any]]:
     """The run's encoded store and vocabularies (:func:`train.data.prepare`): process 0
-    writes them, the others read them after it."""
+    writes them, the others read them after it. ``base``: the run this one continues."""
     link_check = None if cfg.model.get("_target_") else str(cfg.model.link)
     ordered = ordered_columns(cfg.model)
+    base_vocabs = base.vocabs if base is not None else None
     if jax.process_index() == 0:  # one writer for the run's vocabulary and encoded store
-        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check, ordered=ordered)
+        store, vocabs = data_lib.prepare(
+            cfg.data, run_dir, link_check, ordered=ordered, base_vocabs=base_vocabs
+        )
     distributed.barrier("blayers-data-prepared")
     if jax.process_index() != 0:
-        store, vocabs = data_lib.prepare(cfg.data, run_dir, link_check, ordered=ordered)
+        store, vocabs = data_lib.prepare(
+            cfg.data, run_dir, link_check, ordered=ordered, base_vocabs=base_vocabs
+        )
     return store, vocabs
+
+
+def warm_state(base: warm_start.Base, setup: Setup, log: Callable[[str], None]) -> TrainState:
+    """A warm start's first state (:mod:`train.warm_start`): the base run restored onto this
+    run's mesh, its known rows and globals copied into a fresh, sharded state."""
+    ckpt_dir = base.run_dir / "checkpoints"
+    try:
+        base_setup = make_setup(
+            base.cfg, base.table_sizes, int(base.meta["num_data"]), setup.mesh, base.pad_multiple
+        )
+    except ConfigError as err:
+        raise ConfigError(f"init_from={base.run_dir}: {err}") from None
+    target = ckpt.abstract_with_shardings(base_setup.abstract, base_setup.shardings)
+    step, _, restored = ckpt.restore_newest_good(
+        ckpt_dir,
+        target,
+        base.step,
+        strict=True,
+        log=log,
+        compatible=lambda meta: ckpt.check_compatible(
+            meta, base_setup.fingerprint, base_setup.sites, ckpt_dir
+        ),
+    )
+    known = {c: v.size for c, v in base.vocabs.items()}
+    blocks = warm_start.row_blocks(
+        getattr(base_setup.model, "terms", []),
+        getattr(setup.model, "terms", []),
+        known,
+        setup.columns.categorical,
+    )
+    log(f"continuing {base.run_dir} from its step {step}")
+    return warm_start.carry_over(
+        restored, fresh_state(setup), blocks, base_setup.shardings, setup.shardings
+    )
 
 
 def restore_or_init(
@@ -353,10 +404,14 @@ def _train(
     if jax.process_index() == 0:  # one lock per run, from before its first write
         held.enter_context(rundir.locked(run_dir))
     link = str(cfg.model.link)
-    store, vocabs = prepare_data(cfg, run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    base = None
+    if cfg.init_from and not ckpt.steps(ckpt_dir):  # read once, when the run starts
+        base = warm_start.Base.open(Path(cfg.init_from), cfg, log)
+        cfg = warm_start.with_domains_of(cfg, base.cfg)
+    store, vocabs = prepare_data(cfg, run_dir, base)
     cfg = with_smooth_domains(cfg, store.feature_stats, log)
     sizes = {c: v.size for c, v in vocabs.items()}
-    ckpt_dir = run_dir / "checkpoints"
     latest, saved = _latest_meta(cfg, ckpt_dir, log)
     if saved is not None:
         cfg = keep_saved_settings(cfg, saved, log)
@@ -387,7 +442,10 @@ def _train(
         log("model:\n" + text)
         return {"dry_run": True, "plan": plan, "model": text}
 
-    setup, state, saved = restore_or_init(cfg, setup, ckpt_dir, latest, saved, log)
+    if base is not None:
+        state = warm_state(base, setup, log)
+    else:
+        setup, state, saved = restore_or_init(cfg, setup, ckpt_dir, latest, saved, log)
     if jax.process_index() == 0:  # the resolved config this start runs under, beside the run
         files.write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(to_container(cfg)))
         describe.write(run_dir, statements)
@@ -397,6 +455,8 @@ def _train(
         ckpt_dir, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save
     )
     meta = checkpoint_meta(cfg, setup, sizes, store.num_rows, saved)
+    if base is not None or (saved and saved.get("init_from")):  # the run's lineage
+        meta["init_from"] = base.lineage() if base is not None else saved["init_from"]
     tracker = make_tracker(cfg, setup, saved if latest is not None else None)
     counts = {c: v.counts for c, v in vocabs.items()}
     writes = jax.process_index() == 0
@@ -774,9 +834,7 @@ def with_lr_scale(setup: Setup, cfg: Any, scale: float) -> Setup:
         return setup
     return dataclasses.replace(
         setup,
-        optimizer=make_optimizer(
-            cfg.optim, cfg.train.steps, scale, global_site_names(setup.sites)
-        ),
+        optimizer=make_optimizer(cfg.optim, cfg.train.steps, scale, global_site_names(setup.sites)),
         schedule=make_schedule(cfg.optim, cfg.train.steps, scale),
         lr_scale=scale,
     )

@@ -235,21 +235,25 @@ def make_scorer(
 
 def _encode_part(
     table: pa.Table, columns: Any, vocabs: Mapping[str, vocab_lib.Vocab]
-) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, int]]:
+    """The part's encoded features, and per column its rows of unseen categories and of
+    categories new in this run (those a continued run added to the vocabulary it took over:
+    :attr:`train.vocab.Vocab.inherited`)."""
     batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
     numeric = (
         data_lib.numeric_block(batch, columns.numeric)
         if batch is not None
         else np.zeros((0, len(columns.numeric)), np.float32)
     )
-    cats, unseen = [], {}
+    cats, unseen, added = [], {}, {}
     for c in columns.categorical:
         ids = vocabs[c].encode(table.column(c))
         miss = ids == vocab_lib.UNSEEN
         unseen[c] = int(miss.sum())
+        added[c] = int(((ids >= vocabs[c].inherited) & ~miss).sum())  # fresh run: all seen
         cats.append(np.where(miss, vocabs[c].size, ids).astype(np.int32))  # -> OOV row
     categorical = np.stack(cats, 1) if cats else np.zeros((table.num_rows, 0), np.int32)
-    return {"numeric": numeric, "categorical": categorical}, unseen
+    return {"numeric": numeric, "categorical": categorical}, unseen, added
 
 
 def score(cfg: Any, log: Any = print) -> dict[str, Any]:
@@ -333,7 +337,7 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
     local_b = b // count
     total_batches = batches_per_process(parts, count, local_b)
     base_key = jax.random.PRNGKey(int(cfg.seed))
-    done_batches, rows_written, unseen_total = 0, 0, dict.fromkeys(columns.categorical, 0)
+    done_batches, rows_written = 0, 0
     part_records = []
 
     def run_batch(local: Mapping[str, np.ndarray], key_index: int) -> dict[str, np.ndarray]:
@@ -355,7 +359,7 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         table = pq.ParquetFile(part.file).read_row_group(
             part.row_group, columns=sorted({*features, *passthrough})
         )
-        encoded, unseen = _encode_part(table, columns, vocabs)
+        encoded, unseen, added = _encode_part(table, columns, vocabs)
         n = table.num_rows
         n_batches = -(-n // local_b)
         made_from = json.dumps({**provenance, "input": part_input(part)}, sort_keys=True)
@@ -364,7 +368,9 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
             for _ in range(n_batches):
                 run_batch(_padding_batch(columns, local_b), 0)
             done_batches += n_batches
-            part_records.append({"part": part.index, "rows": n, "unseen": unseen, "skipped": True})
+            part_records.append(
+                {"part": part.index, "rows": n, "unseen": unseen, "new": added, "skipped": True}
+            )
             continue
         pieces: dict[str, list[np.ndarray]] = {}
         for i in range(n_batches):
@@ -392,9 +398,9 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         result = result.replace_schema_metadata({PROVENANCE: made_from})
         files.atomic_write(final, lambda tmp, table=result: pq.write_table(table, tmp))
         rows_written += n
-        for c, v in unseen.items():
-            unseen_total[c] += v
-        part_records.append({"part": part.index, "rows": n, "unseen": unseen, "skipped": False})
+        part_records.append(
+            {"part": part.index, "rows": n, "unseen": unseen, "new": added, "skipped": False}
+        )
     for _ in range(total_batches - done_batches):  # idle processes keep collectives in step
         run_batch(_padding_batch(columns, local_b), 0)
 
@@ -410,6 +416,13 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         "rows": sum(r["rows"] for r in part_records),
         "unseen_rows_by_column": {
             c: sum(r["unseen"][c] for r in part_records) for c in columns.categorical
+        },
+        "new_category_rows_by_column": {
+            c: sum(r["new"][c] for r in part_records) for c in columns.categorical
+        },
+        "categories": {
+            c: {"known": vocabs[c].size, "new_in_run": vocabs[c].size - vocabs[c].inherited}
+            for c in columns.categorical
         },
     }
     _write_json(out_dir / f"_manifest-{process:05d}.json", manifest)
@@ -457,17 +470,22 @@ def _merge_manifests(out_dir: Path, count: int, num_parts: int) -> dict[str, Any
     ]
     parts = sorted((p for m in manifests for p in m["parts"]), key=lambda p: p["part"])
     unseen: dict[str, int] = {}
+    added: dict[str, int] = {}
     for m in manifests:
         for c, v in m["unseen_rows_by_column"].items():
             unseen[c] = unseen.get(c, 0) + v
+        for c, v in m["new_category_rows_by_column"].items():
+            added[c] = added.get(c, 0) + v
     return {
         **{
-            k: manifests[0][k] for k in ("run_dir", "checkpoint_step", "draws", "seed", "quantiles")
+            k: manifests[0][k]
+            for k in ("run_dir", "checkpoint_step", "draws", "seed", "quantiles", "categories")
         },
         "processes": count,
         "num_parts": num_parts,
         "parts": parts,
         "rows": sum(p["rows"] for p in parts),
         "unseen_rows_by_column": unseen,
+        "new_category_rows_by_column": added,
         "files": [f"part-{p['part']:05d}.parquet" for p in parts],
     }

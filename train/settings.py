@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from blayers import guides, links
@@ -159,6 +159,7 @@ def check_score_settings(cfg: Any) -> None:
 # and what it does if it diverges (changed to rerun a run that did)
 SAFE_TO_CHANGE = (
     "run_dir",
+    "init_from",  # read once, when the run starts; its vocabulary is the run's own after
     "dry_run",
     "train.steps",
     "train.stop_after",
@@ -190,18 +191,25 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def under(key: str, prefixes: Sequence[str]) -> bool:
+    """``key`` is one of ``prefixes`` or inside one of them (``optim.lr`` is under ``optim``)."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def differences(before: Any, now: Any, selected: Callable[[str], bool]) -> list[str]:
+    """``key: before → now`` for every dotted key of two configs that ``selected`` picks and
+    whose values differ."""
+    old, new = _flat(to_container(before)), _flat(to_container(now))
+    keys = sorted(k for k in set(old) | set(new) if selected(k))
+    return [_change(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)]
+
+
 def changed_settings(saved_config: Mapping[str, Any], cfg: Any) -> list[str]:
     """``key: saved → now`` for every setting that differs from the one a run was trained
     with, beyond :data:`SAFE_TO_CHANGE` (keys a run saved before they existed count at their
     defaults)."""
-    saved = _flat(to_container(from_container(with_saved_defaults(dict(saved_config)))))
-    now = _flat(to_container(cfg))
-    keys = sorted(
-        k
-        for k in set(saved) | set(now)
-        if not any(k == p or k.startswith(p + ".") for p in SAFE_TO_CHANGE)
-    )
-    return [_change(k, saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)]
+    saved = from_container(with_saved_defaults(dict(saved_config)))
+    return differences(saved, cfg, lambda k: not under(k, SAFE_TO_CHANGE))
 
 
 def _change(key: str, before: Any, after: Any, width: int = 40) -> str:

@@ -27,11 +27,16 @@ UNSEEN = -1
 
 @dataclass(frozen=True)
 class Vocab:
-    """One categorical column's vocabulary."""
+    """One categorical column's vocabulary. ``counts`` are this run's training counts (the
+    row-sparse objective spreads each row's prior over them); a run started from another
+    (:mod:`train.warm_start`) also carries ``totals``, the counts over every run of its
+    lineage, and ``inherited``, how many leading ids it took over unchanged."""
 
     column: str
     values: pa.Array  # id -> raw value
-    counts: np.ndarray  # id -> training count
+    counts: np.ndarray  # id -> training count in this run's data
+    totals: np.ndarray | None = None  # id -> count over this run and those it continues
+    inherited: int = 0  # ids 0..inherited-1 are the continued run's, with the same values
 
     @property
     def size(self) -> int:
@@ -43,14 +48,67 @@ class Vocab:
         ids = pc.index_in(raw, value_set=self.values)
         return pc.fill_null(ids, UNSEEN).to_numpy(zero_copy_only=False).astype(np.int32)
 
+    @property
+    def lineage_counts(self) -> np.ndarray:
+        """Counts over the run's lineage (this run's alone for a run started fresh)."""
+        return self.counts if self.totals is None else self.totals
+
     def write(self, path: Path) -> None:
-        table = pa.table({"value": self.values, "count": pa.array(self.counts, pa.int64())})
+        columns = {"value": self.values, "count": pa.array(self.counts, pa.int64())}
+        if self.totals is not None:
+            columns["total"] = pa.array(self.totals, pa.int64())
+        table = pa.table(columns).replace_schema_metadata(
+            {b"inherited": str(self.inherited).encode()}
+        )
         pq.write_table(table, path)
 
     @classmethod
     def read(cls, path: Path, column: str) -> Vocab:
         table = pq.read_table(path)
-        return cls(column, table["value"].combine_chunks(), table["count"].to_numpy())
+        totals = table["total"].to_numpy() if "total" in table.column_names else None
+        inherited = int((table.schema.metadata or {}).get(b"inherited", b"0"))
+        return cls(
+            column, table["value"].combine_chunks(), table["count"].to_numpy(), totals, inherited
+        )
+
+    def extended(self, new: Vocab, ordered: bool = False) -> Vocab:
+        """This (an earlier run's) vocabulary continued by ``new``, the vocabulary of the next
+        run's data: every known value keeps its id, values new in ``new`` are appended in its
+        order, ``counts`` are ``new``'s (0 for a known value absent from it) and ``totals``
+        the sum over both. ``ordered``: the ids follow the values' order (a time index), so
+        new values must all come after the known ones.
+
+        Raises:
+            ValueError: ``ordered`` and a new value sorts before a known one.
+        """
+        try:
+            new_values = new.values.cast(self.values.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise ValueError(
+                f"column {self.column!r} holds {new.values.type} values, but the run it "
+                f"continues holds {self.values.type}; encode the category the same way"
+            ) from None
+        ids = pc.fill_null(pc.index_in(new_values, value_set=self.values), UNSEEN).to_numpy(
+            zero_copy_only=False
+        )
+        fresh = np.flatnonzero(ids == UNSEEN)
+        values = self.values
+        if fresh.size:
+            added = new_values.take(pa.array(fresh))
+            if ordered and pc.min(added).as_py() < pc.max(self.values).as_py():
+                raise ValueError(
+                    f"column {self.column!r} orders its ids by value, and the new data has "
+                    f"values before the last known one ({pc.max(self.values).as_py()!r}); an "
+                    "ordered table can only grow at its end"
+                )
+            values = pa.concat_arrays([self.values, added])
+        counts = np.zeros(len(values), np.int64)
+        known = ids != UNSEEN
+        counts[ids[known]] = new.counts[known]
+        counts[self.size :] = new.counts[fresh]
+        totals = counts.copy()
+        totals[: self.size] += self.lineage_counts
+        return Vocab(self.column, values, counts, totals, self.size)
 
 
 class VocabBuilder:
@@ -162,9 +220,7 @@ def load_all(directory: Path, columns: Iterable[str]) -> dict[str, Vocab]:
     return out
 
 
-def stream(
-    directory: Path, column: str, chunk_rows: int
-) -> Iterator[tuple[pa.Array, np.ndarray]]:
+def stream(directory: Path, column: str, chunk_rows: int) -> Iterator[tuple[pa.Array, np.ndarray]]:
     """``column``'s vocabulary in id order, ``chunk_rows`` ids at a time as ``(values,
     counts)``, so a 10⁷-category vocabulary is read in bounded memory."""
     path = column_file(directory, column)

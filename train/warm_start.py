@@ -1,0 +1,221 @@
+"""A new run that continues a trained one on new data (``init_from=<run_dir>``).
+
+Users retrain every day on a new partition, where new users and items appear. A warm start
+makes the day-2 run a run of its own (its own directory, checkpoints, resumes and restores)
+that begins where the day-1 run ended:
+
+- **Vocabulary.** Every categorical column's vocabulary is the day-1 run's, extended by the
+  day-2 data (:meth:`train.vocab.Vocab.extended`): known categories keep their ids, hence
+  their table rows; new ones are appended; ``counts`` are the day-2 data's (the row-sparse
+  objective's) and ``totals`` the lineage's.
+- **Tables grow.** Each table term's rows are laid out by field (each field's known ids,
+  then its unseen-category row; the last field padded to the mesh), so a known row of field
+  :math:`f` moves from ``old_offset_f + i`` to ``new_offset_f + i``. The day-1 state is
+  restored onto the day-2 mesh, sharded as its own checkpoint was, and one jitted copy
+  writes each field's block of known rows into the day-2 state, which is born sharded:
+  no table is ever gathered onto one device.
+- **What carries over.** Every guide parameter of the global sites and of the known rows,
+  and the optimizer's moments with them. New rows, the unseen-category rows and the padding
+  start as a fresh run's do (at the prior, or at a conditional guide's row start), and so do
+  the step, the learning-rate schedule's count and the random key.
+- **What must match.** The model (terms, link, columns, target), the guide family and its
+  FM-row form, and the optimizer: the state's layout follows them. A smooth term's domain
+  is the day-1 run's (:mod:`train.smooth`), so the carried coefficients mean the same curve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import vocab as vocab_lib
+from .config import ConfigError, from_container, to_container, with_saved_defaults
+from .settings import differences, under
+from .smooth import SMOOTH, SMOOTH_KEYS
+
+# settings a warm start must share with the run it continues: the state's layout and the
+# meaning of its rows follow them
+SHARED = (
+    "model",
+    "data.numeric",
+    "data.categorical",
+    "data.target",
+    "optim.name",
+    "optim.guide",
+    "optim.fm_rows",
+)
+
+
+@dataclass(frozen=True)
+class Base:
+    """The run a warm start continues: its directory, newest readable checkpoint's step and
+    metadata, saved config and vocabularies."""
+
+    run_dir: Path
+    step: int
+    meta: Mapping[str, Any]
+    cfg: Any
+    vocabs: Mapping[str, vocab_lib.Vocab]
+
+    @classmethod
+    def open(cls, run_dir: Path, cfg: Any, log: Callable[[str], None] = print) -> Base:
+        """The run at ``run_dir``, checked against the new run's ``cfg``; a
+        :class:`~train.config.ConfigError` naming ``init_from`` and the fix otherwise."""
+        run_dir = Path(run_dir)
+        try:
+            step, meta = ckpt.newest_readable_meta(run_dir / "checkpoints", log=log)
+        except ckpt.CheckpointError as err:
+            raise ConfigError(f"init_from={run_dir}: {err}") from None
+        if meta.get("config", {}).get("model", {}).get("_target_"):
+            raise ConfigError(
+                f"init_from={run_dir}: a run of a model of the user's own (model._target_) "
+                "cannot be continued; warm starts take models of model.terms"
+            )
+        base_cfg = from_container(with_saved_defaults(meta["config"]))
+        changed = differences(base_cfg, with_domains_of(cfg, base_cfg), lambda k: under(k, SHARED))
+        if changed:
+            raise ConfigError(
+                f"init_from={run_dir} was trained with another model or guide "
+                f"({'; '.join(changed)}); a warm start continues the same model: use those "
+                "settings, or start a new run without init_from"
+            )
+        try:
+            vocabs = vocab_lib.load_all(run_dir / "vocab", list(base_cfg.data.categorical))
+        except vocab_lib.IncompleteVocabError as err:
+            raise ConfigError(f"init_from={run_dir}: {err}") from None
+        return cls(run_dir, step, meta, base_cfg, vocabs)
+
+    @property
+    def table_sizes(self) -> dict[str, int]:
+        return {c: int(n) for c, n in self.meta["table_sizes"].items()}
+
+    @property
+    def pad_multiple(self) -> int:
+        return int(self.meta.get("table_pad_multiple", 1))
+
+    def lineage(self) -> dict[str, Any]:
+        """What the new run's checkpoints record of where it started."""
+        return {"run_dir": str(self.run_dir), "step": self.step}
+
+
+def with_domains_of(cfg: Any, base_cfg: Any) -> Any:
+    """``cfg`` with each smooth term that leaves its domain out taking the base run's (by
+    term name), so a continued curve keeps its knots and :math:`L`."""
+    terms = list(to_container(cfg)["model"].get("terms") or [])
+    saved = {t.get("name"): t for t in to_container(base_cfg)["model"].get("terms") or []}
+    out = []
+    for spec in terms:
+        spec = dict(spec)
+        before = saved.get(spec.get("name"), {})
+        if spec.get("layer") in SMOOTH and before.get("layer") == spec["layer"]:
+            for key in (*SMOOTH_KEYS[spec["layer"]], "L", "knots"):
+                if key in before and key not in spec:
+                    spec[key] = before[key]
+        out.append(spec)
+    data = to_container(cfg)
+    data["model"]["terms"] = out
+    return from_container(data)
+
+
+def row_blocks(
+    base_terms: Sequence[Any],
+    terms: Sequence[Any],
+    known: Mapping[str, int],
+    columns: Sequence[str],
+) -> dict[str, list[tuple[int, int, int]]]:
+    """Per table site, ``(old_first_row, new_first_row, rows)`` of each field's known ids:
+    the rows a warm start copies. ``known``: each column's number of known categories."""
+    old = {t.table_site: t for t in base_terms if t.categorical_idx}
+    out = {}
+    for t in terms:
+        if not t.categorical_idx:
+            continue
+        before = old[t.table_site]
+        fields = [columns[i] for i in t.categorical_idx]
+        out[t.table_site] = [
+            (int(o), int(n), known[c])
+            for o, n, c in zip(before.row_offsets, t.row_offsets, fields, strict=True)
+        ]
+    return out
+
+
+def _site_of(path: tuple[Any, ...], sites: Mapping[str, Any]) -> str | None:
+    for key in path:
+        name = getattr(key, "key", None)
+        if isinstance(name, str) and name in sites:
+            return name
+    return None
+
+
+def _is_count(path: tuple[Any, ...], leaf: Any) -> bool:
+    """An optimizer's step count (the schedule's, Adam's bias correction): the new run's."""
+    return getattr(path[-1], "name", None) == "count" or (
+        np.ndim(leaf) == 0 and np.issubdtype(leaf.dtype, np.integer)
+    )
+
+
+def carry_over(
+    base_state: Any,
+    fresh: Any,
+    blocks: Mapping[str, Sequence[tuple[int, int, int]]],
+    base_shardings: Any,
+    shardings: Any,
+) -> Any:
+    """The new run's first state: ``fresh`` with the base run's global parameters, known rows
+    and optimizer moments written in (module docstring), in one jitted, sharded copy."""
+    if jax.tree.structure(base_state) != jax.tree.structure(fresh):
+        raise ConfigError(
+            "init_from: the run's state is laid out differently (a table's row-sparse "
+            "setting changed as it grew?): set sparse: true or false on each table term"
+        )
+    return copy_fn(blocks, base_shardings, shardings)(base_state, fresh)
+
+
+def copy_fn(
+    blocks: Mapping[str, Sequence[tuple[int, int, int]]], base_shardings: Any, shardings: Any
+) -> Callable[[Any, Any], Any]:
+    """The jitted copy of :func:`carry_over` (``fresh`` donated), for it and for measuring
+    its memory (``benchmarks/warm_start_growth.py``)."""
+
+    def leaf(path: tuple[Any, ...], old: jax.Array, new: jax.Array, placed: Any) -> jax.Array:
+        site = _site_of(path, blocks)
+        if site is None:
+            if old.shape != new.shape:
+                raise ConfigError(
+                    f"init_from: {jax.tree_util.keystr(path)} has shape {old.shape} there and "
+                    f"{new.shape} here; a warm start continues the same model"
+                )
+            return new if _is_count(path, new) else old.astype(new.dtype)
+        # each block: the old rows shifted into place by a pad (negative pads crop) laid out
+        # as the new table, then selected row by row. A slice and an update of the sharded
+        # table instead made XLA gather the whole table onto every device
+        row = jax.lax.broadcasted_iota(jnp.int32, new.shape, 0)
+        out = new
+        for first_old, first_new, rows in blocks[site]:
+            low = first_new - first_old
+            high = new.shape[0] - old.shape[0] - low
+            widths = [(low, high, 0)] + [(0, 0, 0)] * (old.ndim - 1)
+            moved = jax.lax.pad(old.astype(new.dtype), jnp.zeros((), new.dtype), widths)
+            moved = jax.lax.with_sharding_constraint(moved, placed)
+            inside = (row >= first_new) & (row < first_new + rows)
+            out = jnp.where(inside, moved, out)
+        return out
+
+    def merge(old: Any, new: Any) -> Any:
+        return new._replace(
+            params=jax.tree_util.tree_map_with_path(leaf, old.params, new.params, shardings.params),
+            opt_state=jax.tree_util.tree_map_with_path(
+                leaf, old.opt_state, new.opt_state, shardings.opt_state
+            ),
+        )
+
+    return jax.jit(
+        merge, in_shardings=(base_shardings, shardings), out_shardings=shardings, donate_argnums=1
+    )
