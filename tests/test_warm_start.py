@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.service_helpers import load_params, quiet_config, run_cli
+from tests.service_helpers import load_params, quiet_config, run_cli, run_with_devices
 from train import effects, loop
 from train.config import ConfigError
 from train.summary import restore_run
@@ -248,3 +248,36 @@ def test_carry_over_copies_known_rows_and_moments_sharded_and_restarts_the_count
     assert (np.asarray(adam.nu["g"]["loc"]) == 7.0).all()
     assert int(adam.count) == 0 and int(out.step) == 0  # the new run counts its own steps
     assert out.params["t"]["loc"].sharding.spec == PartitionSpec("model")
+
+
+def test_a_run_on_eight_devices_continues_on_two_with_its_tables_split(days, tmp_path):
+    first = tmp_path / "day1"
+    split = {"mesh.data": 2, "mesh.model": 4, "optim.guide": "mean_field"}
+    train(days[0], first, **{**split, "train.steps": 100, "checkpoint.every": 100})
+    second = tmp_path / "day2"
+    got = run_with_devices(
+        2,
+        f"""
+        import json
+        import numpy as np
+        from tests.service_helpers import load_params, quiet_config
+        from tests.test_warm_start import SITE, settings
+        from train import loop
+        from train.summary import restore_run
+        more = {{"mesh.data": 1, "mesh.model": 2, "optim.guide": "mean_field", "optim.lr": 1e-12,
+                 "train.steps": 1, "checkpoint.every": 1, "init_from": {str(first)!r}}}
+        loop.train(quiet_config({str(days[1])!r}, {str(second)!r}, settings(**more)),
+                   log=lambda _: None)
+        setup, state, meta = restore_run({str(second)!r}, log=lambda _: None)
+        table = state.params[SITE]["loc"]
+        new = load_params({str(second)!r})[SITE + ".loc"]
+        print(json.dumps({{"rows": int(new.shape[0]), "known": new[:60].ravel().tolist(),
+                           "spec": str(table.sharding.spec), "pad": meta["table_pad_multiple"],
+                           "init_from": meta["init_from"]}}))
+        """,
+    )
+    old = load_params(first)[f"{SITE}.loc"]
+    assert old.shape[0] % 4 == 0 and got["rows"] % 2 == 0 and got["pad"] == 2
+    np.testing.assert_allclose(got["known"], old[:60].ravel(), atol=1e-6)
+    assert got["spec"] == "P('model',)"  # rows split 2 ways on the new mesh
+    assert got["init_from"] == {"run_dir": str(first), "step": 100}
