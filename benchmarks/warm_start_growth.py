@@ -118,7 +118,7 @@ def main() -> None:
         copy_s = time.perf_counter() - start
         table_mb = 6 * 4 * padded(grown + 1, 8) / MB  # loc, raw_scale and 2 moments of each
 
-        stats = copy_fn(blocks, old_sh, new_sh).lower(old, new2).compile().memory_analysis()
+        stats = copy_fn(blocks, old_sh, new_sh).lower(old, new2, {}).compile().memory_analysis()
         print(
             f"{known:>11,} {args.grow:>9,} {vocab_s:>8.2f} {copy_s:>7.2f} {first - copy_s:>10.2f} "
             f"{table_mb:>9.0f} {stats.argument_size_in_bytes / MB:>20.0f} "

@@ -322,9 +322,16 @@ def prepare_data(
     return store, vocabs
 
 
-def warm_state(base: warm_start.Base, setup: Setup, log: Callable[[str], None]) -> TrainState:
+def warm_state(
+    base: warm_start.Base,
+    setup: Setup,
+    vocab_counts: Mapping[str, np.ndarray],
+    log: Callable[[str], None],
+) -> TrainState:
     """A warm start's first state (:mod:`train.warm_start`): the base run restored onto this
-    run's mesh, its known rows and globals copied into a fresh, sharded state."""
+    run's mesh, its known rows and globals copied into a fresh, sharded state (a
+    conditional-guide row that the new data observes keeps its fresh, data-aware start:
+    :func:`train.warm_start.restarted_rows`)."""
     ckpt_dir = base.run_dir / "checkpoints"
     try:
         base_setup = make_setup(
@@ -350,9 +357,12 @@ def warm_state(base: warm_start.Base, setup: Setup, log: Callable[[str], None]) 
         known,
         setup.columns.categorical,
     )
+    by_site = {t.table_site: t for t in getattr(setup.model, "terms", []) if t.categorical_idx}
+    counts = {s: row_counts(by_site[s], vocab_counts, setup.columns) for s in setup.row_start or {}}
+    restart = warm_start.restarted_rows(counts)
     log(f"continuing {base.run_dir} from its step {step}")
     return warm_start.carry_over(
-        restored, fresh_state(setup), blocks, base_setup.shardings, setup.shardings
+        restored, fresh_state(setup), blocks, base_setup.shardings, setup.shardings, restart
     )
 
 
@@ -443,7 +453,7 @@ def _train(
         return {"dry_run": True, "plan": plan, "model": text}
 
     if base is not None:
-        state = warm_state(base, setup, log)
+        state = warm_state(base, setup, {c: v.counts for c, v in vocabs.items()}, log)
     else:
         setup, state, saved = restore_or_init(cfg, setup, ckpt_dir, latest, saved, log)
     if jax.process_index() == 0:  # the resolved config this start runs under, beside the run

@@ -17,7 +17,8 @@ that begins where the day-1 run ended:
 - **What carries over.** Every guide parameter of the global sites and of the known rows,
   and the optimizer's moments with them. New rows, the unseen-category rows and the padding
   start as a fresh run's do (at the prior, or at a conditional guide's row start), and so do
-  the step, the learning-rate schedule's count and the random key.
+  the step, the learning-rate schedule's count and the random key. So do a conditional
+  guide's known rows that the new data observes (:func:`restarted_rows` says why).
 - **What must match.** The model (terms, link, columns, target), the guide family and its
   FM-row form, and the optimizer: the state's layout follows them. A smooth term's domain
   is the day-1 run's (:mod:`train.smooth`), so the carried coefficients mean the same curve.
@@ -167,24 +168,45 @@ def carry_over(
     blocks: Mapping[str, Sequence[tuple[int, int, int]]],
     base_shardings: Any,
     shardings: Any,
+    restart: Mapping[str, Any] | None = None,
 ) -> Any:
     """The new run's first state: ``fresh`` with the base run's global parameters, known rows
-    and optimizer moments written in (module docstring), in one jitted, sharded copy."""
+    and optimizer moments written in (module docstring), in one jitted, sharded copy.
+    ``restart[site]``: a flag per row of the new table; flagged rows keep their fresh start
+    (:func:`restarted_rows`)."""
     if jax.tree.structure(base_state) != jax.tree.structure(fresh):
         raise ConfigError(
             "init_from: the run's state is laid out differently (a table's row-sparse "
             "setting changed as it grew?): set sparse: true or false on each table term"
         )
-    return copy_fn(blocks, base_shardings, shardings)(base_state, fresh)
+    restart = dict(restart or {})
+    copy = copy_fn(blocks, base_shardings, shardings, tuple(restart))
+    return copy(base_state, fresh, restart)
+
+
+def restarted_rows(counts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    r"""The rows of each conditional-guide table (``counts``: its rows' counts in the new data)
+    that the new data observes: they keep the fresh, data-aware start. Such a row's guide
+    parameters are a Gaussian site for its likelihood (precision :math:`\tau_r = n_r /
+    \sigma^2` and a mean), i.e. the *old* data's evidence; carried into a fit of the new
+    data alone they held a drifted row near its old value until many steps moved it (on
+    ``make daily``'s day 2 after 200 steps: effects RMSE 0.145 against 0.072 from a cold
+    start). Rows the new data does not observe keep the base run's parameters."""
+    return {site: np.asarray(c) > 0 for site, c in counts.items()}
 
 
 def copy_fn(
-    blocks: Mapping[str, Sequence[tuple[int, int, int]]], base_shardings: Any, shardings: Any
-) -> Callable[[Any, Any], Any]:
+    blocks: Mapping[str, Sequence[tuple[int, int, int]]],
+    base_shardings: Any,
+    shardings: Any,
+    restart_sites: Sequence[str] = (),
+) -> Callable[[Any, Any, Any], Any]:
     """The jitted copy of :func:`carry_over` (``fresh`` donated), for it and for measuring
     its memory (``benchmarks/warm_start_growth.py``)."""
 
-    def leaf(path: tuple[Any, ...], old: jax.Array, new: jax.Array, placed: Any) -> jax.Array:
+    def leaf(
+        path: tuple[Any, ...], old: jax.Array, new: jax.Array, placed: Any, restart: Any
+    ) -> jax.Array:
         site = _site_of(path, blocks)
         if site is None:
             if old.shape != new.shape:
@@ -206,16 +228,33 @@ def copy_fn(
             moved = jax.lax.with_sharding_constraint(moved, placed)
             inside = (row >= first_new) & (row < first_new + rows)
             out = jnp.where(inside, moved, out)
+        if site in restart:
+            flags = restart[site].reshape((-1,) + (1,) * (new.ndim - 1))
+            out = jnp.where(flags, new, out)
         return out
 
-    def merge(old: Any, new: Any) -> Any:
+    def merge(old: Any, new: Any, restart: Mapping[str, jax.Array]) -> Any:
+        def each(old_tree: Any, new_tree: Any, placed: Any) -> Any:
+            return jax.tree_util.tree_map_with_path(
+                lambda p, o, n, s: leaf(p, o, n, s, restart), old_tree, new_tree, placed
+            )
+
         return new._replace(
-            params=jax.tree_util.tree_map_with_path(leaf, old.params, new.params, shardings.params),
-            opt_state=jax.tree_util.tree_map_with_path(
-                leaf, old.opt_state, new.opt_state, shardings.opt_state
-            ),
+            params=each(old.params, new.params, shardings.params),
+            opt_state=each(old.opt_state, new.opt_state, shardings.opt_state),
         )
 
+    flags = {site: _rows_sharding(shardings.params[site]) for site in restart_sites}
     return jax.jit(
-        merge, in_shardings=(base_shardings, shardings), out_shardings=shardings, donate_argnums=1
+        merge,
+        in_shardings=(base_shardings, shardings, flags),
+        out_shardings=shardings,
+        donate_argnums=1,
     )
+
+
+def _rows_sharding(site_shardings: Mapping[str, Any]) -> Any:
+    """A one-dimensional array split as a table's rows are."""
+    placed = next(iter(site_shardings.values()))
+    rows_axis = tuple(placed.spec)[:1] or (None,)
+    return jax.sharding.NamedSharding(placed.mesh, jax.sharding.PartitionSpec(*rows_axis))
