@@ -921,7 +921,6 @@ class AR1Layer(BLayer):
         return activation(states[ids])
 
 
-
 class PSplineLayer(BLayer):
     r"""A smooth effect of one numeric input: a B-spline basis whose coefficients have a
     second-difference prior (a Bayesian P-spline, after Eilers & Marx), anchored at 0.
@@ -1048,9 +1047,10 @@ class PSplineLayer(BLayer):
         trend = self._sample(
             name, "trend", distributions.Normal(0.0, self.trend_scale), (units,), (ax.UNITS,)
         )
-        beta = jnp.asarray(right_inverse, jnp.float32) @ delta + jnp.asarray(
-            np.linspace(-1.0, 1.0, k), jnp.float32
-        )[:, None] * trend
+        beta = (
+            jnp.asarray(right_inverse, jnp.float32) @ delta
+            + jnp.asarray(np.linspace(-1.0, 1.0, k), jnp.float32)[:, None] * trend
+        )
         return activation(jnp.where(finite[:, None], basis @ beta, jnp.nan))
 
 
@@ -1120,8 +1120,10 @@ class HSGPLayer(BLayer):
         ):
             check_kwargs(cls, kw, role)
             prior = cls(**kw)
-            if prior.is_discrete or prior.event_shape or prior.support is not (
-                distributions.constraints.positive
+            if (
+                prior.is_discrete
+                or prior.event_shape
+                or prior.support is not (distributions.constraints.positive)
             ):
                 raise ValueError(f"HSGPLayer: {role}_dist must be a continuous positive scalar")
         self.lengthscale_dist = lengthscale_dist
@@ -1187,6 +1189,7 @@ class HSGPLayer(BLayer):
             name, "beta", distributions.Normal(0.0, 1.0), (int(m), units), (None, ax.UNITS)
         )
         return activation(phi @ (root_density[:, None] * beta))
+
 
 class RandomWalkLayer(_HierarchicalLayer):
     r"""Bayesian Gaussian random walk over ordered categories.
@@ -1407,7 +1410,6 @@ class HorseshoeLayer(BLayer):
         return activation(x @ beta)
 
 
-
 class MixtureLayer(BLayer):
     r"""Coefficients from a finite mixture of priors (for example Normal and Laplace).
 
@@ -1517,6 +1519,7 @@ class MixtureLayer(BLayer):
         _refuse_duplicate(site, name)
         beta = numpyro.sample(site, prior, infer=ax.tag((ax.FEATURES, ax.UNITS)))
         return activation(x @ beta)
+
 
 class HorseshoeInteractionLayer(HorseshoeLayer):
     r"""Sparse pairwise interactions under the (regularized) horseshoe of

@@ -74,8 +74,13 @@ def test_predict_on_a_dataframe_equals_blayers_score_on_the_file(run, dataset, t
     part = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), part)
     cfg = api.config(
-        {"run_dir": str(run.run_dir), "data.path": str(part), "output": str(tmp_path / "out"),
-         "draws": 30, "seed": 1},
+        {
+            "run_dir": str(run.run_dir),
+            "data.path": str(part),
+            "output": str(tmp_path / "out"),
+            "draws": 30,
+            "seed": 1,
+        },
         "score",
     )
     score.score(cfg, log=lambda _: None)

@@ -50,6 +50,7 @@ def test_a_second_summary_compiles_nothing_new_and_writes_the_same(tmp_path, mon
     assert first.returncode == 0, first.stderr[-2000:]
     programs = sorted(p for p in _entries(cache) if p.endswith("-cache"))
     assert programs, "the first command wrote no compiled program"
+
     # the cache stamps each entry's last read in its "-atime" file
     def stamp(program: str) -> bytes:
         return (cache / program.replace("-cache", "-atime")).read_bytes()

@@ -62,8 +62,9 @@ def precision(ids: dict[str, np.ndarray], rows: dict[str, int], info: float):
 
 def ties(found, params, guide, ids, info):
     counts = {
-        t.site: np.bincount(ids[t.site.split("_")[1]], minlength=guide.sites[t.site].shape[0])
-        .astype(np.float32)
+        t.site: np.bincount(
+            ids[t.site.split("_")[1]], minlength=guide.sites[t.site].shape[0]
+        ).astype(np.float32)
         for t in found.tables
     }
     # one compiled call (op by op, its few dozen small ops each compile on a busy worker)

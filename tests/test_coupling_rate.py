@@ -96,4 +96,3 @@ def test_a_run_saved_before_the_rate_existed_resumes_at_the_full_rate():
     saved["config"]["optim"]["coupling_lr_factor"] = 0.1
     assert loop.keep_saved_settings(cfg, saved, lines.append) is cfg
     assert changed_settings(saved["config"], cfg) == ["optim.coupling_lr_factor: 0.1 → 0.03"]
-

@@ -132,9 +132,7 @@ def test_row_marginal_matches_draws_of_the_rows(rng):
     for guide in (guides.StructuredGuide(sites, coupled=[table]), guides.MeanFieldGuide(sites)):
         params = random_params(guide, rng)
         keys = jax.random.split(jax.random.PRNGKey(2), 20_000)
-        rows = np.asarray(
-            jax.vmap(lambda k, g=guide, p=params: g.draw(k, p)[table].value)(keys)
-        )
+        rows = np.asarray(jax.vmap(lambda k, g=guide, p=params: g.draw(k, p)[table].value)(keys))
         globals_ = {n: params[n] for n in sites if guides.is_global(sites[n])}
         loc, sd = guide.row_marginal(table, params[table], globals_)
         assert_allclose(rows.std(0), np.asarray(sd), rtol=0.03)
@@ -244,9 +242,10 @@ def test_conditional_log_q_is_the_density_it_implies(rng):
         lam = np.exp(g[k])
         precision = tau + lam**-2
         mean = anchor + nu * (tau + 1) / precision + A @ (g - mu_g)[guide.row_index[TABLE]]
-        exact = multivariate_normal(mu_g, L @ L.T).logpdf(g) + norm(
-            mean, precision**-0.5
-        ).logpdf(u).sum()
+        exact = (
+            multivariate_normal(mu_g, L @ L.T).logpdf(g)
+            + norm(mean, precision**-0.5).logpdf(u).sum()
+        )
         got = sum(float(jnp.sum(draws[n].log_normal)) for n in (*guide.globals, TABLE))
         assert_allclose(got, exact, rtol=1e-4, atol=1e-3)
         assert_allclose(float(lam), float(draws[SCALE].value), rtol=1e-5)

@@ -34,12 +34,18 @@ def trained(tmp_path_factory):
 def test_groups_shapes_and_names(trained):
     _, held, idata, _ = trained
     assert set(idata.groups()) == {
-        "posterior", "posterior_predictive", "log_likelihood", "observed_data"
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "observed_data",
     }
     post = idata.posterior
     assert post.sizes["chain"] == 1 and post.sizes["draw"] == DRAWS
     assert list(post["AdaptiveLayer_dense_beta"].coords["dense_input"].values) == [
-        "x1", "x2", "x3", "x4"
+        "x1",
+        "x2",
+        "x3",
+        "x4",
     ]
     assert list(post["region_rows"].coords["region_level"].values) == ["r0", "r3"]
     assert idata.posterior_predictive["y"].shape == (1, DRAWS, 500)

@@ -89,8 +89,9 @@ def test_a_sink_without_its_library_is_refused_before_any_work(dataset, tmp_path
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboardX", "mlflow")
-        else real(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("tensorboardX", "mlflow") else real(name, *a),
     )
     with pytest.raises(ConfigError, match=f"train.metrics.{key}=true needs"):
         loop.train(small_config(dataset, tmp_path / "run", **{f"train.metrics.{key}": True}))

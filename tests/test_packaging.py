@@ -55,7 +55,9 @@ def test_the_installed_commands_run_from_anywhere_in_a_fresh_venv(wheel, tmp_pat
     # editable install of this repo is not loaded), the project itself from the wheel
     fresh = subprocess.run(
         [str(py), "-c", "import site; print(site.getsitepackages()[0])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     with open(os.path.join(fresh, "deps.pth"), "w") as fh:
         fh.write(site.getsitepackages()[0] + "\n")
@@ -64,13 +66,21 @@ def test_the_installed_commands_run_from_anywhere_in_a_fresh_venv(wheel, tmp_pat
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     helped = subprocess.run(
         [str(venv / "bin" / "blayers-train"), "--help"],
-        capture_output=True, text=True, cwd=away, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=away,
+        env=env,
+        timeout=300,
     )
     assert helped.returncode == 0, helped.stderr[-3000:]
     assert "optim: adagrad, adam" in helped.stdout
     where = subprocess.run(
         [str(py), "-c", "import blayers.train.cli as c; print(c.CONFIG_DIR)"],
-        capture_output=True, text=True, cwd=away, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=away,
+        env=env,
+        timeout=300,
     )
     assert where.stdout.strip().startswith(fresh), where.stdout + where.stderr
     shadow = subprocess.run(

@@ -309,19 +309,25 @@ def test_predictive_intervals_hold_held_out_y_at_their_level(tmp_path, link):
     from train import synth
 
     cols = synth.crossed_effects(
-        tmp_path / "all.parquet", 12_000, {"a": 20, "b": 50}, {"a": 0.5, "b": 0.3}, link,
-        0.5, slope=0.4, seed=3,
+        tmp_path / "all.parquet",
+        12_000,
+        {"a": 20, "b": 50},
+        {"a": 0.5, "b": 0.3},
+        link,
+        0.5,
+        slope=0.4,
+        seed=3,
     )
     table = pq.read_table(tmp_path / "all.parquet")
     pq.write_table(table.slice(0, 8000), tmp_path / "train.parquet")
     pq.write_table(table.slice(8000), tmp_path / "held_out.parquet")
-    cfg = crossed_config(tmp_path / "train.parquet", tmp_path / "run", ["a", "b"], link,
-                         **{"train.steps": 2000})
+    cfg = crossed_config(
+        tmp_path / "train.parquet", tmp_path / "run", ["a", "b"], link, **{"train.steps": 2000}
+    )
     loop.train(cfg, log=lambda _: None)
     out = tmp_path / "scores"
     score_lib.score(
-        score_cfg(tmp_path / "run", tmp_path / "held_out.parquet", out, predictive=True,
-                  draws=200),
+        score_cfg(tmp_path / "run", tmp_path / "held_out.parquet", out, predictive=True, draws=200),
         log=lambda _: None,
     )
     got = pq.read_table(out)

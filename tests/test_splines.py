@@ -75,7 +75,8 @@ def test_a_smooth_function_is_recovered_through_the_basis(rng):
     )
     med = guide.median(result.params)
     grid = np.linspace(-2.8, 2.8, 50).astype(np.float32)
-    fit = med["InterceptLayer_b_beta"][0, 0] + np.asarray(bspline_basis(grid, knots)) @ np.asarray(
-        med["AdaptiveLayer_f_beta"]
-    )[:, 0]
+    fit = (
+        med["InterceptLayer_b_beta"][0, 0]
+        + np.asarray(bspline_basis(grid, knots)) @ np.asarray(med["AdaptiveLayer_f_beta"])[:, 0]
+    )
     assert np.abs(fit - (np.sin(grid) + 0.3 * grid)).max() < 0.12

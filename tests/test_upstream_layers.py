@@ -211,5 +211,3 @@ def test_a_small_tau0_shrinks_the_null_coefficients(rng, method):
     bound = {"nuts": (0.7, 0.5), "svi": (0.9, 0.7)}[method]
     assert null[0.01] < bound[0] * null[1.0], null
     assert tau[0.01] < bound[1] * tau[1.0], tau
-
-

@@ -141,9 +141,7 @@ def mixture_data(rng, n=200, d=30):
 
 
 def mixture_model(x, y=None):
-    layer = MixtureLayer(
-        component_kwargs=({"loc": 0.0, "scale": 0.1}, {"loc": 0.0, "scale": 1.0})
-    )
+    layer = MixtureLayer(component_kwargs=({"loc": 0.0, "scale": 0.1}, {"loc": 0.0, "scale": 1.0}))
     return gaussian_link(layer("m", x), y)
 
 
@@ -161,5 +159,3 @@ def test_mixture_recovers_large_and_small_coefficients(rng, method):
     assert np.mean(err < 2.5) >= 0.9, np.sort(err)[-5:]
     # the small ones shrink: their spread is the narrow component's, not the wide one's
     assert np.abs(b[:, 3:].mean(0)).mean() < 0.15
-
-

@@ -105,7 +105,7 @@ def test_hsgp_covariance_is_the_squared_exponential_kernel(c, m, ell):
     phi, root = HSGPLayer.basis(x, hsgp_L(x, c), m)
     density = 1.3**2 * np.sqrt(2 * np.pi) * ell * np.exp(-0.5 * (ell * np.asarray(root)) ** 2)
     approx = np.asarray(phi) @ np.diag(density) @ np.asarray(phi).T
-    exact = 1.3**2 * np.exp(-np.subtract.outer(x, x) ** 2 / (2 * ell**2))
+    exact = 1.3**2 * np.exp(-(np.subtract.outer(x, x) ** 2) / (2 * ell**2))
     assert np.abs(approx - exact).max() < 1e-4
 
 

@@ -224,4 +224,3 @@ class StopRequests:
                     "rerun to continue"
                 )
             progress.halt = True
-

@@ -89,8 +89,10 @@ def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def tracking_uri(run_dir: Path, configured: str | None) -> str:
     """Where MLflow records: the configured URI, ``MLFLOW_TRACKING_URI``, else a SQLite
     store in the run directory (MLflow's file store is deprecated)."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or (
-        f"sqlite:///{(Path(run_dir).absolute() / 'mlflow.db')}"
+    return (
+        configured
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or (f"sqlite:///{(Path(run_dir).absolute() / 'mlflow.db')}")
     )
 
 

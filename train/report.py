@@ -132,19 +132,30 @@ def _truth_of(row: dict[str, Any], truth: dict[str, float]) -> float | None:
 
 
 def _forest(plt: Any, rows: list[dict[str, Any]], truth: dict[str, float]) -> str:
-    names = [
-        f"{r['site']} {r.get('label') or r['index']}".strip() for r in rows
-    ]
+    names = [f"{r['site']} {r.get('label') or r['index']}".strip() for r in rows]
     y = np.arange(len(rows))[::-1]
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1))
     mean = np.array([r["mean"] for r in rows])
     lo, hi = np.array([r["q05"] for r in rows]), np.array([r["q95"] for r in rows])
-    ax.errorbar(mean, y, xerr=[mean - lo, hi - mean], fmt="o", ms=4, color="#08519c",
-                label="posterior mean, 90% interval")
+    ax.errorbar(
+        mean,
+        y,
+        xerr=[mean - lo, hi - mean],
+        fmt="o",
+        ms=4,
+        color="#08519c",
+        label="posterior mean, 90% interval",
+    )
     known = [(i, t) for i, r in enumerate(rows) if (t := _truth_of(r, truth)) is not None]
     if known:
-        ax.scatter([t for _, t in known], [y[i] for i, _ in known], marker="x", color="#de2d26",
-                   zorder=3, label="truth (truth.json)")
+        ax.scatter(
+            [t for _, t in known],
+            [y[i] for i, _ in known],
+            marker="x",
+            color="#de2d26",
+            zorder=3,
+            label="truth (truth.json)",
+        )
     ax.set_yticks(y, names, fontsize=8)
     ax.axvline(0, color="#999", lw=0.5)
     ax.set(title="global sites")
@@ -188,16 +199,28 @@ def _table_terms(plt: Any, run_dir: Path) -> list[str]:
         pick = order[spaced.astype(int)]
         fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
         x = np.arange(len(pick))
-        axes[0].errorbar(x, mean[pick], yerr=1.6449 * sd[pick], fmt=".", ms=2, elinewidth=0.5,
-                         color="#08519c")
-        axes[0].set(xlabel="level (sorted by mean)", ylabel="effect",
-                    title=f"{name}: caterpillar, 90% intervals")
+        axes[0].errorbar(
+            x, mean[pick], yerr=1.6449 * sd[pick], fmt=".", ms=2, elinewidth=0.5, color="#08519c"
+        )
+        axes[0].set(
+            xlabel="level (sorted by mean)",
+            ylabel="effect",
+            title=f"{name}: caterpillar, 90% intervals",
+        )
         axes[1].scatter(count, mean, s=3, alpha=0.4, color="#08519c")
-        axes[1].set(xscale="log", xlabel="training count", ylabel="posterior mean",
-                    title=f"{name}: shrinkage")
+        axes[1].set(
+            xscale="log",
+            xlabel="training count",
+            ylabel="posterior mean",
+            title=f"{name}: shrinkage",
+        )
         axes[2].scatter(count, sd, s=3, alpha=0.4, color="#31a354")
-        axes[2].set(xscale="log", xlabel="training count", ylabel="posterior sd",
-                    title=f"{name}: uncertainty")
+        axes[2].set(
+            xscale="log",
+            xlabel="training count",
+            ylabel="posterior sd",
+            title=f"{name}: uncertainty",
+        )
         note = "" if "dim" not in got.schema.names else " (embedding dimension 0)"
         parts.append(f"<h3>{html.escape(name)}{note}</h3>" + _png(fig))
     return parts
@@ -263,8 +286,9 @@ def _fit(plt: Any | None, table: pa.Table, target: str) -> list[str]:
     axes[1].plot(pred, obs, "o-", color="#08519c")
     lims = [min(pred.min(), obs.min()), max(pred.max(), obs.max())]
     axes[1].plot(lims, lims, color="#999", lw=0.8)
-    axes[1].set(xlabel="mean predicted (20 bins)", ylabel="mean observed",
-                title="reliability / calibration")
+    axes[1].set(
+        xlabel="mean predicted (20 bins)", ylabel="mean observed", title="reliability / calibration"
+    )
     pit = predictive_pit(y, mean, table)
     if pit is not None:
         axes[2].hist(pit, bins=20, range=(0, 1), color="#31a354")
@@ -325,8 +349,11 @@ def build(run_dir: Path, scores: Path | None = None) -> Path:
         parts.append("<h2>Posterior of the global parameters</h2>")
         if plt is not None and rows:
             parts.append(_forest(plt, rows, _truth(run_dir)))
-        columns = [c for c in ("site", "index", "label", "mean", "std", "q05", "q50", "q95")
-                   if not rows or c in rows[0]]
+        columns = [
+            c
+            for c in ("site", "index", "label", "mean", "std", "q05", "q50", "q95")
+            if not rows or c in rows[0]
+        ]
         parts.append(_table(rows, columns))
     if plt is not None and (run_dir / "checkpoints").is_dir():
         parts.append("<h2>Table terms: per-level effects</h2>")
