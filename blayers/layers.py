@@ -100,6 +100,15 @@ class BLayer(ABC):
     # the parameter a table-backed layer keeps one row of per category (its site is
     # ``{Layer}_{name}_{table_param}``), which the service gathers and shards by row
     table_param = "theta"
+    # How the service (train/model.py) feeds the layer: "intercept" (no input), "dense"
+    # (numeric columns), "pair" (two sets of numeric columns), "table" (one categorical
+    # column's ids), "categorical_fm" (several categorical columns), "smooth" (one numeric
+    # column on a domain from the data); None: not a service term.
+    input_kind: ClassVar[str | None] = None
+    gatherable: ClassVar[bool] = False  # its table trains row-sparse: rows gathered per batch
+    ordered: ClassVar[bool] = False  # its table's rows follow the column's values (time)
+    slopes_input: ClassVar[bool] = False  # a table layer called as layer(name, x, ids, n)
+    pairs_within: ClassVar[bool] = False  # a pair layer that, without z, pairs its inputs
 
     @abstractmethod
     def __init__(self, *args: Any) -> None:
@@ -212,6 +221,8 @@ class AdaptiveLayer(_HierarchicalLayer):
     Sites: ``AdaptiveLayer_{name}_scale`` (scalar), ``AdaptiveLayer_{name}_beta`` ``(d, u)``.
     """
 
+    input_kind: ClassVar[str | None] = "dense"
+
     def __call__(
         self, name: str, x: jax.Array, units: int = 1, activation: Activation = identity
     ) -> jax.Array:
@@ -240,6 +251,8 @@ class FixedPriorLayer(_FixedPriorBase):
 
     Sites: ``FixedPriorLayer_{name}_beta`` ``(d, u)``.
     """
+
+    input_kind: ClassVar[str | None] = "dense"
 
     def __call__(
         self, name: str, x: jax.Array, units: int = 1, activation: Activation = identity
@@ -270,6 +283,8 @@ class InterceptLayer(_FixedPriorBase):
     The ``(1, u)`` output broadcasts over the rows of other terms.
     Sites: ``InterceptLayer_{name}_beta`` ``(1, u)``.
     """
+
+    input_kind: ClassVar[str | None] = "intercept"
 
     def __call__(self, name: str, units: int = 1, activation: Activation = identity) -> jax.Array:
         """Forward pass with fixed prior.
@@ -316,6 +331,8 @@ class FMLayer(_HierarchicalLayer):
     Sites: ``FMLayer_{name}_scale``, ``FMLayer_{name}_theta`` ``(d, l, u)``. For categorical
     fields use :class:`CategoricalFMLayer`, which never builds the one-hot matrix.
     """
+
+    input_kind: ClassVar[str | None] = "dense"
 
     def __call__(
         self,
@@ -367,6 +384,8 @@ class FM3Layer(_HierarchicalLayer):
     Sites: ``FM3Layer_{name}_scale``, ``FM3Layer_{name}_theta`` ``(d, l, u)``.
     """
 
+    input_kind: ClassVar[str | None] = "dense"
+
     def __call__(
         self,
         name: str,
@@ -413,6 +432,8 @@ class LowRankInteractionLayer(_HierarchicalLayer):
 
     Sites: ``..._scale1``, ``..._theta1``, ``..._scale2``, ``..._theta2``.
     """
+
+    input_kind: ClassVar[str | None] = "pair"
 
     def __call__(
         self,
@@ -473,6 +494,8 @@ class InteractionLayer(_HierarchicalLayer):
     Sites: ``..._scale``, ``..._beta`` ``(d1*d2, u)``.
     """
 
+    input_kind: ClassVar[str | None] = "pair"
+
     def __call__(
         self,
         name: str,
@@ -510,6 +533,8 @@ class BilinearLayer(_HierarchicalLayer):
 
     Sites: ``..._scale``, ``..._W`` ``(d1, d2, u)``.
     """
+
+    input_kind: ClassVar[str | None] = "pair"
 
     def __call__(
         self,
@@ -557,6 +582,8 @@ class LowRankBilinearLayer(_HierarchicalLayer):
 
     Sites: ``..._scale``, ``..._A``, ``..._B``.
     """
+
+    input_kind: ClassVar[str | None] = "pair"
 
     def __call__(
         self,
@@ -611,6 +638,9 @@ class EmbeddingLayer(_HierarchicalLayer):
     axes ``("categories", "embed")``.
     """
 
+    input_kind: ClassVar[str | None] = "table"
+    gatherable: ClassVar[bool] = True
+
     def __call__(
         self, name: str, x: jax.Array, num_categories: int, embedding_dim: int
     ) -> jax.Array:
@@ -648,6 +678,9 @@ class RandomEffectsLayer(_HierarchicalLayer):
     logical axes ``("categories",)``.
     """
 
+    input_kind: ClassVar[str | None] = "table"
+    gatherable: ClassVar[bool] = True
+
     def __call__(self, name: str, x: jax.Array, num_categories: int) -> jax.Array:
         """Forward pass through the random-effect lookup.
 
@@ -677,6 +710,9 @@ class FixedEffectsLayer(_FixedPriorBase):
     well-observed groups, or where pooling is unwanted. Sites: ``FixedEffectsLayer_{name}_theta``
     ``(c, 1)`` with logical axes ``("categories", "units")``.
     """
+
+    input_kind: ClassVar[str | None] = "table"
+    gatherable: ClassVar[bool] = True
 
     def __call__(self, name: str, x: jax.Array, num_categories: int) -> jax.Array:
         """Forward pass through the fixed-effect lookup.
@@ -708,6 +744,10 @@ class RandomSlopesLayer(BLayer):
     ``(d, u)`` and ``RandomSlopesLayer_{name}_beta`` ``(c, d, u)``, the table, with logical
     axes ``("categories", "features", "units")``.
     """
+
+    input_kind: ClassVar[str | None] = "table"
+    gatherable: ClassVar[bool] = True
+    slopes_input: ClassVar[bool] = True
 
     table_param = "beta"
 
@@ -836,6 +876,9 @@ class AR1Layer(BLayer):
     their slot, reserved future slots follow the recursion.
     """
 
+    input_kind: ClassVar[str | None] = "table"
+    ordered: ClassVar[bool] = True
+
     def __init__(
         self,
         scale_dist: type[distributions.Distribution] = distributions.HalfNormal,
@@ -949,6 +992,8 @@ class PSplineLayer(BLayer):
     linear trend is not exactly linear in :math:`x` near the ends; a separate linear term
     on the same input would be confounded with it.
     """
+
+    input_kind: ClassVar[str | None] = "smooth"
 
     def __init__(
         self,
@@ -1090,6 +1135,8 @@ class HSGPLayer(BLayer):
     ``HSGPLayer_{name}_lengthscale``, ``..._sigma`` (scalars), ``..._beta`` ``(m, u)``.
     """
 
+    input_kind: ClassVar[str | None] = "smooth"
+
     def __init__(
         self,
         lengthscale_dist: type[distributions.Distribution] = distributions.InverseGamma,
@@ -1204,6 +1251,9 @@ class RandomWalkLayer(_HierarchicalLayer):
     their cumulative sum along the category axis.
     """
 
+    input_kind: ClassVar[str | None] = "table"
+    ordered: ClassVar[bool] = True
+
     def __call__(
         self, name: str, x: jax.Array, num_categories: int, embedding_dim: int
     ) -> jax.Array:
@@ -1262,6 +1312,9 @@ class CategoricalFMLayer(_HierarchicalLayer):
     ``(C, l, u)`` with logical axes ``("categories", "rank", "units")``; field ``f`` owns rows
     ``[off_f, off_f + c_f)`` of the table.
     """
+
+    input_kind: ClassVar[str | None] = "categorical_fm"
+    gatherable: ClassVar[bool] = True
 
     def __call__(
         self,
@@ -1350,6 +1403,8 @@ class HorseshoeLayer(BLayer):
     the same code under both.
     """
 
+    input_kind: ClassVar[str | None] = "dense"
+
     def __init__(
         self,
         slab_scale: float | None = None,
@@ -1427,6 +1482,8 @@ class MixtureLayer(BLayer):
     the others get. Sites: ``MixtureLayer_{name}_logits`` ``(K,)`` (unless ``weights``),
     ``MixtureLayer_{name}_beta`` ``(d, u)``.
     """
+
+    input_kind: ClassVar[str | None] = "dense"
 
     def __init__(
         self,
@@ -1540,6 +1597,9 @@ class HorseshoeInteractionLayer(HorseshoeLayer):
     prefer :class:`LowRankInteractionLayer` or :class:`FMLayer`.
     """
 
+    input_kind: ClassVar[str | None] = "pair"
+    pairs_within: ClassVar[bool] = True
+
     def __call__(  # type: ignore[override]  # (x, z?) differs from the horseshoe's (x)
         self,
         name: str,
@@ -1583,6 +1643,8 @@ class SpikeAndSlabLayer(BLayer):
     approximates the inclusion probability of feature ``j``.
     Sites: ``..._z`` ``(d, u)``, ``..._beta`` ``(d, u)``.
     """
+
+    input_kind: ClassVar[str | None] = "dense"
 
     def __init__(
         self,
@@ -1651,6 +1713,8 @@ class AttentionLayer(_HierarchicalLayer):
     :math:`Normal(0, \lambda)`. Sites: ``..._scale``, ``..._embed`` ``(d, D)``, ``..._bias``
     ``(d, D)``, ``..._query``/``..._key``/``..._value`` ``(H, D, h)``, ``..._out`` ``(D, u)``.
     """
+
+    input_kind: ClassVar[str | None] = "dense"
 
     def __call__(
         self,

@@ -137,3 +137,10 @@ def test_domains_from_the_columns_range():
         constant = FeatureStats()
         constant.update(np.ones((3, 1)))
         smooth.with_domains([PSPLINE], ("x",), constant)
+
+
+def test_every_smooth_layer_has_its_domain_keys():
+    from train.model import service_layers
+
+    smooth_layers = {n for n, c in service_layers().items() if c.input_kind == "smooth"}
+    assert smooth_layers == set(smooth.SMOOTH) == {"PSplineLayer", "HSGPLayer"}

@@ -29,15 +29,13 @@ def _term_piece(term: Term, columns: Columns, sites: set[str]) -> tuple[str, str
     """``(LaTeX, text)`` of one term's contribution to the linear predictor."""
     from blayers.latex import site_symbol as symbol
 
-    from .model import PAIRS_WITHIN
-
     beta = f"{term.layer_name}_{term.name}_beta"
     numeric = [columns.numeric[i] for i in term.numeric_idx]
     categorical = [columns.categorical[i] for i in term.categorical_idx]
     slopes = [columns.numeric[i] for i in term.slopes_idx]
     if term.kind == "intercept" and beta in sites:
         return symbol(beta)
-    if term.kind == "dense" and beta in sites and term.layer_name in PAIRS_WITHIN:
+    if term.kind == "dense" and beta in sites and term.layer.pairs_within:
         tex, txt = symbol(beta)
         return rf"\mathrm{{pairs}}(x_i)^{{\top}}{tex}", f"pairs([{', '.join(numeric)}])·{txt}"
     if term.kind == "dense" and beta in sites:

@@ -41,50 +41,19 @@ from blayers import links
 from blayers.sharding import pad_to_multiple
 
 from .config import ConfigError
-from .smooth import SMOOTH, SMOOTH_KEYS, domain
+from .smooth import SMOOTH_KEYS, domain
 
-INTERCEPT = {"InterceptLayer"}
-DENSE = {
-    "MixtureLayer",
-    "AdaptiveLayer",
-    "FixedPriorLayer",
-    "HorseshoeLayer",
-    "SpikeAndSlabLayer",
-    "AttentionLayer",
-    "FMLayer",
-    "FM3Layer",
-}
-PAIR = {
-    "InteractionLayer",
-    "BilinearLayer",
-    "LowRankInteractionLayer",
-    "LowRankBilinearLayer",
-    "HorseshoeInteractionLayer",
-}
-# pair layers that, without z_inputs, take the pairs within their inputs
-PAIRS_WITHIN = {"HorseshoeInteractionLayer"}
-TABLE = {
-    "AR1Layer",
-    "EmbeddingLayer",
-    "FixedEffectsLayer",
-    "RandomEffectsLayer",
-    "RandomSlopesLayer",
-    "RandomWalkLayer",
-}
-# table layers that take the slopes' columns as their own input: layer(name, x, ids, c)
-SLOPES_INPUT = {"RandomSlopesLayer"}
-# tables whose rows are ordered in time: their column's ids follow its values' order, and
-# the field's unseen-category row and padding come after the last period (for AR1Layer, a
-# forecast: states past the last period follow the recursion)
-ORDERED = {"AR1Layer", "RandomWalkLayer"}
-CATEGORICAL_FM = {"CategoricalFMLayer"}
-GATHERABLE = {
-    "CategoricalFMLayer",
-    "EmbeddingLayer",
-    "FixedEffectsLayer",
-    "RandomEffectsLayer",
-    "RandomSlopesLayer",
-}
+
+def service_layers() -> dict[str, type[L.BLayer]]:
+    """Every layer class of :mod:`blayers.layers` that declares how the service feeds it
+    (:attr:`blayers.layers.BLayer.input_kind`), by name."""
+    return {
+        name: cls
+        for name, cls in vars(L).items()
+        if inspect.isclass(cls) and issubclass(cls, L.BLayer) and cls.input_kind is not None
+    }
+
+
 TERM_KEYS = {"layer", "name", "inputs", "z_inputs", "slopes", "sparse"}
 SPARSE_AUTO_ROWS = 100_000  # dense is cheap below this and converges rare rows in fewer epochs
 SUPPLIED = {"name", "x", "z", "groups", "num_categories", "self"}  # call args the builder fills
@@ -133,7 +102,7 @@ class Term:
 
     @property
     def gatherable(self) -> bool:
-        return self.layer_name in GATHERABLE
+        return self.layer.gatherable
 
     @property
     def table_site(self) -> str:
@@ -186,9 +155,9 @@ class Term:
     def _table_call(self, numeric: jax.Array, ids: jax.Array, rows: int) -> jax.Array:
         """A table layer's output on ``ids`` into a table of ``rows`` rows, summed to
         ``(n, 1)``: its rows times the slopes' columns for an embedding with ``slopes``, the
-        layer's own product for a layer that takes them as input (:data:`SLOPES_INPUT`)."""
+        layer's own product for a layer that takes them as input (``slopes_input``)."""
         kw = self.call_kwargs
-        if self.layer_name in SLOPES_INPUT:
+        if self.layer.slopes_input:
             out = self.layer(self.name, _columns(numeric, self.slopes_idx), ids, rows, **kw)
         else:
             out = self.layer(self.name, ids, rows, **kw)
@@ -263,12 +232,10 @@ def build_term(
     where = f"model.terms[{name or layer_name}]"
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}: every term needs a non-empty 'name'")
-    cls = getattr(L, str(layer_name), None)
-    if not (inspect.isclass(cls) and issubclass(cls, L.BLayer) and cls is not L.BLayer):
-        raise ConfigError(
-            f"{where}: unknown layer {layer_name!r}; choose one of "
-            f"{sorted(INTERCEPT | DENSE | PAIR | TABLE | CATEGORICAL_FM | SMOOTH)}"
-        )
+    layers = service_layers()
+    cls = layers.get(str(layer_name))
+    if cls is None:
+        raise ConfigError(f"{where}: unknown layer {layer_name!r}; choose one of {sorted(layers)}")
     inputs = list(spec.get("inputs") or [])
     is_categorical = bool(inputs) and all(c in columns.categorical for c in inputs)
     if layer_name == "FMLayer" and is_categorical:
@@ -299,15 +266,16 @@ def build_term(
     def numeric_idx(cols: Sequence[str], what: str = "numeric") -> tuple[int, ...]:
         return _indices(cols, columns.numeric, what, where)
 
-    if layer_name in INTERCEPT:
+    kind = cls.input_kind
+    if kind == "intercept":
         if inputs:
             raise ConfigError(f"{where}: InterceptLayer takes no inputs")
         return Term(layer, "intercept", name, call_kwargs=call_kw)
-    if layer_name in DENSE:
+    if kind == "dense":
         if not inputs:
             raise ConfigError(f"{where}: {layer_name} needs numeric 'inputs'")
         return Term(layer, "dense", name, numeric_idx=numeric_idx(inputs), call_kwargs=call_kw)
-    if layer_name in SMOOTH:
+    if kind == "smooth":
         if len(inputs) != 1:
             raise ConfigError(f"{where}: {layer_name} takes exactly one numeric input")
         if layer_name == "HSGPLayer" and "m" not in call_kw:
@@ -321,9 +289,9 @@ def build_term(
             call_kwargs=call_kw,
             center=float(spec.get("center", 0.0)),
         )
-    if layer_name in PAIR:
+    if kind == "pair":
         z = list(spec.get("z_inputs") or [])
-        if inputs and not z and layer_name in PAIRS_WITHIN:
+        if inputs and not z and cls.pairs_within:
             return Term(layer, "dense", name, numeric_idx=numeric_idx(inputs), call_kwargs=call_kw)
         if not inputs or not z:
             raise ConfigError(f"{where}: {layer_name} needs numeric 'inputs' and 'z_inputs'")
@@ -340,18 +308,19 @@ def build_term(
     sparse_setting = spec.get("sparse", "auto")
     if sparse_setting not in (True, False, "auto"):
         raise ConfigError(f"{where}: sparse must be true, false or auto, got {sparse_setting!r}")
-    if sparse_setting is True and layer_name not in GATHERABLE:
+    if sparse_setting is True and not cls.gatherable:
+        gatherable = sorted(n for n, c in layers.items() if c.gatherable)
         raise ConfigError(
-            f"{where}: sparse: true needs a table term ({sorted(GATHERABLE)}); {layer_name} "
+            f"{where}: sparse: true needs a table term ({gatherable}); {layer_name} "
             "reads all of its rows each step"
         )
 
     def wants_sparse(rows: int) -> bool:
-        if layer_name not in GATHERABLE:
+        if not cls.gatherable:
             return False
         return sparse_setting is True or (sparse_setting == "auto" and rows >= SPARSE_AUTO_ROWS)
 
-    if layer_name in CATEGORICAL_FM:
+    if kind == "categorical_fm":
         if len(inputs) < 2:
             raise ConfigError(f"{where}: an FM over categorical fields needs >= 2 inputs")
         padded = (*sizes[:-1], pad_to_multiple(sum(sizes), pad_multiple) - sum(sizes[:-1]))
@@ -367,9 +336,9 @@ def build_term(
     if len(inputs) != 1:
         raise ConfigError(f"{where}: {layer_name} takes exactly one categorical input")
     slopes = list(spec.get("slopes") or [])
-    if slopes and layer_name not in {"EmbeddingLayer", *SLOPES_INPUT}:
+    if slopes and not (layer_name == "EmbeddingLayer" or cls.slopes_input):
         raise ConfigError(f"{where}: 'slopes' applies to EmbeddingLayer and RandomSlopesLayer")
-    if layer_name in SLOPES_INPUT and not slopes:
+    if cls.slopes_input and not slopes:
         raise ConfigError(f"{where}: {layer_name} needs the numeric columns of its 'slopes'")
     if slopes and layer_name == "EmbeddingLayer":
         call_kw.setdefault("embedding_dim", len(slopes))
@@ -439,13 +408,16 @@ def build_model(
 
 
 def ordered_columns(model_cfg: Any) -> set[str]:
-    """The categorical columns an ordered table term reads (:data:`ORDERED`): their
+    """The categorical columns an ordered table term reads (``BLayer.ordered``): their
     vocabularies give ids in the values' ascending order, not by frequency, so that adjacent
     rows are adjacent periods. The out-of-vocabulary row comes right after the last period,
-    so an unseen (later) period continues the series."""
+    so an unseen (later) period continues the series (for AR1Layer, a forecast: states past
+    the last period follow the recursion)."""
+    layers = service_layers()
     out: set[str] = set()
     for spec in _get(model_cfg, "terms") or []:
-        if isinstance(spec, Mapping) and spec.get("layer") in ORDERED:
+        cls = layers.get(str(spec.get("layer"))) if isinstance(spec, Mapping) else None
+        if cls is not None and cls.ordered:
             out.update(spec.get("inputs") or [])
     return out
 

@@ -35,7 +35,7 @@ SMOOTH_KEYS = {
     "PSplineLayer": frozenset({"range", "num_knots"}),
     "HSGPLayer": frozenset({"center"}),
 }
-SMOOTH = frozenset(SMOOTH_KEYS)
+SMOOTH = frozenset(SMOOTH_KEYS)  # the layers whose input_kind is "smooth" (tested)
 DEFAULT_NUM_KNOTS = 20
 BOUNDARY_FACTOR = 1.5  # L as a multiple of the data's half range (upstream's hsgp_L default)
 PLACEHOLDER = (0.0, 1.0)  # the range a check before the data is read builds with
