@@ -83,7 +83,7 @@ def describe(model_cfg: Any, columns: Columns) -> list[Statement]:
         "categorical": jnp.zeros((1, len(columns.categorical)), jnp.int32),
     }
     statements = model_statements(lambda: model(batch))
-    terms: Sequence[Term] = getattr(model, "terms", [])
+    terms: Sequence[Term] = model.terms
     if not terms:
         return statements
     sites = _site_names(statements, terms)

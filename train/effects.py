@@ -72,7 +72,7 @@ def effect_batches(
 ) -> Iterator[pa.RecordBatch]:
     """The per-level effects of table term ``name`` (module docstring), ``chunk_rows``
     categories per batch. The term and the run's vocabulary are checked on the call."""
-    terms = getattr(setup.model, "terms", [])
+    terms = setup.model.terms
     term = find_term(terms, name)
     site = term.table_site
     if not _real(setup.sites[site].support):

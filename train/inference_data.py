@@ -56,7 +56,7 @@ def _picked_rows(
 ) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, list[Any]]]]:
     """Table rows for ``rows={term: [raw values]}``; and per table site, its term's name and
     the values, in order."""
-    terms = getattr(setup.model, "terms", [])
+    terms = setup.model.terms
     extra, named = {}, {}
     for name, values in rows.items():
         term = effects_lib.find_term(terms, name)
@@ -76,7 +76,7 @@ def _picked_rows(
 
 def _dims(setup: Any, name: str, shape: tuple[int, ...]) -> tuple[list[str], dict[str, Any]]:
     dims = [f"{name}_dim_{i}" for i in range(len(shape))]
-    terms = getattr(setup.model, "terms", [])
+    terms = setup.model.terms
     labels = coefficient_labels(terms, setup.columns, name)
     if labels is None or not shape or len(labels) != shape[0]:
         return dims, {}

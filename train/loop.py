@@ -223,7 +223,7 @@ def make_setup(
         model, abstract_batch(cfg.data.batch_size, columns), num_data=num_data
     )
     optimizer = make_optimizer(cfg.optim, cfg.train.steps, global_sites=global_site_names(sites))
-    terms = getattr(model, "terms", [])
+    terms = model.terms
     sparse = {
         t.table_site: SparseTable(t.table_site, t, int(sum(t.num_categories)))
         for t in terms
@@ -352,12 +352,12 @@ def warm_state(
     )
     known = {c: v.size for c, v in base.vocabs.items()}
     blocks = warm_start.row_blocks(
-        getattr(base_setup.model, "terms", []),
-        getattr(setup.model, "terms", []),
+        base_setup.model.terms,
+        setup.model.terms,
         known,
         setup.columns.categorical,
     )
-    by_site = {t.table_site: t for t in getattr(setup.model, "terms", []) if t.categorical_idx}
+    by_site = {t.table_site: t for t in setup.model.terms if t.categorical_idx}
     counts = {s: row_counts(by_site[s], vocab_counts, setup.columns) for s in setup.row_start or {}}
     restart = warm_start.restarted_rows(counts)
     log(f"continuing {base.run_dir} from its step {step}")
@@ -439,9 +439,7 @@ def _train(
     )
     if latest is None and jax.process_index() == 0:
         link_kwargs = configured_link_kwargs(cfg.model)
-        for line in prior_warnings(
-            getattr(setup.model, "terms", []), link, link_kwargs, store.target_stats
-        ):
+        for line in prior_warnings(setup.model.terms, link, link_kwargs, store.target_stats):
             log(f"warning: {line}")
     plan = sharding_plan(setup.abstract, setup.shardings, setup.guide)
     statements = describe.describe(cfg.model, setup.columns)
@@ -923,7 +921,7 @@ def make_run_recenter(
     ``(None, 0)`` when off or when no term qualifies. The move reads every row of the
     tables it shifts, so it runs at most once per ``rows / batch_size`` steps: its cost
     spread over the steps stays within one batch's worth of rows, whatever the table size."""
-    terms = getattr(setup.model, "terms", [])
+    terms = setup.model.terms
     found = recenter_lib.plan(terms, setup.sites) if every else None
     if found is None:
         return None, 0

@@ -58,7 +58,6 @@ TERM_KEYS = {"layer", "name", "inputs", "z_inputs", "slopes", "sparse"}
 SPARSE_AUTO_ROWS = 100_000  # dense is cheap below this and converges rare rows in fewer epochs
 SUPPLIED = {"name", "x", "z", "groups", "num_categories", "self"}  # call args the builder fills
 
-Model = Callable[..., Any]
 LINEAR_PREDICTOR = "linear_predictor"
 
 
@@ -164,6 +163,19 @@ class Term:
             if self.slopes_idx:
                 out = out * _columns(numeric, self.slopes_idx)
         return jnp.sum(out, axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A service model: ``model(batch, num_data=None, gathered=None)`` runs ``fn`` on packed
+    batches ``{numeric, categorical[, target]}``; ``terms`` are its configured terms (none
+    for a model of the user's own, ``model._target_``)."""
+
+    fn: Callable[..., Any]
+    terms: tuple[Term, ...] = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
 
 
 def _resolve_dists(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
@@ -403,8 +415,7 @@ def build_model(
         numpyro.deterministic(LINEAR_PREDICTOR, eta)
         return link(eta, batch.get("target"), num_data=num_data, **link_kwargs)
 
-    model.terms = terms  # type: ignore[attr-defined]
-    return model
+    return Model(model, tuple(terms))
 
 
 def ordered_columns(model_cfg: Any) -> set[str]:
@@ -459,4 +470,4 @@ def _user_model(target: str, columns: Columns, table_sizes: Mapping[str, int]) -
         cols.update({c: batch["categorical"][:, j] for j, c in enumerate(columns.categorical)})
         return fn(cols, batch.get("target"), num_data=num_data, num_categories=sizes)
 
-    return model
+    return Model(model)

@@ -40,7 +40,7 @@ class Gathered(NamedTuple):
 
 def table_terms(setup: Any) -> dict[str, Any]:
     """The model's gatherable table terms, by name."""
-    return {t.name: t for t in getattr(setup.model, "terms", []) if t.gatherable}
+    return {t.name: t for t in setup.model.terms if t.gatherable}
 
 
 def seen_rows(setup: Any, vocabs: Mapping[str, Any]) -> dict[str, np.ndarray]:

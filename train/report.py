@@ -184,7 +184,7 @@ def _table_terms(plt: Any, run_dir: Path) -> list[str]:
     except ConfigError as err:  # e.g. a model of the user's own, restored only when trusted
         return [f"<p>(not drawn: {html.escape(str(err))})</p>"]
     parts = []
-    for name, term in effects_lib.table_terms(getattr(setup.model, "terms", [])).items():
+    for name, term in effects_lib.table_terms(setup.model.terms).items():
         if term.layer_name in effects_lib.UNSUPPORTED:
             continue
         got = _effect_sample(effects_lib.effect_batches(setup, state, run_dir / "vocab", name))

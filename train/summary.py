@@ -112,7 +112,7 @@ def summary_rows(
     keys = jax.random.split(jax.random.PRNGKey(seed), draws)
     drawn = jax.jit(jax.vmap(lambda k: guide.sample(k, view)[0]))(keys)
     rows = []
-    terms = getattr(setup.model, "terms", [])
+    terms = setup.model.terms
     for name in names:
         site = setup.sites[name]
         labels = coefficient_labels(terms, setup.columns, name)
