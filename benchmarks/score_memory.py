@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the repository, for `train` and `blayers`
 
 
 def peak_rss_mb() -> float:

@@ -111,6 +111,43 @@ def test_scores_are_reproducible_and_draws_optional(trained, tmp_path):
         assert_allclose(ta[name].to_numpy(), np.quantile(draws, level, axis=1), rtol=1e-5)
 
 
+def test_a_rows_draws_do_not_depend_on_its_batch_and_match_per_batch_drawing(trained, tmp_path):
+    """Whole tables drawn once: a row scores the same in a batch of 64 as in one of 256 (its
+    draws are a function of its ids), and the per-batch path, which draws each batch's rows
+    afresh, agrees with it to Monte Carlo error."""
+    from train.summary import restore_run
+
+    tables = {}
+    for size in (64, 256):
+        out = tmp_path / str(size)
+        cfg = score_cfg(trained / "run", trained / "multi.parquet", out, draws=40)
+        cfg.data.batch_size = size
+        score_lib.score(cfg, log=lambda _: None)
+        tables[size] = pq.read_table(out)
+    for column in ("mean", "std", "q05", "q95"):
+        assert_allclose(tables[64][column].to_numpy(), tables[256][column].to_numpy(), rtol=1e-5)
+
+    setup, state, _ = restore_run(trained / "run", None)
+    rng = np.random.default_rng(4)
+    batch = {
+        "numeric": jnp.asarray(rng.normal(size=(256, 4)), jnp.float32),
+        "categorical": jnp.asarray(rng.integers(0, 20, size=(256, 3)), jnp.int32),
+    }
+    seen = {
+        t.table_site: jnp.ones(sum(t.num_categories), bool)
+        for t in setup.model.terms
+        if t.gatherable
+    }
+    key, means = jax.random.PRNGKey(1), []
+    for budget in (score_lib.PREDRAW_BYTES, 0):
+        scorer = score_lib.make_scorer(setup, 400, [], False, False, predraw_bytes=budget)
+        assert scorer.predrawn == (budget > 0)
+        out = scorer.score(scorer.prepare(state.params, seen, key), key, batch)
+        means.append((np.asarray(out["mean"]), np.asarray(out["std"])))
+    (m1, s1), (m2, _) = means
+    assert np.all(np.abs(m1 - m2) < 5 * s1 / np.sqrt(400) + 1e-6), np.abs(m1 - m2).max()
+
+
 def test_quantiles_on_the_host_equal_jnp_quantile(rng):
     x = rng.normal(size=(100, 300)).astype(np.float32)  # draws × rows
     levels = [0.0, 0.05, 0.37, 0.5, 0.95, 1.0]
@@ -289,8 +326,9 @@ def test_device_and_host_quantiles_agree_on_a_trained_run(trained):
     levels = [0.05, 0.5, 0.95]
     outputs = []
     for host in (False, True):
-        scorer, _ = score_lib.make_scorer(setup, 50, levels, True, False, host)
-        out = {k: np.asarray(v) for k, v in scorer(state.params, seen, key, batch).items()}
+        scorer = score_lib.make_scorer(setup, 50, levels, True, False, host)
+        context = scorer.prepare(state.params, seen, key)
+        out = {k: np.asarray(v) for k, v in scorer.score(context, key, batch).items()}
         if host:
             score_lib.finish_quantiles(out, levels)
         outputs.append(out)

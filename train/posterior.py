@@ -123,3 +123,44 @@ def draw_trace(
     seeded = handlers.seed(handlers.substitute(setup.model, substitute_fn=draw), model_key)
     trace = handlers.trace(seeded).get_trace(batch, None, rows.local)
     return trace, values
+
+
+def whole_tables(setup: Any, seen: Mapping[str, jax.Array]) -> Gathered:
+    """Every row of every gatherable table, as :func:`gather` would give them for a batch
+    that read them all (for a one-row batch: its ids point at row 0)."""
+    uniq, local, unseen = {}, {}, {}
+    for name, term in table_terms(setup).items():
+        rows = int(sum(term.num_categories))
+        site = term.table_site
+        uniq[site] = jnp.arange(rows, dtype=jnp.int32)
+        local[name] = GatheredRows(jnp.zeros((1, len(term.categorical_idx)), jnp.int32), rows)
+        unseen[site] = ~seen[site]
+    return Gathered(uniq, local, unseen, {})
+
+
+def draw_tables(
+    setup: Any,
+    key: jax.Array,
+    params: guides.Params,
+    seen: Mapping[str, jax.Array],
+    draws: int,
+) -> dict[str, jax.Array]:
+    """``draws`` posterior draws of every site, whole tables included (rows unseen in
+    training from the prior given the drawn scale, as :func:`draw_trace` draws them), each
+    ``(draws, *shape)``. A row's draws are then a function of its id alone: the same in every
+    batch, part and process, drawn once instead of once per batch that reads it."""
+    tables = whole_tables(setup, seen)
+    dummy = {
+        "numeric": jnp.zeros((1, len(setup.columns.numeric)), jnp.float32),
+        "categorical": jnp.zeros((1, len(setup.columns.categorical)), jnp.int32),
+    }
+
+    def one(k: jax.Array) -> dict[str, jax.Array]:
+        return draw_trace(setup, k, params, tables, dummy)[1]
+
+    return jax.vmap(one)(jax.random.split(key, draws))
+
+
+def table_bytes(setup: Any, draws: int) -> int:
+    """The bytes :func:`draw_tables` holds: every latent site's values for every draw."""
+    return 4 * draws * sum(int(np.prod(site.shape)) for site in setup.sites.values())

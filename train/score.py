@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,13 +32,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
-
-from blayers import guides
+from numpyro import handlers
 
 from . import data as data_lib
 from . import files, posterior
 from . import vocab as vocab_lib
-from .model import LINEAR_PREDICTOR
+from .model import LINEAR_PREDICTOR, GatheredRows
 from .settings import check_score_settings
 from .state import row_sharding
 from .summary import restore_run
@@ -119,6 +118,7 @@ def output_columns(
 
 
 Y_STREAM = 0x5EED  # folded into a draw's key for its y
+TABLE_STREAM = 0x7AB1E  # folded into the seed's key for draws of whole tables
 PREDICTIVE = "pred_"  # y drawn from the likelihood under each posterior draw: its sd, quantiles
 
 
@@ -169,6 +169,21 @@ def finish_quantiles(out: dict[str, np.ndarray], quantiles: Sequence[float]) -> 
             out[quantile_name(key[len(QUANTILE_DRAWS) :], level)] = value
 
 
+# the most bytes of posterior draws of whole tables that scoring draws once up front
+# (posterior.draw_tables); larger tables are drawn per batch, on the rows the batch reads
+PREDRAW_BYTES = 1 << 28
+
+
+class Scorer(NamedTuple):
+    """``context = prepare(params, seen, key)`` once, then ``score(context, key, batch) ->
+    dict of (B, ...) summaries`` per batch; batches are split over ``rows_sharding``."""
+
+    prepare: Callable[..., Any]
+    score: Callable[..., Any]
+    rows_sharding: NamedSharding
+    predrawn: bool
+
+
 def make_scorer(
     setup: Any,
     draws: int,
@@ -177,22 +192,24 @@ def make_scorer(
     with_draws: bool,
     host_quantiles: bool = False,
     predictive: bool = False,
-) -> Any:
-    """Jitted ``score(params, seen, key, batch) -> dict of (B, ...) summaries``.
-    ``predictive``: also the sd and quantiles of ``y ~ p(y | θ)``, one ``y`` per draw of
-    ``θ``, i.e. of the posterior predictive distribution (observation noise included).
+    predraw_bytes: int = PREDRAW_BYTES,
+) -> Scorer:
+    """The jitted scorer of a restored run (:class:`Scorer`). ``predictive``: also the sd and
+    quantiles of ``y ~ p(y | θ)``, one ``y`` per draw of ``θ``, i.e. of the posterior
+    predictive distribution (observation noise included).
 
     ``seen[table_site]`` flags table rows that had training data; the others (OOV rows,
     padding) are drawn from the layer's prior given the drawn scale, whatever path trained
-    the table. With ``host_quantiles`` the quantiles are left to :func:`finish_quantiles`:
-    the outputs then hold each row's draws instead."""
+    the table. Where every site's ``draws`` draws fit in ``predraw_bytes``, ``prepare`` draws
+    them once, whole tables included (:func:`train.posterior.draw_tables`), and each batch
+    only reads its rows: a row's draws are the same in every batch, part and process. Else
+    each batch draws the rows it reads (:func:`train.posterior.draw_trace`). With
+    ``host_quantiles`` the quantiles are left to :func:`finish_quantiles`: the outputs then
+    hold each row's draws instead."""
     terms = posterior.table_terms(setup)
     q = jnp.asarray(quantiles, jnp.float32)
 
-    def one_draw(
-        key: jax.Array, params: guides.Params, rows: posterior.Gathered, batch: Any
-    ) -> Any:
-        trace, _ = posterior.draw_trace(setup, key, params, rows, batch)
+    def outputs(trace: Any, key: jax.Array) -> Any:
         eta = trace[LINEAR_PREDICTOR]["value"][:, 0] if LINEAR_PREDICTOR in trace else None
         fn = trace["obs"]["fn"]
         # a key of its own, so the other columns' draws are the same with or without it
@@ -209,15 +226,7 @@ def make_scorer(
                 out[quantile_name(prefix, level)] = qs[i]
         return out
 
-    def score(
-        params: guides.Params,
-        seen: Mapping[str, jax.Array],
-        key: jax.Array,
-        batch: Mapping[str, jax.Array],
-    ) -> Any:
-        rows = posterior.gather(terms, batch["categorical"], seen)
-        keys = jax.random.split(key, draws)
-        mean, eta, y = jax.vmap(lambda k: one_draw(k, params, rows, batch))(keys)
+    def summaries(mean: jax.Array, eta: Any, y: Any) -> dict[str, jax.Array]:
         out = summarize(mean, "")
         if with_eta and eta is not None:
             out.update(summarize(eta, "eta_"))
@@ -229,8 +238,38 @@ def make_scorer(
             out["draws"] = mean.T
         return out
 
+    def per_batch(context: Any, key: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
+        params, seen = context
+        rows = posterior.gather(terms, batch["categorical"], seen)
+
+        def one(k: jax.Array) -> Any:
+            return outputs(posterior.draw_trace(setup, k, params, rows, batch)[0], k)
+
+        return summaries(*jax.vmap(one)(jax.random.split(key, draws)))
+
+    def from_drawn(drawn: Any, key: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
+        categorical = batch["categorical"]
+        local = {
+            name: GatheredRows(t.rows(categorical), int(sum(t.num_categories)))
+            for name, t in terms.items()
+        }
+
+        def one(values: Mapping[str, jax.Array], k: jax.Array) -> Any:
+            model = handlers.seed(handlers.substitute(setup.model, data=values), k)
+            return outputs(handlers.trace(model).get_trace(batch, None, local), k)
+
+        return summaries(*jax.vmap(one)(drawn, jax.random.split(key, draws)))
+
     rows_sharding = NamedSharding(setup.mesh, PartitionSpec("data"))
-    return jax.jit(score, out_shardings=rows_sharding), rows_sharding
+    predrawn = posterior.table_bytes(setup, draws) <= predraw_bytes
+    if predrawn:
+        prepare = jax.jit(
+            lambda params, seen, key: posterior.draw_tables(setup, key, params, seen, draws)
+        )
+        score_fn = from_drawn
+    else:
+        prepare, score_fn = (lambda params, seen, key: (params, seen)), per_batch
+    return Scorer(prepare, jax.jit(score_fn, out_shardings=rows_sharding), rows_sharding, predrawn)
 
 
 def _encode_part(
@@ -319,7 +358,7 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         )
     # XLA:CPU's sort is slow; an accelerator's is not, and spares moving the draws
     host_quantiles = jax.default_backend() == "cpu"
-    scorer, rows_sharding = make_scorer(
+    scorer = make_scorer(
         setup,
         int(cfg.draws),
         list(cfg.quantiles),
@@ -328,15 +367,18 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         host_quantiles,
         bool(cfg.predictive),
     )
+    rows_sharding = scorer.rows_sharding
     seen = {
         site: jax.device_put(rows, row_sharding(setup.shardings, site))
         for site, rows in posterior.seen_rows(setup, vocabs).items()
     }
+    base_key = jax.random.PRNGKey(int(cfg.seed))
+    # the draws of whole tables, when drawn up front, come from a key of their own
+    context = scorer.prepare(state.params, seen, jax.random.fold_in(base_key, TABLE_STREAM))
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = parts_for_process(parts, process, count)
     local_b = b // count
     total_batches = batches_per_process(parts, count, local_b)
-    base_key = jax.random.PRNGKey(int(cfg.seed))
     done_batches, rows_written = 0, 0
     part_records = []
 
@@ -344,7 +386,7 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         shardings = {"numeric": rows_sharding, "categorical": rows_sharding}
         with distributed.explain_peer_failure("scoring"):
             batch = distributed.global_batch(local, shardings)
-            out = scorer(state.params, seen, jax.random.fold_in(base_key, key_index), batch)
+            out = scorer.score(context, jax.random.fold_in(base_key, key_index), batch)
             host = {
                 k: np.asarray(
                     multihost_utils.global_array_to_host_local_array(v, mesh, PartitionSpec("data"))
