@@ -103,6 +103,7 @@ def test_quantile_names_are_unique_at_any_precision(run, tmp_path):
         ({"draws": 0}, "draws=0"),
         ({"quantiles": [0.5, 0.5]}, "repeats"),
         ({"quantiles": [1.5]}, r"must lie in \[0, 1\]"),
+        ({"predraw_mb": -1}, "predraw_mb=-1"),
     ],
 )
 def test_bad_score_settings_are_refused_before_any_work(run, tmp_path, overrides, message):

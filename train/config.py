@@ -277,6 +277,9 @@ class ScoreConfig:
     # pred_q05, ...), observation noise included, beside E[y | θ]
     predictive: bool = False
     raw_draws: bool = False  # also write the S draws as a list column
+    # draw whole tables once (S draws of every row) when they fit in this many MiB, so each
+    # batch only reads its rows; larger tables are drawn per batch (train/score.py)
+    predraw_mb: int = 256
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 

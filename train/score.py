@@ -169,9 +169,9 @@ def finish_quantiles(out: dict[str, np.ndarray], quantiles: Sequence[float]) -> 
             out[quantile_name(key[len(QUANTILE_DRAWS) :], level)] = value
 
 
-# the most bytes of posterior draws of whole tables that scoring draws once up front
-# (posterior.draw_tables); larger tables are drawn per batch, on the rows the batch reads
-PREDRAW_BYTES = 1 << 28
+# the default bytes of posterior draws of whole tables that scoring draws once up front
+# (posterior.draw_tables; the job's predraw_mb); larger tables are drawn per batch
+PREDRAW_BYTES = 256 << 20
 
 
 class Scorer(NamedTuple):
@@ -366,6 +366,7 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         bool(cfg.raw_draws),
         host_quantiles,
         bool(cfg.predictive),
+        int(cfg.predraw_mb) << 20,
     )
     rows_sharding = scorer.rows_sharding
     seen = {

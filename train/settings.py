@@ -152,6 +152,8 @@ def check_score_settings(cfg: Any) -> None:
     if len(set(levels)) != len(levels):
         raise ConfigError(f"quantiles={levels} repeats a level; list each once")
     _positive(cfg.data.batch_size, "data.batch_size", "must be positive")
+    if cfg.predraw_mb < 0:
+        raise ConfigError(f"predraw_mb={cfg.predraw_mb} must be >= 0 (0: draw per batch)")
 
 
 # settings that change neither what a run learns nor how: where and how long it runs, how
