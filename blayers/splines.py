@@ -92,6 +92,9 @@ def bspline_basis(x: jax.Array, knots: jax.Array, degree: int = 3) -> jax.Array:
 
 
 def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
-    """``num / den``, 0 where ``den`` is 0 (a repeated knot)."""
+    """``num / den`` clipped to ``[0, 1]``, 0 where ``den`` is 0 (a repeated knot). Where the
+    lower-degree function it weights is nonzero the ratio already lies in ``[0, 1]``; outside
+    it can overflow (knots 1e-38 apart: 4 / 1e-38 is inf in float32), and inf times that
+    function's 0 would be NaN."""
     safe = jnp.where(den > 0, den, 1.0)
-    return jnp.where(den > 0, num / safe, 0.0)
+    return jnp.where(den > 0, jnp.clip(num / safe, 0.0, 1.0), 0.0)
