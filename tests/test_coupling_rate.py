@@ -27,22 +27,30 @@ D, N, SIGMA = 15, 2000, 0.3
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("coupling") / "train.parquet"
+    return path, simulate(path)
+
+
+def simulate(path) -> np.ndarray:
+    """Writes the data to ``path``; returns the exact posterior sds, intercept first."""
     rng = np.random.default_rng(7)
     x = rng.normal(size=(N, D))
     x[:, 1:] += 0.9 * x[:, :1]  # every input correlated with the first
     beta = rng.normal(size=D) * 0.5
     y = 0.5 + x @ beta + rng.normal(0, SIGMA, N)
     columns = {f"x{j}": x[:, j].astype(np.float32) for j in range(D)}
-    path = tmp_path_factory.mktemp("coupling") / "train.parquet"
     pq.write_table(pa.table({**columns, "y": y.astype(np.float32)}), path)
     design = np.column_stack([np.ones(N), x])
     # the exact posterior sds of the intercept and coefficients given sigma (flat prior: with
     # 2,000 rows the priors' pull is far below the tolerance)
-    exact = np.sqrt(np.diag(np.linalg.inv(design.T @ design))) * SIGMA
-    return path, exact
+    return np.sqrt(np.diag(np.linalg.inv(design.T @ design))) * SIGMA
 
 
-def fit(path, run, factor: float, steps: int) -> dict[str, np.ndarray]:
+def fit(
+    path, run, factor: float, steps: int, lr: float = 0.03, guide: str = "conditional"
+) -> dict[str, np.ndarray]:
+    """The service's fit (also ``benchmarks/coupling_rate.py``'s): each global site's
+    ``(mean, std)`` per element, from 2,000 guide draws."""
     inputs = [f"x{j}" for j in range(D)]
     settings = {
         "data.numeric": inputs,
@@ -55,7 +63,8 @@ def fit(path, run, factor: float, steps: int) -> dict[str, np.ndarray]:
         ],
         "train.steps": steps,
         "checkpoint.every": steps,
-        "optim.lr": 0.03,
+        "optim.lr": lr,
+        "optim.guide": guide,
         "optim.coupling_lr_factor": factor,
         "mesh.data": 1,
     }
