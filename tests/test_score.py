@@ -111,6 +111,22 @@ def test_scores_are_reproducible_and_draws_optional(trained, tmp_path):
         assert_allclose(ta[name].to_numpy(), np.quantile(draws, level, axis=1), rtol=1e-5)
 
 
+def random_batch(setup, rows: int, seed: int) -> tuple[dict, dict]:
+    """``rows`` examples of the small run's columns (ids among its first 20 categories), and
+    every gatherable table's rows flagged as seen in training."""
+    rng = np.random.default_rng(seed)
+    batch = {
+        "numeric": jnp.asarray(rng.normal(size=(rows, 4)), jnp.float32),
+        "categorical": jnp.asarray(rng.integers(0, 20, size=(rows, 3)), jnp.int32),
+    }
+    seen = {
+        t.table_site: jnp.ones(sum(t.num_categories), bool)
+        for t in setup.model.terms
+        if t.gatherable
+    }
+    return batch, seen
+
+
 def test_a_rows_draws_do_not_depend_on_its_batch_and_match_per_batch_drawing(trained, tmp_path):
     """Whole tables drawn once: a row scores the same in a batch of 64 as in one of 256 (its
     draws are a function of its ids), and the per-batch path, which draws each batch's rows
@@ -128,16 +144,7 @@ def test_a_rows_draws_do_not_depend_on_its_batch_and_match_per_batch_drawing(tra
         assert_allclose(tables[64][column].to_numpy(), tables[256][column].to_numpy(), rtol=1e-5)
 
     setup, state, _ = restore_run(trained / "run", None)
-    rng = np.random.default_rng(4)
-    batch = {
-        "numeric": jnp.asarray(rng.normal(size=(256, 4)), jnp.float32),
-        "categorical": jnp.asarray(rng.integers(0, 20, size=(256, 3)), jnp.int32),
-    }
-    seen = {
-        t.table_site: jnp.ones(sum(t.num_categories), bool)
-        for t in setup.model.terms
-        if t.gatherable
-    }
+    batch, seen = random_batch(setup, 256, seed=4)
     key, means = jax.random.PRNGKey(1), []
     for budget in (score_lib.PREDRAW_BYTES, 0):
         scorer = score_lib.make_scorer(setup, 400, [], False, False, predraw_bytes=budget)
@@ -312,16 +319,7 @@ def test_device_and_host_quantiles_agree_on_a_trained_run(trained):
     from train.summary import restore_run
 
     setup, state, _ = restore_run(trained / "run", None)
-    rng = np.random.default_rng(3)
-    batch = {
-        "numeric": jnp.asarray(rng.normal(size=(64, 4)), jnp.float32),
-        "categorical": jnp.asarray(rng.integers(0, 20, size=(64, 3)), jnp.int32),
-    }
-    seen = {
-        t.table_site: jnp.ones(sum(t.num_categories), bool)
-        for t in setup.model.terms
-        if t.gatherable
-    }
+    batch, seen = random_batch(setup, 64, seed=3)
     key = jax.random.PRNGKey(5)
     levels = [0.05, 0.5, 0.95]
     outputs = []
