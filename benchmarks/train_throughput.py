@@ -185,24 +185,33 @@ def dedicated_cores_line() -> str:
     return f"pipeline threads on cores {sorted(split.data)}, XLA's pool on {sorted(split.compute)}"
 
 
-def _in_memory_runner(c, step, state):
-    """``run(i)``: one step on the i-th of 8 batches held on device, as the peers get them;
-    the host-side dedup is part of preparing them."""
-    import jax
+def prepared_batches(c, step):
+    """The 8 benchmark batches as the step takes them, host-side dedup included (numpy)."""
     import numpy as np
 
-    local = [
+    return [
         step.prepare(
             {"numeric": b["x"], "categorical": np.stack([b["g"], b["h"]], 1), "target": b["y"]}
         )
         for b in _batches(c)
     ]
+
+
+def _in_memory_runner(c, step, state, block=True):
+    """``run(i) -> loss``: one step on the i-th of 8 batches held on device, as the peers get
+    them; the host-side dedup is part of preparing them. ``block``: wait for each step (as
+    the main table does); else steps queue up as they do in a training loop."""
+    import jax
+
+    local = prepared_batches(c, step)
     batches = [{k: jax.device_put(v, step.batch_shardings[k]) for k, v in b.items()} for b in local]
     holder = {"state": state}
 
     def run(i):
         holder["state"], loss = step(holder["state"], batches[i % len(batches)])
-        loss.block_until_ready()
+        if block:
+            loss.block_until_ready()
+        return loss
 
     return run
 
@@ -300,9 +309,10 @@ def e2e_dataset(c):
     return parquet
 
 
-def _e2e_runner(cfg, setup, step, state, c, cores=None):
-    """``run(i)``: one step on the next batch of Parquet -> prepare (vocab, encode, shuffle;
-    cached) -> the service's data stage (``device_batches``) -> step."""
+def _e2e_runner(cfg, setup, step, state, c, cores=None, block=True):
+    """``run(i) -> loss``: one step on the next batch of Parquet -> prepare (vocab, encode,
+    shuffle; cached) -> the service's data stage (``device_batches``) -> step. ``block`` as in
+    :func:`_in_memory_runner`."""
     from omegaconf import OmegaConf
 
     from train import data as data_lib
@@ -318,12 +328,20 @@ def _e2e_runner(cfg, setup, step, state, c, cores=None):
 
     def run(_i):
         holder["state"], loss = step(holder["state"], next(it))
-        loss.block_until_ready()
+        if block:
+            loss.block_until_ready()
+        return loss
 
     return run
 
 
 def worker_numpyro(c, term, steps, repeats):
+    return _time_steps(numpyro_runner(c, term), steps, repeats)
+
+
+def numpyro_runner(c, term, block=True):
+    """``run(i) -> loss``: one hand-written NumPyro SVI step (``block`` as in
+    :func:`_in_memory_runner`)."""
     import jax
     import jax.numpy as jnp
     import numpyro
@@ -362,9 +380,11 @@ def worker_numpyro(c, term, steps, repeats):
 
     def run(i):
         holder["state"], loss = update(holder["state"], **batches[i % len(batches)])
-        loss.block_until_ready()
+        if block:
+            loss.block_until_ready()
+        return loss
 
-    return _time_steps(run, steps, repeats)
+    return run
 
 
 UPSTREAM_WORKER = """

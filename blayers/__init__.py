@@ -1,8 +1,13 @@
 """blayers: Bayesian layers on JAX + NumPyro, with sharding annotations for large tables."""
 
-from blayers import layers, links, sharding
-from blayers.layers import *  # noqa: F403 - the layer API is blayers.layers.__all__
-from blayers.sharding import describe_model
+from blayers import gpu_atomics
+
+# before any backend reads XLA_FLAGS (see the module)
+gpu_atomics.use_native_atomics()
+
+from blayers import layers, links, sharding  # noqa: E402
+from blayers.layers import *  # noqa: E402, F403 - the layer API is blayers.layers.__all__
+from blayers.sharding import describe_model  # noqa: E402
 
 __version__ = "0.1.0"
 
