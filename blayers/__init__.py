@@ -1,9 +1,9 @@
 """blayers: Bayesian layers on JAX + NumPyro, with sharding annotations for large tables."""
 
-from blayers import gpu_atomics
+from blayers import xla_flags
 
 # before any backend reads XLA_FLAGS (see the module)
-gpu_atomics.use_native_atomics()
+xla_flags.apply()
 
 from blayers import layers, links, sharding  # noqa: E402
 from blayers.layers import *  # noqa: E402, F403 - the layer API is blayers.layers.__all__
