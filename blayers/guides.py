@@ -118,13 +118,15 @@ def param_logical_axes(sites: Mapping[str, LatentSite]) -> dict[str, dict[str, A
 
 class SiteDraw(NamedTuple):
     """One site's reparameterised draw: the constrained ``value``, the standard-normal
-    ``noise`` behind it, and the guide's log-density split into its Normal part (elementwise,
-    the unconstrained shape) and the bijection's ``log|det J|`` (the transform's shape)."""
+    ``noise`` behind it, the guide's log-density split into its Normal part (elementwise,
+    the unconstrained shape) and the bijection's ``log|det J|`` (the transform's shape), and
+    the ``unconstrained`` point :math:`u` with ``value`` :math:`= T(u)`."""
 
     value: jax.Array
     noise: jax.Array
     log_normal: jax.Array
     log_det: jax.Array
+    unconstrained: jax.Array
 
     def total(self) -> jax.Array:
         r""":math:`\log q` of the whole site."""
@@ -134,6 +136,15 @@ class SiteDraw(NamedTuple):
         r""":math:`\log q` of each leading row (a table's rows), ``(rows,)``."""
         lq = self.log_normal - jnp.broadcast_to(self.log_det, self.log_normal.shape)
         return lq.reshape(lq.shape[0], -1).sum(1)
+
+
+def _log_normal(x: jax.Array, loc: Any, sd: Any) -> jax.Array:
+    z = (x - loc) / sd
+    return -0.5 * z**2 - jnp.log(sd) - 0.5 * jnp.log(2 * jnp.pi)
+
+
+def _per_row(elementwise: jax.Array) -> jax.Array:
+    return elementwise.reshape(elementwise.shape[0], -1).sum(1)
 
 
 class MeanFieldGuide:
@@ -194,7 +205,7 @@ class MeanFieldGuide:
         transform = biject_to(self.sites[name].support)
         value = transform(u)
         log_normal = -0.5 * eps**2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
-        return SiteDraw(value, eps, log_normal, transform.log_abs_det_jacobian(u, value))
+        return SiteDraw(value, eps, log_normal, transform.log_abs_det_jacobian(u, value), u)
 
     @staticmethod
     def _noise(key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, Any]:
@@ -220,6 +231,38 @@ class MeanFieldGuide:
         draws = self.draw(key, params)
         log_q = sum((d.total() for d in draws.values()), jnp.zeros(()))
         return {n: d.value for n, d in draws.items()}, log_q
+
+    def globals_log_density(
+        self,
+        params: Mapping[str, Mapping[str, Any]],
+        u: Mapping[str, jax.Array],
+        widen: float = 1.0,
+    ) -> jax.Array:
+        r""":math:`\log q(g)`, the density of the global sites' unconstrained point ``u`` (by
+        site) under the guide with ``params``, every sd multiplied by ``widen``. Here the
+        globals are independent: :math:`\sum_j \log N(u_j; \text{loc}_j, w\,\text{sd}_j)`."""
+        total = jnp.zeros(())
+        for name, site in self.sites.items():
+            if is_global(site):
+                loc, sd = self.loc_scale(params[name])
+                total = total + jnp.sum(_log_normal(u[name], loc, widen * sd))
+        return total
+
+    def rows_log_density(
+        self,
+        name: str,
+        rows: Mapping[str, Any],
+        u_rows: jax.Array,
+        u: Mapping[str, jax.Array],
+        params: Mapping[str, Mapping[str, Any]],
+        widen: float = 1.0,
+    ) -> jax.Array:
+        r""":math:`\log q(u_r \mid g)` of each of some rows of table ``name`` (``rows``: their
+        guide parameters, ``u_rows``: their unconstrained values), ``(rows,)``, given the
+        globals' point ``u`` and parameters ``params``; sds times ``widen``. Here the rows'
+        own Normal."""
+        loc, sd = self.loc_scale(rows)
+        return _per_row(_log_normal(u_rows, loc, widen * sd))
 
 
 COUPLING = "coupling"
@@ -328,6 +371,58 @@ class StructuredGuide(MeanFieldGuide):
             return loc, scale
         inherited = rows[COUPLING] @ self.global_factor(params)[self.row_index[name]]
         return loc, jnp.sqrt(scale**2 + jnp.sum(inherited**2, axis=-1))
+
+    def _globals_point(self, u: Mapping[str, jax.Array]) -> jax.Array:
+        return jnp.concatenate([u[n].reshape(-1) for n in self.globals])
+
+    def _globals_mean(self, params: Mapping[str, Mapping[str, Any]]) -> jax.Array:
+        return jnp.concatenate([params[n]["loc"].reshape(-1) for n in self.globals])
+
+    def globals_log_density(
+        self,
+        params: Mapping[str, Mapping[str, Any]],
+        u: Mapping[str, jax.Array],
+        widen: float = 1.0,
+    ) -> jax.Array:
+        r""":math:`\log N(g; \mu, w^2 LL^\top) = -\tfrac12 \lVert (wL)^{-1}(g - \mu)
+        \rVert^2 - \sum_i \log(w L_{ii}) - \tfrac{D}{2}\log 2\pi`, one triangular solve."""
+        if not self.dim:
+            return jnp.zeros(())
+        factor = widen * self.global_factor(params)
+        centred = self._globals_point(u) - self._globals_mean(params)
+        eps = jax.scipy.linalg.solve_triangular(factor, centred, lower=True)
+        return (
+            -0.5 * jnp.sum(eps**2)
+            - jnp.sum(jnp.log(jnp.diagonal(factor)))
+            - 0.5 * self.dim * jnp.log(2 * jnp.pi)
+        )
+
+    def _row_shift(
+        self,
+        name: str,
+        rows: Mapping[str, Any],
+        u: Mapping[str, jax.Array],
+        params: Mapping[str, Mapping[str, Any]],
+    ) -> Any:
+        r""":math:`A_r (g - \mu)` for coupled rows, else 0."""
+        if COUPLING not in rows or name not in self.row_index or not self.dim:
+            return 0.0
+        centred = self._globals_point(u) - self._globals_mean(params)
+        return rows[COUPLING] @ centred[self.row_index[name]]
+
+    def rows_log_density(
+        self,
+        name: str,
+        rows: Mapping[str, Any],
+        u_rows: jax.Array,
+        u: Mapping[str, jax.Array],
+        params: Mapping[str, Mapping[str, Any]],
+        widen: float = 1.0,
+    ) -> jax.Array:
+        r""":math:`\log N(u_r; m_r + A_r (g - \mu), w^2 s_r^2)` per row."""
+        loc, sd = self.loc_scale(rows)
+        mean = loc + self._row_shift(name, rows, u, params)
+        return _per_row(_log_normal(u_rows, mean, widen * sd))
 
     def _extra_params(self, params: Params, dtype: Any) -> Params:
         """Every global's row of :math:`T` and every coupled row's :math:`A_r`, at 0."""
@@ -467,7 +562,27 @@ class ConditionalGuide(StructuredGuide):
         loc, scale = self.conditional_loc_scale(name, p, drawn[scale_site].value, anchor)
         u = loc + scale * eps + shift
         log_normal = -0.5 * eps**2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
-        return SiteDraw(u, eps, log_normal, jnp.zeros(()))
+        return SiteDraw(u, eps, log_normal, jnp.zeros(()), u)
+
+    def rows_log_density(
+        self,
+        name: str,
+        rows: Mapping[str, Any],
+        u_rows: jax.Array,
+        u: Mapping[str, jax.Array],
+        params: Mapping[str, Mapping[str, Any]],
+        widen: float = 1.0,
+    ) -> jax.Array:
+        r"""For a conditional table, :math:`\log N(u_r; a + \nu_r(\tau_r + 1)/P_r(\lambda) +
+        A_r(g - \mu), w^2 P_r(\lambda)^{-1})` per row, with :math:`\lambda` the scale at
+        the globals' point ``u``."""
+        if name not in self.conditional:
+            return super().rows_log_density(name, rows, u_rows, u, params, widen)
+        scale_site = self.conditional[name]
+        lam = biject_to(self.sites[scale_site].support)(u[scale_site])
+        loc, sd = self.conditional_loc_scale(name, rows, lam, params[scale_site][ANCHOR])
+        mean = loc + self._row_shift(name, rows, u, params)
+        return _per_row(_log_normal(u_rows, mean, widen * sd))
 
     def scale_quadrature(
         self, table: str, params: Mapping[str, Mapping[str, Any]], nodes: int = 24
