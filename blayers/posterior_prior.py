@@ -112,7 +112,7 @@ def log_joint(
             continue
         if guides.is_global(prior.guide.sites[name]):
             continue  # in the globals' term
-        rows = None if prior_rows is None else prior_rows[name]
+        rows = None if prior_rows is None else prior_rows.get(name)
         per_row = prior.rows_term(name, draws, rows)
         if name in known:
             per_row = jnp.where(known[name], per_row, _per_row_log_prob(site))

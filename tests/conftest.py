@@ -26,6 +26,8 @@ import jax  # noqa: E402  (after the environment above)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import blayers  # noqa: E402, F401  (its XLA settings, before any test starts a backend)
+
 jax.config.update("jax_enable_x64", False)
 
 

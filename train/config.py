@@ -171,6 +171,10 @@ class Config:
     # a trained run this new one continues on new data (train/warm_start.py): its vocabulary
     # extended, its guide and optimizer moments carried over for the rows it knows
     init_from: str | None = None
+    # a trained run whose posterior is this run's prior (train/prior_from.py; it is also the
+    # run continued, as init_from), every day-1 sd times prior_widen >= 1 (forgetting)
+    prior_from: str | None = None
+    prior_widen: float = 1.0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)

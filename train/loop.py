@@ -35,6 +35,7 @@ from . import (
     hooks,
     metric_sinks,
     nonfinite,
+    prior_from,
     rundir,
     smooth,
     warm_start,
@@ -327,18 +328,21 @@ def warm_state(
     setup: Setup,
     vocab_counts: Mapping[str, np.ndarray],
     log: Callable[[str], None],
-) -> TrainState:
+    widen: float | None = None,
+) -> tuple[TrainState, prior_from.RunPrior | None]:
     """A warm start's first state (:mod:`train.warm_start`): the base run restored onto this
     run's mesh, its known rows and globals copied into a fresh, sharded state (a
     conditional-guide row that the new data observes keeps its fresh, data-aware start:
-    :func:`train.warm_start.restarted_rows`)."""
+    :func:`train.warm_start.restarted_rows`). With ``widen`` (``prior_from``), also the base
+    run's posterior as this run's prior (:mod:`train.prior_from`): the same copy with no row
+    restarted, and a flag per row for the rows it fills."""
     ckpt_dir = base.run_dir / "checkpoints"
     try:
         base_setup = make_setup(
             base.cfg, base.table_sizes, int(base.meta["num_data"]), setup.mesh, base.pad_multiple
         )
     except ConfigError as err:
-        raise ConfigError(f"init_from={base.run_dir}: {err}") from None
+        raise ConfigError(f"{base.key}={base.run_dir}: {err}") from None
     target = ckpt.abstract_with_shardings(base_setup.abstract, base_setup.shardings)
     step, _, restored = ckpt.restore_newest_good(
         ckpt_dir,
@@ -361,9 +365,28 @@ def warm_state(
     counts = {s: row_counts(by_site[s], vocab_counts, setup.columns) for s in setup.row_start or {}}
     restart = warm_start.restarted_rows(counts)
     log(f"continuing {base.run_dir} from its step {step}")
-    return warm_start.carry_over(
+    prior = None
+    if widen is not None:
+        day1 = warm_start.carry_over(
+            restored, fresh_state(setup), blocks, base_setup.shardings, setup.shardings
+        )
+        known = prior_from.known_rows(blocks, table_rows_of(setup))
+        prior = prior_from.placed(day1.params, known, widen, setup.shardings.params)
+        log(f"prior: the posterior of {base.run_dir} at its step {step}, sds × {widen:g}")
+    state = warm_start.carry_over(
         restored, fresh_state(setup), blocks, base_setup.shardings, setup.shardings, restart
     )
+    return state, prior
+
+
+def table_rows_of(setup: Setup) -> dict[str, int]:
+    """Rows of every table site (dense and row-sparse), from the state's shapes."""
+    params = setup.abstract.params
+    return {
+        t.table_site: int(jax.tree.leaves(params[t.table_site])[0].shape[0])
+        for t in setup.model.terms
+        if t.categorical_idx and t.table_site in params
+    }
 
 
 def restore_or_init(
@@ -416,8 +439,9 @@ def _train(
     link = str(cfg.model.link)
     ckpt_dir = run_dir / "checkpoints"
     base = None
-    if cfg.init_from and not ckpt.steps(ckpt_dir):  # read once, when the run starts
-        base = warm_start.Base.open(Path(cfg.init_from), cfg, log)
+    continued, key = (cfg.prior_from, "prior_from") if cfg.prior_from else (cfg.init_from, "")
+    if continued and not ckpt.steps(ckpt_dir):  # read once, when the run starts
+        base = warm_start.Base.open(Path(continued), cfg, log, key or "init_from")
         cfg = warm_start.with_domains_of(cfg, base.cfg)
     store, vocabs = prepare_data(cfg, run_dir, base)
     cfg = with_smooth_domains(cfg, store.feature_stats, log)
@@ -450,10 +474,18 @@ def _train(
         log("model:\n" + text)
         return {"dry_run": True, "plan": plan, "model": text}
 
+    prior = None
     if base is not None:
-        state = warm_state(base, setup, {c: v.counts for c, v in vocabs.items()}, log)
+        widen = float(cfg.prior_widen) if cfg.prior_from else None
+        state, prior = warm_state(base, setup, {c: v.counts for c, v in vocabs.items()}, log, widen)
+        if prior is not None:
+            prior_from.save(run_dir, prior, base.lineage())
     else:
         setup, state, saved = restore_or_init(cfg, setup, ckpt_dir, latest, saved, log)
+        if saved and saved.get("prior_from"):
+            prior = prior_from.load(
+                run_dir, setup.abstract.params, setup.shardings.params, table_rows_of(setup)
+            )
     if jax.process_index() == 0:  # the resolved config this start runs under, beside the run
         files.write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(to_container(cfg)))
         describe.write(run_dir, statements)
@@ -465,11 +497,13 @@ def _train(
     meta = checkpoint_meta(cfg, setup, sizes, store.num_rows, saved)
     if base is not None or (saved and saved.get("init_from")):  # the run's lineage
         meta["init_from"] = base.lineage() if base is not None else saved["init_from"]
+    if prior is not None:  # resumes read the prior back from <run_dir>/prior
+        meta["prior_from"] = {**meta["init_from"], "widen": prior.widen}
     tracker = make_tracker(cfg, setup, saved if latest is not None else None)
     counts = {c: v.counts for c, v in vocabs.items()}
     writes = jax.process_index() == 0
     sinks = metric_sinks.open_sinks(cfg, run_dir, meta["config"]) if writes else []
-    run = RunContext(cfg, run_dir, store, checkpointer, meta, counts, cores, log, sinks)
+    run = RunContext(cfg, run_dir, store, checkpointer, meta, counts, cores, log, sinks, prior)
     progress, setup, tracker, batches = train_segments(run, setup, state, tracker)
     return finish(run, progress, setup, tracker, batches)
 
@@ -513,6 +547,7 @@ class RunContext:
     cores: CoreSplit | None
     log: Callable[[str], None]
     sinks: list[Any] = dataclasses.field(default_factory=list)  # TensorBoard, MLflow
+    prior: prior_from.RunPrior | None = None  # day 1's posterior as the prior (prior_from)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -533,9 +568,9 @@ def train_segments(
     cfg = run.cfg
     on_non_finite = cfg.train.non_finite
     skips = nonfinite.SkipCount() if on_non_finite.policy == "skip" else None
-    step_fn = make_train_step(setup, run.vocab_counts, skip_non_finite=skips is not None)
+    step_fn = make_train_step(setup, run.vocab_counts, skips is not None, run.prior)
     recenter, recenter_every = make_run_recenter(
-        setup, run.vocab_counts, cfg.optim.recenter_every, cfg.data.batch_size
+        setup, run.vocab_counts, cfg.optim.recenter_every, cfg.data.batch_size, run.prior
     )
     first, total = int(state.step), int(cfg.train.steps)
     progress = Progress(first, state)
@@ -582,7 +617,7 @@ def train_segments(
                 setup, cfg, run.checkpointer, run.ckpt_dir, run.meta, progress.diverged, run.log
             )
             progress = Progress(int(state.step), state, last_loss=progress.last_loss)
-            step_fn = make_train_step(setup, run.vocab_counts, skip_non_finite=skips is not None)
+            step_fn = make_train_step(setup, run.vocab_counts, skips is not None, run.prior)
             bar.reset(total)
             bar.update(progress.step)
 
@@ -681,13 +716,25 @@ def device_batches(
 
 
 def make_train_step(
-    setup: Setup, vocab_counts: Mapping[str, np.ndarray], skip_non_finite: bool = False
+    setup: Setup,
+    vocab_counts: Mapping[str, np.ndarray],
+    skip_non_finite: bool = False,
+    prior: prior_from.RunPrior | None = None,
 ) -> TrainStep:
     """The dense step, or the row-sparse one when any table term is sparse. With one process
     the sparse tables' rows are deduplicated on the host, in the data pipeline's threads; with
     several, each process holds only part of the batch, so the step deduplicates on device.
-    ``skip_non_finite``: see :mod:`train.nonfinite`."""
+    ``skip_non_finite``: see :mod:`train.nonfinite`. ``prior``: day 1's posterior as the
+    prior (:mod:`train.prior_from`), an argument of every step."""
     batch_sh = batch_shardings(setup.mesh)
+    prior_sh = widen = None
+    extra: tuple[Any, ...] = ()
+    if prior is not None:
+        prior_sh = {
+            "params": setup.shardings.params,
+            "known": {s: prior_from.rows_sharding(setup.shardings.params[s]) for s in prior.known},
+        }
+        widen, extra = prior.widen, (prior.arrays(),)
     if not setup.sparse:
         step = make_step(
             setup.model,
@@ -697,8 +744,10 @@ def make_train_step(
             setup.shardings,
             batch_sh,
             skip_non_finite,
+            prior_sh,
+            widen,
         )
-        return TrainStep(step, lambda b: b, batch_sh)
+        return TrainStep(lambda state, batch: step(state, batch, *extra), lambda b: b, batch_sh)
     host_dedup = jax.process_count() == 1
     if host_dedup:
         replicated = NamedSharding(setup.mesh, PartitionSpec())
@@ -724,6 +773,8 @@ def make_train_step(
         batch_sh,
         counts_sh,
         skip_non_finite,
+        prior_sh,
+        widen,
     )
 
     tables = table_rows(setup.sparse)  # once, not per batch
@@ -731,7 +782,7 @@ def make_train_step(
     def prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {**batch, **host_rows(batch["categorical"], tables)} if host_dedup else batch
 
-    return TrainStep(lambda state, batch: step(state, batch, counts), prepare, batch_sh)
+    return TrainStep(lambda state, batch: step(state, batch, counts, *extra), prepare, batch_sh)
 
 
 def segment_hooks(
@@ -915,7 +966,11 @@ def globals_now(
 
 
 def make_run_recenter(
-    setup: Setup, vocab_counts: Mapping[str, np.ndarray], every: int, batch_size: int
+    setup: Setup,
+    vocab_counts: Mapping[str, np.ndarray],
+    every: int,
+    batch_size: int,
+    prior: prior_from.RunPrior | None = None,
 ) -> tuple[Callable[[TrainState], TrainState] | None, int]:
     """The run's recentering move (:mod:`train.recenter`) and its cadence in steps, or
     ``(None, 0)`` when off or when no term qualifies. The move reads every row of the
@@ -931,8 +986,17 @@ def make_run_recenter(
     }
     rows = sum(len(c) for c in counts.values())
     cadence = max(every, -(-rows // batch_size))
+    new_rows = None
+    if prior is not None:  # the intercept's prior is day 1's posterior marginal
+        if setup.information is None:
+            return None, 0
+        loc, sd = setup.guide.marginal(found.intercept, prior.params[found.intercept])
+        found = dataclasses.replace(
+            found, prior_loc=float(np.ravel(loc)[0]), prior_scale=float(np.ravel(sd)[0])
+        )
+        new_rows = {t.site: ~np.asarray(prior.known[t.site]) for t in found.tables}
     move = recenter_lib.make_recenter(
-        found, setup.guide, setup.shardings, counts, setup.information
+        found, setup.guide, setup.shardings, counts, setup.information, new_rows
     )
     return move, cadence
 

@@ -234,6 +234,7 @@ def couple(
     recenter: RecenterPlan,
     guide: guides.MeanFieldGuide,
     information: float,
+    new_rows: Mapping[str, jax.Array] | None = None,
 ) -> dict[str, Any]:
     r"""Set each shifted table's rows' tie to the intercept to the regression of the row on
     the intercept under the posterior's Gaussian approximation.
@@ -269,7 +270,14 @@ def couple(
 
     Unlike the shift, this is not an exact ascent of the ELBO: it puts the intercept's
     block at the Gaussian approximation's optimum, from which SGD goes on.
-    ``counts[site]``: each row's count in the training data."""
+    ``counts[site]``: each row's count in the training data.
+
+    ``new_rows[site]`` (1.0 or 0.0 per row): under a previous posterior as prior
+    (:mod:`train.prior_from`) the plan's intercept prior is that posterior's marginal, which
+    already holds what the known groups say of the intercept; the floor then counts only
+    the groups new since (a known row's examples sharpen its own effect, not the intercept's
+    group-level information). The ties use every row the data observes; a row it does not
+    keeps the tie it came with (day 1's)."""
     tables = [
         t
         for t in recenter.tables
@@ -289,10 +297,19 @@ def couple(
         mean_kappa[table.site] = jnp.sum(n * kappa[table.site]) / jnp.maximum(jnp.sum(n), 1.0)
     q = sum((k / (1.0 - k) for k in mean_kappa.values()), jnp.zeros(()))
     examples = jnp.max(jnp.stack([jnp.sum(counts[t.site]) for t in tables]))
+    if new_rows is not None:  # the floor from the new groups only (docstring)
+        floor_q, examples = jnp.zeros(()), jnp.zeros(())
+        for table in tables:
+            n = counts[table.site] * new_rows[table.site]
+            k = jnp.sum(n * kappa[table.site]) / jnp.maximum(jnp.sum(n), 1.0)
+            floor_q = floor_q + k / (1.0 - k)
+            examples = jnp.maximum(examples, jnp.sum(n))
+    else:
+        floor_q = q
     # the intercept's deviation is rescaled to its variance under these ties; every other
     # table tied to it keeps its draws
     b = recenter.intercept
-    variance = 1.0 / (examples * information / (1.0 + q) + recenter.prior_scale**-2)
+    variance = 1.0 / (examples * information / (1.0 + floor_q) + recenter.prior_scale**-2)
     x = jnp.maximum(jnp.sqrt(variance) / guide.marginal(b, params[b])[1].reshape(()), 1.0)
 
     def closed_form_ties(table: str, tie: jax.Array) -> jax.Array:
@@ -300,7 +317,12 @@ def couple(
             return tie
         c = 1.0 / ((1.0 + q) * (1.0 - mean_kappa[table]))
         per_row = (-c * kappa[table]).reshape((-1,) + (1,) * (tie.ndim - 1))
-        return jnp.broadcast_to(per_row, tie.shape)
+        ties = jnp.broadcast_to(per_row, tie.shape)
+        if new_rows is None:
+            return ties
+        # a known row this data never observes keeps the tie its day-1 posterior gave it
+        observed = (counts[table] > 0).reshape(per_row.shape)
+        return jnp.where(observed, ties, tie)
 
     return _rescale_intercept(params, b, guide, x, closed_form_ties)
 
@@ -311,6 +333,7 @@ def make_recenter(
     shardings: TrainState,
     row_counts: Mapping[str, np.ndarray],
     information: float | None = None,
+    new_rows: Mapping[str, np.ndarray] | None = None,
 ) -> Callable[[TrainState], TrainState]:
     """``recenter(state) -> state``, jitted with the state's shardings and donated.
     ``row_counts[site]``: each row's count in the training data. ``information``: the link's
@@ -322,10 +345,23 @@ def make_recenter(
         for t in recenter.tables
     }
 
-    def apply(state: TrainState, counts: Mapping[str, jax.Array]) -> TrainState:
+    fresh = None
+    if new_rows is not None:
+        fresh = {
+            t.site: jax.device_put(np.asarray(new_rows[t.site], np.float32), counts_sh[t.site])
+            for t in recenter.tables
+        }
+
+    def apply(
+        state: TrainState,
+        counts: Mapping[str, jax.Array],
+        fresh: Mapping[str, jax.Array] | None,
+    ) -> TrainState:
         params = state.params
         if information is not None:
-            params = couple(params, counts, recenter, guide, information)
+            params = couple(params, counts, recenter, guide, information, fresh)
+        if fresh is not None:  # the shift's closed form assumes the model's own row prior
+            return state._replace(params=params)
         seen = {s: (n > 0).astype(jnp.float32) for s, n in counts.items()}
         # set ties make the variance move redundant, and its uniform tie on a table's seen
         # rows undoes their shrinkage-weighted shape
@@ -334,8 +370,8 @@ def make_recenter(
 
     jitted = jax.jit(
         apply,
-        in_shardings=(shardings, counts_sh),
+        in_shardings=(shardings, counts_sh, None if fresh is None else counts_sh),
         out_shardings=shardings,
         donate_argnums=0,
     )
-    return lambda state: jitted(state, counts)
+    return lambda state: jitted(state, counts, fresh)

@@ -114,6 +114,16 @@ def check_posterior_settings(cfg: Any) -> None:
         raise ConfigError(f"optim.fm_rows={cfg.optim.fm_rows!r}: choose one of {list(FM_ROWS)}")
     if cfg.optim.start not in ("data", "zero"):
         raise ConfigError(f"optim.start={cfg.optim.start!r}: choose data or zero")
+    if not cfg.prior_widen >= 1.0:
+        raise ConfigError(
+            f"prior_widen={cfg.prior_widen}: a forgetting factor is at least 1 (1: day 1's "
+            "posterior as it is; 1.5: every sd half as wide again)"
+        )
+    if cfg.prior_from and cfg.init_from and str(cfg.prior_from) != str(cfg.init_from):
+        raise ConfigError(
+            f"prior_from={cfg.prior_from} and init_from={cfg.init_from}: a run continues the "
+            "run whose posterior is its prior; leave init_from out"
+        )
     if cfg.optim.recenter_every < 0:
         raise ConfigError(
             f"optim.recenter_every={cfg.optim.recenter_every} must be >= 0 (0: never)"
@@ -162,6 +172,7 @@ def check_score_settings(cfg: Any) -> None:
 SAFE_TO_CHANGE = (
     "run_dir",
     "init_from",  # read once, when the run starts; its vocabulary is the run's own after
+    "prior_from",  # likewise: the prior is the run's own after (<run_dir>/prior)
     "dry_run",
     "train.steps",
     "train.stop_after",

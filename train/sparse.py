@@ -31,8 +31,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from numpyro import handlers
 
-from blayers import guides
+from blayers import guides, posterior_prior
 
+from . import prior_from
 from .dedup import COUNT, LOCAL, UNIQ, TableRows
 from .model import GatheredRows
 from .nonfinite import apply_if_finite
@@ -97,8 +98,11 @@ def make_sparse_loss(
     guide: guides.MeanFieldGuide,
     sparse: Mapping[str, SparseTable],
     num_data: int,
+    widen: float | None = None,
 ) -> Callable[..., jax.Array]:
-    """``loss(dense, gathered, key, batch, local, weights) -> -ELBO estimate``."""
+    """``loss(dense, gathered, key, batch, local, weights[, prior]) -> -ELBO estimate``;
+    ``prior``: ``(day 1's dense parameters, its gathered rows, each table's known flags)``
+    (:mod:`train.prior_from`), whose sds are widened by ``widen``."""
 
     def loss(
         dense: guides.Params,
@@ -107,6 +111,7 @@ def make_sparse_loss(
         batch: Mapping[str, jax.Array],
         local: Mapping[str, jax.Array],
         weights: Mapping[str, jax.Array],
+        prior: tuple[Any, Any, Any] | None = None,
     ) -> jax.Array:
         model_key, draw_key = jax.random.split(key)
         draws = guide.draw(draw_key, {**dense, **gathered})
@@ -116,7 +121,11 @@ def make_sparse_loss(
         values = {name: d.value for name, d in draws.items()}
         seeded = handlers.seed(handlers.substitute(model, values), model_key)
         trace = handlers.trace(seeded).get_trace(batch, num_data, local)
-        return log_q - weighted_log_joint(trace, weights)
+        if prior is None:
+            return log_q - weighted_log_joint(trace, weights)
+        prior_dense, prior_rows, known = prior
+        as_prior = prior_from.posterior_prior(guide, prior_dense, known, float(widen or 1.0))
+        return log_q - posterior_prior.log_joint(trace, draws, as_prior, weights, prior_rows, known)
 
     return loss
 
@@ -178,22 +187,29 @@ def make_sparse_step(
     batch_shardings: Mapping[str, NamedSharding],
     counts_shardings: Mapping[str, NamedSharding],
     skip_non_finite: bool = False,
+    prior_shardings: Any = None,
+    widen: float | None = None,
 ) -> Callable[..., tuple[TrainState, jax.Array]]:
     """``step(state, batch, counts) -> (state, loss)``; the state is donated and tables are
     updated in place, row by row. ``skip_non_finite``: as in :func:`train.step.make_step`;
-    a skipped step scatters its rows nowhere, so it costs no pass over the tables."""
+    a skipped step scatters its rows nowhere, so it costs no pass over the tables. With
+    ``prior_shardings`` (:mod:`train.prior_from`) the step is ``step(state, batch, counts,
+    prior)`` and gathers the batch's rows of the prior beside their state."""
     if row_optimizer not in ROW_OPTIMIZERS:
         raise ValueError(
             f"optim.name={row_optimizer!r}: the row-sparse path supports "
             f"{ROW_OPTIMIZERS}; use one, or set sparse: false on the table terms"
         )
-    loss_fn = make_sparse_loss(model, guide, sparse, num_data)
+    loss_fn = make_sparse_loss(model, guide, sparse, num_data, widen)
     replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
     fields = row_state_fields(row_optimizer)
     column = {f: i for i, f in enumerate(fields)}
 
     def step(
-        state: TrainState, batch: Mapping[str, jax.Array], counts: Mapping[str, jax.Array]
+        state: TrainState,
+        batch: Mapping[str, jax.Array],
+        counts: Mapping[str, jax.Array],
+        prior: Mapping[str, Any] | None = None,
     ) -> tuple[TrainState, jax.Array]:
         key = jax.random.fold_in(state.rng, state.step)
         dense, tables = split_params(state.params, sparse)
@@ -210,8 +226,20 @@ def make_sparse_step(
             if COUPLING_STATE in t
         }
         gathered = {s: split_row_state(r, coupling.get(s)) for s, r in rows.items()}
+        day1 = None
+        if prior is not None:
+            prior_dense, prior_tables = split_params(prior["params"], sparse)
+            day1_rows = prior_from.gathered_rows(
+                prior_tables, uniq, lambda x, i: _gather(x, i, distinct)
+            )
+            # a fill row reads False: it has no day-1 posterior and no weight
+            known = {
+                s: _gather(k, uniq[s], distinct) if s in sparse else k
+                for s, k in prior["known"].items()
+            }
+            day1 = (prior_dense, day1_rows, known)
         value, (g_dense, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
-            dense, gathered, key, batch, local, weights
+            dense, gathered, key, batch, local, weights, day1
         )
 
         def dense_update() -> tuple[guides.Params, Any]:
@@ -270,9 +298,16 @@ def make_sparse_step(
         opt_state = {"dense": dense_opt}
         return TrainState(state.step + 1, params, opt_state, state.rng), value
 
+    in_shardings: tuple[Any, ...] = (
+        state_shardings,
+        dict(batch_shardings),
+        dict(counts_shardings),
+    )
+    if prior_shardings is not None:
+        in_shardings = (*in_shardings, prior_shardings)
     return jax.jit(
         step,
-        in_shardings=(state_shardings, dict(batch_shardings), dict(counts_shardings)),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )

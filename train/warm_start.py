@@ -64,34 +64,38 @@ class Base:
     meta: Mapping[str, Any]
     cfg: Any
     vocabs: Mapping[str, vocab_lib.Vocab]
+    key: str = "init_from"  # the setting that named it
 
     @classmethod
-    def open(cls, run_dir: Path, cfg: Any, log: Callable[[str], None] = print) -> Base:
+    def open(
+        cls, run_dir: Path, cfg: Any, log: Callable[[str], None] = print, key: str = "init_from"
+    ) -> Base:
         """The run at ``run_dir``, checked against the new run's ``cfg``; a
-        :class:`~train.config.ConfigError` naming ``init_from`` and the fix otherwise."""
+        :class:`~train.config.ConfigError` naming ``key`` (the setting that named the run)
+        and the fix otherwise."""
         run_dir = Path(run_dir)
         try:
             step, meta = ckpt.newest_readable_meta(run_dir / "checkpoints", log=log)
         except ckpt.CheckpointError as err:
-            raise ConfigError(f"init_from={run_dir}: {err}") from None
+            raise ConfigError(f"{key}={run_dir}: {err}") from None
         if meta.get("config", {}).get("model", {}).get("_target_"):
             raise ConfigError(
-                f"init_from={run_dir}: a run of a model of the user's own (model._target_) "
+                f"{key}={run_dir}: a run of a model of the user's own (model._target_) "
                 "cannot be continued; warm starts take models of model.terms"
             )
         base_cfg = from_container(with_saved_defaults(meta["config"]))
         changed = differences(base_cfg, with_domains_of(cfg, base_cfg), lambda k: under(k, SHARED))
         if changed:
             raise ConfigError(
-                f"init_from={run_dir} was trained with another model or guide "
+                f"{key}={run_dir} was trained with another model or guide "
                 f"({'; '.join(changed)}); a warm start continues the same model: use those "
-                "settings, or start a new run without init_from"
+                f"settings, or start a new run without {key}"
             )
         try:
             vocabs = vocab_lib.load_all(run_dir / "vocab", list(base_cfg.data.categorical))
         except vocab_lib.IncompleteVocabError as err:
-            raise ConfigError(f"init_from={run_dir}: {err}") from None
-        return cls(run_dir, step, meta, base_cfg, vocabs)
+            raise ConfigError(f"{key}={run_dir}: {err}") from None
+        return cls(run_dir, step, meta, base_cfg, vocabs, key)
 
     @property
     def table_sizes(self) -> dict[str, int]:
