@@ -21,6 +21,7 @@ import numpy as np
 from . import nonfinite
 from .convergence import ConvergenceTracker
 from .metric_sinks import Sink
+from .stages import StageClock
 from .trainer import Progress, WaitClock
 
 
@@ -224,3 +225,17 @@ class StopRequests:
                     "rerun to continue"
                 )
             progress.halt = True
+
+
+class FirstStep:
+    """Marks the end of the first step of a job (its compilation, unless the compilation
+    cache held it, and its first batch) on the job's stage clock (:mod:`train.stages`);
+    it waits for that one step, and never again."""
+
+    def __init__(self, clock: StageClock) -> None:
+        self.clock = clock
+
+    def after_step(self, progress: Progress) -> None:
+        if "first step" not in self.clock.seconds:
+            progress.loss.block_until_ready()
+            self.clock.mark("first step")

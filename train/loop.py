@@ -64,6 +64,7 @@ from .sparse import (
     row_counts,
     table_rows,
 )
+from .stages import StageClock
 from .starts import (
     observation_information,
     prior_warnings,
@@ -436,6 +437,8 @@ def _train(
     check_terms(cfg)
     if jax.process_index() == 0:  # one lock per run, from before its first write
         held.enter_context(rundir.locked(run_dir))
+    clock = StageClock()
+    clock.mark("start-up")  # imports, the backend and the mesh, the checks
     link = str(cfg.model.link)
     ckpt_dir = run_dir / "checkpoints"
     base = None
@@ -444,6 +447,7 @@ def _train(
         base = warm_start.Base.open(Path(continued), cfg, log, key or "init_from")
         cfg = warm_start.with_domains_of(cfg, base.cfg)
     store, vocabs = prepare_data(cfg, run_dir, base)
+    clock.mark("data")  # discovery, checks, vocabulary, encoded store (cached on a rerun)
     cfg = with_smooth_domains(cfg, store.feature_stats, log)
     sizes = {c: v.size for c, v in vocabs.items()}
     latest, saved = _latest_meta(cfg, ckpt_dir, log)
@@ -474,6 +478,7 @@ def _train(
         log("model:\n" + text)
         return {"dry_run": True, "plan": plan, "model": text}
 
+    clock.mark("setup")
     prior = None
     if base is not None:
         widen = float(cfg.prior_widen) if cfg.prior_from else None
@@ -486,6 +491,7 @@ def _train(
             prior = prior_from.load(
                 run_dir, setup.abstract.params, setup.shardings.params, table_rows_of(setup)
             )
+    clock.mark("warm start" if base is not None else "restore" if latest is not None else "init")
     if jax.process_index() == 0:  # the resolved config this start runs under, beside the run
         files.write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(to_container(cfg)))
         describe.write(run_dir, statements)
@@ -503,8 +509,11 @@ def _train(
     counts = {c: v.counts for c, v in vocabs.items()}
     writes = jax.process_index() == 0
     sinks = metric_sinks.open_sinks(cfg, run_dir, meta["config"]) if writes else []
-    run = RunContext(cfg, run_dir, store, checkpointer, meta, counts, cores, log, sinks, prior)
+    run = RunContext(
+        cfg, run_dir, store, checkpointer, meta, counts, cores, log, sinks, prior, clock
+    )
     progress, setup, tracker, batches = train_segments(run, setup, state, tracker)
+    clock.mark("steps")
     return finish(run, progress, setup, tracker, batches)
 
 
@@ -548,6 +557,7 @@ class RunContext:
     log: Callable[[str], None]
     sinks: list[Any] = dataclasses.field(default_factory=list)  # TensorBoard, MLflow
     prior: prior_from.RunPrior | None = None  # day 1's posterior as the prior (prior_from)
+    clock: StageClock = dataclasses.field(default_factory=StageClock)  # wall time by stage
 
     @property
     def ckpt_dir(self) -> Path:
@@ -637,6 +647,7 @@ def finish(
         raise nonfinite.stop_error(diverged, run.cfg.optim.lr * setup.lr_scale)
     input_wait = batches.total_fraction()
     run.checkpointer.close()
+    run.clock.mark("final checkpoint")
     hint = input_bound_hint(input_wait, run.cores is not None)
     if hint:
         run.log(hint)
@@ -651,8 +662,10 @@ def finish(
         "convergence": tracker.status(),
         "converged_at": tracker.converged_at,
         "convergence_check": tracker.last,
+        "stages": run.clock.record(),
     }
     run.log(tracker.status())
+    run.log(run.clock.line())
     if jax.process_index() == 0:
         files.write_text(run.run_dir / "run.json", json.dumps(result, indent=2))
     for sink in run.sinks:
@@ -803,6 +816,7 @@ def segment_hooks(
     total, until_converged = int(cfg.train.steps), cfg.train.until == "converged"
     global_sites = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
     return [
+        hooks.FirstStep(run.clock),
         hooks.Recentering(recenter, recenter_every),
         hooks.ConvergenceChecks(
             tracker,

@@ -39,6 +39,7 @@ from . import files, posterior
 from . import vocab as vocab_lib
 from .model import LINEAR_PREDICTOR, GatheredRows
 from .settings import check_score_settings
+from .stages import StageClock
 from .state import row_sharding
 from .summary import restore_run
 
@@ -306,8 +307,11 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
             f"output={str(out_dir)!r} is a file: give a directory for the parts"
         )
     distributed.maybe_initialize(cfg.distributed)
+    clock = StageClock()
+    clock.mark("start-up")
     run_dir = Path(cfg.run_dir)
     setup, state, meta = restore_run(run_dir, cfg.step, bool(cfg.strict), log, cfg.trust_model)
+    clock.mark("restore")
     columns = setup.columns
     vocabs = vocab_lib.load_all(run_dir / "vocab", columns.categorical)
     dataset = data_lib.open_dataset(cfg.data.path)
@@ -376,6 +380,8 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
     base_key = jax.random.PRNGKey(int(cfg.seed))
     # the draws of whole tables, when drawn up front, come from a key of their own
     context = scorer.prepare(state.params, seen, jax.random.fold_in(base_key, TABLE_STREAM))
+    jax.block_until_ready(context)
+    clock.mark("prepare")  # the input's checks and plan, the scorer, whole tables drawn
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = parts_for_process(parts, process, count)
     local_b = b // count
@@ -446,6 +452,7 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
         )
     for _ in range(total_batches - done_batches):  # idle processes keep collectives in step
         run_batch(_padding_batch(columns, local_b), 0)
+    clock.mark("scoring")
 
     manifest = {
         "run_dir": str(run_dir),
@@ -478,7 +485,10 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
             f"scored {merged['rows']:,} rows into {len(parts)} parts in {out_dir}; unseen "
             f"categories by column: {merged['unseen_rows_by_column']}"
         )
-    return manifest
+    clock.mark("manifest")
+    if process == 0:
+        log(clock.line())
+    return {**manifest, "stages": clock.record()}
 
 
 def _pad(x: np.ndarray, rows: int) -> np.ndarray:
