@@ -9,10 +9,12 @@ through JAX's own ``JAX_COMPILATION_CACHE_DIR`` wins over all of these.
 It is safe across versions and machines: JAX keys each entry by the program, the JAX and
 jaxlib versions, the backend and device kinds and the compile options, so an upgrade or
 another accelerator only misses. The directory is the user's own (created ``0700``): JAX
-treats what it reads there as trusted code. Entries compiled in under
-:data:`MIN_COMPILE_SECONDS` are not kept, and the cache is capped at :data:`MAX_BYTES` (the
-least recently used entries go first). A cache that cannot be created is skipped with one
-line, never an error.
+treats what it reads there as trusted code. Every program is kept, however quick to compile
+(:data:`MIN_COMPILE_SECONDS`): a job compiles many small ones (the model's description alone,
+~70 of ~30 ms each), and from the cache the default job's setup took 1.0 s against 3.5 s
+when only those over 0.2 s were kept, for 2.0 MB of entries against 1.1 MB. The cache is
+capped at :data:`MAX_BYTES` (the least recently used entries go first). A cache that cannot
+be created is skipped with one line, never an error.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ENV = "BLAYERS_COMPILATION_CACHE"
-MIN_COMPILE_SECONDS = 0.2
+MIN_COMPILE_SECONDS = 0.0
 MAX_BYTES = 2 * 1024**3
 
 _enabled: list[Path] = []
