@@ -372,7 +372,7 @@ def warm_state(
             restored, fresh_state(setup), blocks, base_setup.shardings, setup.shardings
         )
         known = prior_from.known_rows(blocks, table_rows_of(setup))
-        prior = prior_from.placed(day1.params, known, widen, setup.shardings.params)
+        prior = prior_from.placed(day1.params, known, widen, setup.shardings)
         log(f"prior: the posterior of {base.run_dir} at its step {step}, sds × {widen:g}")
     state = warm_start.carry_over(
         restored, fresh_state(setup), blocks, base_setup.shardings, setup.shardings, restart
@@ -489,7 +489,7 @@ def _train(
         setup, state, saved = restore_or_init(cfg, setup, ckpt_dir, latest, saved, log)
         if saved and saved.get("prior_from"):
             prior = prior_from.load(
-                run_dir, setup.abstract.params, setup.shardings.params, table_rows_of(setup)
+                run_dir, setup.abstract.params, setup.shardings, table_rows_of(setup)
             )
     clock.mark("warm start" if base is not None else "restore" if latest is not None else "init")
     if jax.process_index() == 0:  # the resolved config this start runs under, beside the run
@@ -743,10 +743,7 @@ def make_train_step(
     prior_sh = widen = None
     extra: tuple[Any, ...] = ()
     if prior is not None:
-        prior_sh = {
-            "params": setup.shardings.params,
-            "known": {s: prior_from.rows_sharding(setup.shardings.params[s]) for s in prior.known},
-        }
+        prior_sh = prior_from.shardings_of(prior, setup.shardings)
         widen, extra = prior.widen, (prior.arrays(),)
     if not setup.sparse:
         step = make_step(

@@ -31,14 +31,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from blayers import guides
 from blayers.posterior_prior import PosteriorPrior
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .state import COUPLING_STATE, ROW_STATE, split_row_state
+from .state import COUPLING_STATE, ROW_STATE, TrainState, row_sharding, split_row_state
 
 DIRECTORY = "prior"
 
@@ -71,30 +70,32 @@ def known_rows(
     return out
 
 
-def rows_sharding(site_shardings: Any) -> NamedSharding:
-    """A one-dimensional array split as a table's rows are."""
-    placed = next(iter(jax.tree.leaves(site_shardings)))
-    rows_axis = tuple(placed.spec)[:1] or (None,)
-    return NamedSharding(placed.mesh, PartitionSpec(*rows_axis))
+def shardings_of(prior: RunPrior, shardings: TrainState) -> dict[str, Any]:
+    """The shardings of :meth:`RunPrior.arrays`: the parameters' own, each flag vector split
+    as its table's rows are."""
+    return {
+        "params": shardings.params,
+        "known": {s: row_sharding(shardings, s) for s in prior.known},
+    }
 
 
 def placed(
-    params: Any, known: Mapping[str, np.ndarray], widen: float, param_shardings: Any
+    params: Any, known: Mapping[str, np.ndarray], widen: float, shardings: TrainState
 ) -> RunPrior:
     """A :class:`RunPrior` with ``known`` placed as each table's rows are."""
     flags = {
-        s: jax.device_put(jnp.asarray(k), rows_sharding(param_shardings[s]))
-        for s, k in known.items()
+        s: jax.device_put(jnp.asarray(k), row_sharding(shardings, s)) for s, k in known.items()
     }
     return RunPrior(params, flags, widen)
 
 
-def _target(abstract_params: Any, shardings: Any, rows: Mapping[str, int]) -> Any:
+def _target(abstract_params: Any, shardings: TrainState, rows: Mapping[str, int]) -> Any:
     known = {
-        s: jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=rows_sharding(shardings[s]))
+        s: jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=row_sharding(shardings, s))
         for s, n in rows.items()
     }
-    return {"params": ckpt.abstract_with_shardings(abstract_params, shardings), "known": known}
+    params = ckpt.abstract_with_shardings(abstract_params, shardings.params)
+    return {"params": params, "known": known}
 
 
 def save(run_dir: Path, prior: RunPrior, lineage: Mapping[str, Any]) -> None:
@@ -106,7 +107,9 @@ def save(run_dir: Path, prior: RunPrior, lineage: Mapping[str, Any]) -> None:
         writer.close()
 
 
-def load(run_dir: Path, abstract_params: Any, shardings: Any, rows: Mapping[str, int]) -> RunPrior:
+def load(
+    run_dir: Path, abstract_params: Any, shardings: TrainState, rows: Mapping[str, int]
+) -> RunPrior:
     """The prior this run started with; a :class:`~train.config.ConfigError` naming the
     folder when it is missing or does not restore."""
     directory = Path(run_dir) / DIRECTORY

@@ -40,6 +40,7 @@ from . import vocab as vocab_lib
 from .config import ConfigError, from_container, to_container, with_saved_defaults
 from .settings import differences, under
 from .smooth import SMOOTH, SMOOTH_KEYS
+from .state import row_sharding
 
 # settings a warm start must share with the run it continues: the state's layout and the
 # meaning of its rows follow them
@@ -248,17 +249,10 @@ def copy_fn(
             opt_state=each(old.opt_state, new.opt_state, shardings.opt_state),
         )
 
-    flags = {site: _rows_sharding(shardings.params[site]) for site in restart_sites}
+    flags = {site: row_sharding(shardings, site) for site in restart_sites}
     return jax.jit(
         merge,
         in_shardings=(base_shardings, shardings, flags),
         out_shardings=shardings,
         donate_argnums=1,
     )
-
-
-def _rows_sharding(site_shardings: Mapping[str, Any]) -> Any:
-    """A one-dimensional array split as a table's rows are."""
-    placed = next(iter(site_shardings.values()))
-    rows_axis = tuple(placed.spec)[:1] or (None,)
-    return jax.sharding.NamedSharding(placed.mesh, jax.sharding.PartitionSpec(*rows_axis))
