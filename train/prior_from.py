@@ -17,8 +17,10 @@ Row-sparse tables: the step gathers the batch's rows of the prior beside their s
 weights their prior terms as it weights the model's, so the ELBO estimate stays unbiased. A
 known row that day 2 never observes is never touched and keeps its day-1 parameters.
 
-Recentering (:mod:`train.recenter`) is off in such a run: its closed form assumes the
-model's own :math:`N(0, \lambda)` row prior.
+Recentering (:mod:`train.recenter`) keeps its closed-form ties and the intercept's variance
+floor, with day 1's intercept posterior as the intercept's prior and only the categories new
+since day 1 counted as new groups (:func:`train.recenter.couple`); its mean shift assumes the
+model's own :math:`N(0, \lambda)` row prior and does not run.
 """
 
 from __future__ import annotations

@@ -338,7 +338,10 @@ def make_recenter(
     """``recenter(state) -> state``, jitted with the state's shardings and donated.
     ``row_counts[site]``: each row's count in the training data. ``information``: the link's
     Fisher information per observation at the start; given, the rows' ties to the intercept
-    are set by :func:`couple` before the shift."""
+    are set by :func:`couple` before the shift. ``new_rows[site]`` (under a previous posterior
+    as prior, :mod:`train.prior_from`): the rows new since; :func:`couple` counts only them
+    for the intercept's floor, and the shift, whose closed form assumes the model's own row
+    prior, does not run."""
     counts_sh = {t.site: row_sharding(shardings, t.site) for t in recenter.tables}
     counts = {
         t.site: jax.device_put(np.asarray(row_counts[t.site], np.float32), counts_sh[t.site])
