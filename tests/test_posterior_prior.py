@@ -109,16 +109,22 @@ def perturbed(params: dict, seed: int) -> dict:
     )
 
 
+def two_days_with_the_exact_prior(first: int, second: int) -> tuple:
+    """Day 1 (40 rows), day 2 (30), both, the structured guide, and day 1's exact posterior
+    as its prior."""
+    day1, day2 = day(first, 40), day(second, 30)
+    both = tuple(jnp.concatenate([a, b]) for a, b in zip(day1, day2, strict=True))
+    guide = structured(conjugate_model, day1)
+    mean, cov = exact_posterior(design(guide, *day1[:2]), np.asarray(day1[2], np.float64))
+    prior = posterior_prior.PosteriorPrior(guide, guide_params(guide, mean, cov))
+    return day1, day2, both, guide, prior
+
+
 def test_exact_day1_posterior_as_prior_is_the_joint_objective() -> None:
     """-ELBO_2(q) with p(z | y_1) as prior = -ELBO_{1+2}(q) + log p(y_1), for any q and draw,
     and the gradients agree: fitting day 2 this way is fitting both days."""
-    day1, day2 = day(0, 40), day(1, 30)
-    both = tuple(jnp.concatenate([a, b]) for a, b in zip(day1, day2, strict=True))
-    guide = structured(conjugate_model, day1)
-    z1 = design(guide, *day1[:2])
-    mean, cov = exact_posterior(z1, np.asarray(day1[2], np.float64))
-    prior = posterior_prior.PosteriorPrior(guide, guide_params(guide, mean, cov))
-    evidence = log_evidence(z1, np.asarray(day1[2], np.float64))
+    day1, day2, both, guide, prior = two_days_with_the_exact_prior(0, 1)
+    evidence = log_evidence(design(guide, *day1[:2]), np.asarray(day1[2], np.float64))
 
     def day2_loss(p, key):
         return posterior_prior.elbo_loss(key, p, guide, conjugate_model, prior, *day2)
@@ -139,12 +145,7 @@ def test_exact_day1_posterior_as_prior_is_the_joint_objective() -> None:
 def test_a_fit_on_day2_with_the_exact_prior_matches_the_joint_fit() -> None:
     """The same optimizer, keys and steps from the same start: identical objectives give the
     same fitted means (to float32 rounding), which also equal the exact posterior."""
-    day1, day2 = day(2, 40), day(3, 30)
-    both = tuple(jnp.concatenate([a, b]) for a, b in zip(day1, day2, strict=True))
-    guide = structured(conjugate_model, day1)
-    z1 = design(guide, *day1[:2])
-    mean1, cov1 = exact_posterior(z1, np.asarray(day1[2], np.float64))
-    prior = posterior_prior.PosteriorPrior(guide, guide_params(guide, mean1, cov1))
+    _, day2, both, guide, prior = two_days_with_the_exact_prior(2, 3)
 
     def fit(loss):
         opt = optax.adam(optax.exponential_decay(0.05, 3000, 0.01))
