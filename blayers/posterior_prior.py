@@ -53,10 +53,15 @@ class PosteriorPrior:
         if not self.widen >= 1.0:
             raise ValueError(f"widen={self.widen}: a forgetting factor is at least 1")
 
+    def _globals_point(self, draws: Mapping[str, guides.SiteDraw]) -> dict[str, jax.Array]:
+        """The draw's unconstrained point of each global site."""
+        sites = self.guide.sites
+        return {n: d.unconstrained for n, d in draws.items() if guides.is_global(sites[n])}
+
     def globals_term(self, draws: Mapping[str, guides.SiteDraw]) -> jax.Array:
         r""":math:`\log q_1(g) - \sum \log|\det J_T|` over the global sites at the draw."""
         params = jax.lax.stop_gradient(self.params)
-        u = {n: d.unconstrained for n, d in draws.items() if guides.is_global(self.guide.sites[n])}
+        u = self._globals_point(draws)
         log_det = sum((jnp.sum(draws[n].log_det) for n in u), jnp.zeros(()))
         return self.guide.globals_log_density(params, u, self.widen) - log_det
 
@@ -72,7 +77,7 @@ class PosteriorPrior:
         params = jax.lax.stop_gradient(self.params)
         rows = params[name] if rows is None else jax.lax.stop_gradient(rows)
         draw = draws[name]
-        u = {n: d.unconstrained for n, d in draws.items() if guides.is_global(self.guide.sites[n])}
+        u = self._globals_point(draws)
         log_q = self.guide.rows_log_density(name, rows, draw.unconstrained, u, params, self.widen)
         log_det = jnp.broadcast_to(draw.log_det, draw.log_normal.shape)
         return log_q - log_det.reshape(log_det.shape[0], -1).sum(1)

@@ -173,16 +173,25 @@ def test_a_fit_on_day2_with_the_exact_prior_matches_the_joint_fit() -> None:
     np.testing.assert_allclose(fitted, mean, atol=0.03)
 
 
+HIERARCHICAL_TABLE = "RandomEffectsLayer_g_theta"
+
+
+def hierarchical_guide(family: str, data: tuple, seed: int) -> tuple:
+    """Guide ``family`` of the random-effects model, its table coupled and (conditional)
+    conditioned on its scale, at parameters moved off their start by ``seed``."""
+    sites = guides.latent_sites(hierarchical_model, *data)
+    conditional = {HIERARCHICAL_TABLE: "RandomEffectsLayer_g_scale"}
+    guide = guides.make_guide(family, sites, coupled=[HIERARCHICAL_TABLE], conditional=conditional)
+    return guide, perturbed(guide.init_params(), seed)
+
+
 @pytest.mark.parametrize("family", guides.GUIDES)
 def test_each_family_density_at_its_own_draw_is_its_log_q(family: str) -> None:
     """globals_log_density + rows_log_density at a draw = the draw's own log q over u, for
     the mean-field, structured and conditional guides, with couplings switched on."""
     data = day(4, 50)
-    sites = guides.latent_sites(hierarchical_model, *data)
-    table = "RandomEffectsLayer_g_theta"
-    conditional = {table: "RandomEffectsLayer_g_scale"}
-    guide = guides.make_guide(family, sites, coupled=[table], conditional=conditional)
-    params = perturbed(guide.init_params(), 7)
+    guide, params = hierarchical_guide(family, data, 7)
+    sites, table = guide.sites, HIERARCHICAL_TABLE
     draws = guide.draw(jax.random.PRNGKey(3), params)
     u = {n: d.unconstrained for n, d in draws.items() if guides.is_global(sites[n])}
     mine = guide.globals_log_density(params, u) + jnp.sum(
@@ -242,11 +251,8 @@ def test_a_prior_equal_to_the_guide_leaves_the_likelihood_alone(family: str) -> 
     """With day 1's posterior equal to the current guide, log q(z) - log p_1(z) is 0 at every
     draw, the Jacobians of the positive scales included: the loss is -log p(y | z) alone."""
     data = day(8, 50)
-    sites = guides.latent_sites(hierarchical_model, *data)
-    table = "RandomEffectsLayer_g_theta"
-    conditional = {table: "RandomEffectsLayer_g_scale"}
-    guide = guides.make_guide(family, sites, coupled=[table], conditional=conditional)
-    params = perturbed(guide.init_params(), 5)
+    guide, params = hierarchical_guide(family, data, 5)
+    table = HIERARCHICAL_TABLE
     prior = posterior_prior.PosteriorPrior(guide, params)
     for seed in range(3):
         key = jax.random.PRNGKey(seed)
