@@ -125,7 +125,8 @@ def _ours_setup(c, term, sparse):
     from omegaconf import OmegaConf
 
     from train.config import Config
-    from train.loop import build_mesh, make_setup, make_train_step
+    from train.loop import make_setup, make_train_step
+    from train.plan import ShardingPlan
 
     cfg = OmegaConf.structured(Config)
     cfg.data.numeric = [f"x{j}" for j in range(DENSE_D)]
@@ -149,7 +150,7 @@ def _ours_setup(c, term, sparse):
     ]
     cfg.mesh.data, cfg.mesh.model = 1, 1
     sizes = {"g": c - 1, "h": 999}  # + one OOV row each
-    setup = make_setup(cfg, sizes, N_DATA, build_mesh(cfg))
+    setup = make_setup(cfg, sizes, N_DATA, ShardingPlan.from_config(cfg))
     # vocabulary counts (int64, as the service keeps them), built without float64 temporaries:
     # at c = 10^7 those would add ~240 MB to this process's peak that no training run has
     ranks = np.arange(1, c, dtype=np.float32)

@@ -19,6 +19,7 @@ UNITS = "units"  # output units u
 HEADS = "heads"  # attention heads
 MODEL_DIM = "model_dim"  # attention token width (head_dim * num_heads)
 HEAD_DIM = "head_dim"  # width of one attention head
+BATCH = "batch"  # rows of a batch of data (placed by the service's plan, not by a layer)
 
 LogicalAxes = tuple[str | None, ...]
 

@@ -168,7 +168,6 @@ def test_structured_state_is_sharded_like_its_rows():
         from pathlib import Path
         from tests.service_helpers import small_config, small_dataset
         from train import loop
-        from train.state import sharding_plan
         tmp = Path(tempfile.mkdtemp())
         cfg = small_config(small_dataset(tmp), tmp / "run", **{"mesh.model": 4, "mesh.data": 2})
         import jax

@@ -17,6 +17,7 @@ from train import checkpoint as ckpt
 from train import data as data_lib
 from train import loop
 from train.config import ConfigError
+from train.plan import ShardingPlan
 from train.state import NonFiniteError
 
 SETTINGS = {"train.steps": 40, "checkpoint.every": 10, "train.log_every": 5}
@@ -63,7 +64,7 @@ def test_a_skipped_step_changes_nothing_but_the_step(data, tmp_path, sparse):
     cfg = small_config(data, tmp_path / "run", **overrides)
     store, vocabs = data_lib.prepare(cfg.data, tmp_path / "run", "logit")
     sizes = {c: v.size for c, v in vocabs.items()}
-    setup = loop.make_setup(cfg, sizes, store.num_rows, loop.build_mesh(cfg))
+    setup = loop.make_setup(cfg, sizes, store.num_rows, ShardingPlan.from_config(cfg))
     assert bool(setup.sparse) == sparse
     counts = {c: v.counts for c, v in vocabs.items()}
     step = loop.make_train_step(setup, counts, skip_non_finite=True)

@@ -221,10 +221,14 @@ def test_explicit_mesh_sizes_below_the_device_count_use_the_first_devices():
     import jax
     from omegaconf import OmegaConf
 
-    from train.loop import build_mesh
+    from train.plan import ShardingPlan
 
     def mesh(data, model):
-        return build_mesh(OmegaConf.create({"mesh": {"data": data, "model": model}}))
+        cfg = {
+            "mesh": {"data": data, "model": model},
+            "sharding": {"rules": [["categories", "model"]]},
+        }
+        return ShardingPlan.from_config(OmegaConf.create(cfg)).mesh
 
     two = mesh(2, 1)
     assert dict(two.shape) == {"data": 2, "model": 1}

@@ -15,6 +15,7 @@ from tests.service_helpers import load_params, small_config
 from train import data as data_lib
 from train import loop
 from train.dedup import host_rows
+from train.plan import ShardingPlan
 from train.sparse import batch_rows, table_rows
 from train.starts import ROW_PRECISION_FLOOR
 from train.state import guide_params
@@ -229,7 +230,7 @@ def test_compiled_sparse_step_never_gathers_a_table(tmp_path):
     cfg.mesh.data, cfg.mesh.model = 1, 8
     store, vocabs = data_lib.prepare(cfg.data, tmp_path / "run", "gaussian")
     sizes = {c: v.size for c, v in vocabs.items()}
-    setup = loop.make_setup(cfg, sizes, store.num_rows, loop.build_mesh(cfg))
+    setup = loop.make_setup(cfg, sizes, store.num_rows, ShardingPlan.from_config(cfg))
     site = "RandomEffectsLayer_g_theta"
     rows = setup.sites[site].shape[0]
     assert site in setup.sparse and rows % 8 == 0 and rows > n
@@ -261,7 +262,7 @@ def test_device_dedup_step_equals_host_dedup_step(gaussian_data, tmp_path, monke
     cfg.mesh.data, cfg.mesh.model = 2, 4
     store, vocabs = data_lib.prepare(cfg.data, tmp_path / "run", "gaussian")
     sizes = {c: v.size for c, v in vocabs.items()}
-    setup = loop.make_setup(cfg, sizes, store.num_rows, loop.build_mesh(cfg))
+    setup = loop.make_setup(cfg, sizes, store.num_rows, ShardingPlan.from_config(cfg))
     counts = {c: v.counts for c, v in vocabs.items()}
     host_step = loop.make_train_step(setup, counts)
     monkeypatch.setattr(jax, "process_count", lambda: 2)  # as each process of a 2-process job

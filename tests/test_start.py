@@ -22,6 +22,7 @@ from blayers.start import CategorySums, TargetStats
 from train import data as data_lib
 from train import loop
 from train.config import Config
+from train.plan import ShardingPlan
 from train.starts import prior_warnings
 from train.state import guide_field
 
@@ -167,7 +168,7 @@ def service_setup(cfg, store, vocabs) -> loop.Setup:
         cfg,
         {c: v.size for c, v in vocabs.items()},
         store.num_rows,
-        loop.build_mesh(cfg),
+        ShardingPlan.from_config(cfg),
         None,
         store.target_stats,
         store.feature_stats,

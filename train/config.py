@@ -14,6 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from blayers.sharding import DEFAULT_RULES
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
@@ -45,16 +47,17 @@ class ModelConfig:
     terms: list[Any] = field(default_factory=list)
 
 
-@dataclass
-class MeshConfig:
-    data: int = -1  # -1: all devices not used by the other axes
-    model: int = 1
+def default_mesh() -> dict[str, int]:
+    """Mesh axis -> size; -1: all devices the other axes leave. ``data`` splits the batch
+    and ``model`` the tables, by the rules below; another axis is one more key and a rule
+    that uses it (``train.plan``)."""
+    return {"data": -1, "model": 1}
 
 
 @dataclass
 class ShardingConfig:
-    # logical axis -> mesh axis (or null); the first rule whose mesh axis is free wins
-    rules: list[Any] = field(default_factory=lambda: [["categories", "model"]])
+    # logical axis -> mesh axis (or null); the first rule whose mesh axes are free wins
+    rules: list[Any] = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
 
 
 @dataclass
@@ -177,7 +180,7 @@ class Config:
     prior_widen: float = 1.0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
+    mesh: dict[str, int] = field(default_factory=default_mesh)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -17,13 +16,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from blayers import guides
 from blayers.latex import render_text
-from blayers.sharding import ShardingError, assert_sharded, make_mesh
+from blayers.sharding import ShardingError, assert_sharded
 from blayers.start import FeatureStats, TargetStats
 
 from . import checkpoint as ckpt
@@ -54,6 +53,7 @@ from .cores import reserve as reserve_cores
 from .dedup import host_rows
 from .guide_plan import fm_rows_in_effect, service_guide
 from .model import Columns, build_model, configured_link_kwargs, ordered_columns
+from .plan import ShardingPlan, row_sharding
 from .settings import check_posterior_settings, check_resume_settings, check_settings
 from .sparse import (
     COUNT,
@@ -74,17 +74,11 @@ from .starts import (
 )
 from .state import (
     TrainState,
-    bytes_per_device,
-    format_plan,
     guide_field,
     init_fn,
     make_optimizer,
     make_schedule,
     non_finite_sites,
-    row_sharding,
-    sharding_plan,
-    state_shardings,
-    table_axis_multiple,
     with_guide_field,
 )
 from .step import make_step
@@ -93,9 +87,10 @@ from .trainer import Progress, Trainer, WaitClock
 
 @dataclass
 class Setup:
-    """Everything derived from config + vocabulary sizes + mesh, shared by train and score."""
+    """Everything derived from config + vocabulary sizes + sharding plan, shared by train and
+    score."""
 
-    mesh: Mesh
+    plan: ShardingPlan
     columns: Columns
     model: Callable[..., Any]
     sites: dict[str, guides.LatentSite]
@@ -149,28 +144,6 @@ def fresh_state(setup: Setup) -> TrainState:
 RESOLVED_CONFIG = "config.yaml"  # the last start's resolved config, in the run dir
 
 
-def build_mesh(cfg: Any) -> Mesh:
-    """The job's mesh. Explicit sizes whose product is below the device count use the first
-    devices (one process only: across processes every device must take part)."""
-    sizes = {"data": int(cfg.mesh.data), "model": int(cfg.mesh.model)}
-    devices = None
-    wanted = math.prod(sizes.values())
-    if -1 not in sizes.values() and 0 < wanted < jax.device_count() and jax.process_count() == 1:
-        devices = jax.devices()[:wanted]
-    try:
-        return make_mesh(sizes, devices)
-    except ShardingError as err:
-        raise ConfigError(f"mesh: {err}") from None
-
-
-def batch_shardings(mesh: Mesh, has_target: bool = True) -> dict[str, NamedSharding]:
-    rows = NamedSharding(mesh, PartitionSpec("data"))
-    out = {"numeric": rows, "categorical": rows}
-    if has_target:
-        out["target"] = rows
-    return out
-
-
 def abstract_batch(batch_size: int, columns: Columns, has_target: bool = True) -> dict[str, Any]:
     out = {
         "numeric": jax.ShapeDtypeStruct((batch_size, len(columns.numeric)), jnp.float32),
@@ -181,25 +154,11 @@ def abstract_batch(batch_size: int, columns: Columns, has_target: bool = True) -
     return out
 
 
-def check_batch_size(cfg: Any, mesh: Mesh) -> None:
-    b, d = cfg.data.batch_size, mesh.shape["data"]
-    if b < 1:
-        raise ConfigError(f"data.batch_size={b} must be positive")
-    per_process = jax.process_count()
-    if b % (d * per_process) and b % d:
-        raise ConfigError(
-            f"data.batch_size={b} is not divisible by the {d} data-parallel devices "
-            f"(mesh.data); use a multiple of {d}, e.g. {(b // d + 1) * d}"
-        )
-    if b % per_process:
-        raise ConfigError(f"data.batch_size={b} does not divide over {per_process} processes")
-
-
 def make_setup(
     cfg: Any,
     table_sizes: Mapping[str, int],
     num_data: int,
-    mesh: Mesh,
+    plan: ShardingPlan,
     pad_multiple: int | None = None,
     target_stats: TargetStats | None = None,
     feature_stats: FeatureStats | None = None,
@@ -207,18 +166,17 @@ def make_setup(
     category_sums: Mapping[str, np.ndarray] | None = None,
 ) -> Setup:
     """Model, sites, optimizer and state shardings. ``pad_multiple`` is the run's table padding
-    (fixed when the run starts, so it restores on other meshes); None: from this mesh.
+    (fixed when the run starts, so it restores on other meshes); None: from this plan.
     ``target_stats``: the target's moments, for a data-aware start (``optim.start: data``);
     ``vocab_counts`` and ``category_sums``: each column's category counts and target sums,
     for a conditional guide's row start."""
     columns = Columns(tuple(cfg.data.numeric), tuple(cfg.data.categorical))
-    rules = [tuple(r) for r in cfg.sharding.rules]
-    split = table_axis_multiple(mesh, rules)
+    split = plan.table_multiple
     pad = split if pad_multiple is None else int(pad_multiple)
     if pad % split:
         raise ConfigError(
             f"mesh: this run's tables are padded to multiples of {pad} rows, which cannot be "
-            f"split {split} ways; use a mesh.model that divides {pad}"
+            f"split {split} ways; use a mesh whose table axes divide {pad}"
         )
     model = build_model(cfg.model, columns, table_sizes, pad)
     sites = guides.latent_sites(
@@ -265,11 +223,11 @@ def make_setup(
             sums = {s: row_counts(by_site[s], category_sums, columns) for s in conditional}
         row_start = row_starts(guide, str(cfg.model.link), link_kwargs, stats, counts, sums)
     try:
-        shardings = state_shardings(abstract, guide, mesh, rules)
+        shardings = plan.state_shardings(abstract, guide, optimizer)
     except ShardingError as err:
         raise ConfigError(f"sharding.rules: {err}") from None
     return Setup(
-        mesh,
+        plan,
         columns,
         model,
         sites,
@@ -340,7 +298,7 @@ def warm_state(
     ckpt_dir = base.run_dir / "checkpoints"
     try:
         base_setup = make_setup(
-            base.cfg, base.table_sizes, int(base.meta["num_data"]), setup.mesh, base.pad_multiple
+            base.cfg, base.table_sizes, int(base.meta["num_data"]), setup.plan, base.pad_multiple
         )
     except ConfigError as err:
         raise ConfigError(f"{base.key}={base.run_dir}: {err}") from None
@@ -431,8 +389,8 @@ def _train(
         cores, placed = reserve_cores(cfg.data.prefetch)
         log(placed)
     run_dir = Path(cfg.run_dir)
-    mesh = build_mesh(cfg)
-    check_batch_size(cfg, mesh)
+    plan = ShardingPlan.from_config(cfg)
+    plan.check_batch_size(cfg.data.batch_size)
     check_settings(cfg)
     check_terms(cfg)
     if jax.process_index() == 0:  # one lock per run, from before its first write
@@ -458,7 +416,7 @@ def _train(
         cfg,
         sizes,
         store.num_rows,
-        mesh,
+        plan,
         saved.get("table_pad_multiple") if saved else None,
         store.target_stats,
         store.feature_stats,
@@ -469,14 +427,13 @@ def _train(
         link_kwargs = configured_link_kwargs(cfg.model)
         for line in prior_warnings(setup.model.terms, link, link_kwargs, store.target_stats):
             log(f"warning: {line}")
-    plan = sharding_plan(setup.abstract, setup.shardings, setup.guide)
     statements = describe.describe(cfg.model, setup.columns)
     if cfg.dry_run:
-        opt = bytes_per_device(setup.abstract.opt_state, setup.shardings.opt_state)
-        log(format_plan(plan, mesh, opt))
+        placed = plan.describe(setup.abstract, setup.shardings, setup.guide)
+        log(plan.format(placed, setup.abstract, setup.shardings))
         text = render_text(statements)
         log("model:\n" + text)
-        return {"dry_run": True, "plan": plan, "model": text}
+        return {"dry_run": True, "plan": placed, "model": text}
 
     clock.mark("setup")
     prior = None
@@ -616,7 +573,7 @@ def train_segments(
                 run, setup, tracker, metrics, skips, stop, recenter, recenter_every, first
             )
             # fake CPU devices can deadlock on un-blocked collective loops (see DESIGN)
-            block = jax.default_backend() == "cpu" and setup.mesh.devices.size > 1
+            block = jax.default_backend() == "cpu" and setup.plan.mesh.devices.size > 1
             progress = Trainer(step_fn, segment, block).run(progress, batches)
             if progress.diverged is None:
                 return progress, setup, tracker, batches
@@ -739,7 +696,7 @@ def make_train_step(
     several, each process holds only part of the batch, so the step deduplicates on device.
     ``skip_non_finite``: see :mod:`train.nonfinite`. ``prior``: day 1's posterior as the
     prior (:mod:`train.prior_from`), an argument of every step."""
-    batch_sh = batch_shardings(setup.mesh)
+    batch_sh = setup.plan.batch_shardings()
     prior_sh = widen = None
     extra: tuple[Any, ...] = ()
     if prior is not None:
@@ -760,7 +717,7 @@ def make_train_step(
         return TrainStep(lambda state, batch: step(state, batch, *extra), lambda b: b, batch_sh)
     host_dedup = jax.process_count() == 1
     if host_dedup:
-        replicated = NamedSharding(setup.mesh, PartitionSpec())
+        replicated = setup.plan.replicated
         rows = batch_sh["categorical"]
         for site in setup.sparse:
             batch_sh[UNIQ + site] = replicated

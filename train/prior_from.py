@@ -39,7 +39,8 @@ from blayers.posterior_prior import PosteriorPrior
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .state import COUPLING_STATE, ROW_STATE, TrainState, row_sharding, split_row_state
+from .plan import row_sharding
+from .state import COUPLING_STATE, ROW_STATE, TrainState, split_row_state
 
 DIRECTORY = "prior"
 

@@ -62,13 +62,8 @@ import numpyro.distributions as dists
 from blayers import guides
 
 from .guide_plan import normal_table
-from .state import (
-    TrainState,
-    guide_field,
-    guide_rows,
-    row_sharding,
-    with_guide_field,
-)
+from .plan import row_sharding
+from .state import TrainState, guide_field, guide_rows, with_guide_field
 
 
 @dataclass(frozen=True)

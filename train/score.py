@@ -31,16 +31,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 from numpyro import handlers
 
 from . import data as data_lib
 from . import files, posterior
 from . import vocab as vocab_lib
 from .model import LINEAR_PREDICTOR, GatheredRows
+from .plan import row_sharding
 from .settings import check_score_settings
 from .stages import StageClock
-from .state import row_sharding
 from .summary import restore_run
 
 MANIFEST = "_manifest.json"
@@ -261,7 +261,7 @@ def make_scorer(
 
         return summaries(*jax.vmap(one)(drawn, jax.random.split(key, draws)))
 
-    rows_sharding = NamedSharding(setup.mesh, PartitionSpec("data"))
+    rows_sharding = setup.plan.batch
     predrawn = posterior.table_bytes(setup, draws) <= predraw_bytes
     if predrawn:
         prepare = jax.jit(
@@ -353,13 +353,8 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
     }
     parts = plan_parts(data_lib.parquet_files(cfg.data.path))
     process, count = jax.process_index(), jax.process_count()
-    mesh = setup.mesh
     b = int(cfg.data.batch_size)
-    if b % mesh.shape["data"] or b % count:
-        raise data_lib.DataError(
-            f"data.batch_size={b} must divide over {mesh.shape['data']} data devices and "
-            f"{count} processes"
-        )
+    setup.plan.check_batch_size(b)
     # XLA:CPU's sort is slow; an accelerator's is not, and spares moving the draws
     host_quantiles = jax.default_backend() == "cpu"
     scorer = make_scorer(
@@ -396,7 +391,9 @@ def score(cfg: Any, log: Any = print) -> dict[str, Any]:
             out = scorer.score(context, jax.random.fold_in(base_key, key_index), batch)
             host = {
                 k: np.asarray(
-                    multihost_utils.global_array_to_host_local_array(v, mesh, PartitionSpec("data"))
+                    multihost_utils.global_array_to_host_local_array(
+                        v, setup.plan.mesh, setup.plan.batch.spec
+                    )
                 )
                 for k, v in out.items()
             }

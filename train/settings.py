@@ -1,7 +1,7 @@
 """Settings refused before any data is read: one line naming the key and the fix.
 
 Types are already checked when the config loads (``train.config``); these are the values a
-type cannot rule out. The batch size is checked against the mesh in ``train.loop``.
+type cannot rule out. The mesh, the rules and the batch size are checked by ``train.plan``.
 """
 
 from __future__ import annotations
@@ -72,17 +72,8 @@ def check_non_finite_settings(nf: Any) -> None:
 
 
 def check_model_settings(cfg: Any) -> None:
-    """The link (a model of the user's own, ``model._target_``, brings its own) and the
-    sharding rules' mesh axes."""
-    axes = list(cfg.mesh.keys())
-    for rule in cfg.sharding.rules:
-        mesh_axes = rule[1] if len(rule) > 1 else None
-        named = [mesh_axes] if isinstance(mesh_axes, str) else list(mesh_axes or [])
-        unknown = [a for a in named if a not in axes]
-        if unknown:
-            raise ConfigError(
-                f"sharding.rules: {list(rule)} names mesh axis {unknown[0]!r}; the mesh has {axes}"
-            )
+    """The link (a model of the user's own, ``model._target_``, brings its own). The mesh and
+    the sharding rules are checked by the plan that uses them (:mod:`train.plan`)."""
     if cfg.model.get("_target_"):
         return
     link = str(cfg.model.link)

@@ -1,7 +1,5 @@
-"""Train state, born sharded: ``eval_shape`` → shardings from logical rules → ``jit(init)``.
-
-The optimizer's moment trees mirror the guide parameters, so each moment leaf takes the
-sharding of the parameter it belongs to (matched by its ``(site, field)`` key path).
+"""Train state, born sharded: ``eval_shape`` → shardings from the job's plan
+(:class:`train.plan.ShardingPlan`) → ``jit(init)``.
 
 A table trained row-sparse keeps everything a step reads and writes for one row together:
 ``params[site] = {"row_state": (rows, F, *event)}`` whose fields along axis 1 are ``loc``,
@@ -16,19 +14,14 @@ moments (one more gather and scatter per step). :func:`guide_params` gives the u
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from blayers import guides
-from blayers.sharding import Rules, logical_to_spec, normalize_rules
 
 
 class NonFiniteError(FloatingPointError):
@@ -183,76 +176,6 @@ def _slower_couplings(
     return optax.GradientTransformation(base.init, update)
 
 
-def table_axis_multiple(mesh: Mesh, rules: Rules | None) -> int:
-    """How many ways the ``categories`` axis is split: tables pad to a multiple of this."""
-    for logical, mesh_axes in normalize_rules(rules):
-        if logical != "categories" or mesh_axes is None:
-            continue
-        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-        if all(a in mesh.shape for a in names):
-            return math.prod(mesh.shape[a] for a in names)
-    return 1
-
-
-def param_specs(
-    guide: guides.MeanFieldGuide,
-    mesh: Mesh,
-    rules: Rules | None,
-    row_state_sites: frozenset[str] = frozenset(),
-) -> dict[str, dict[str, PartitionSpec]]:
-    """A PartitionSpec per guide parameter leaf, from its site's logical axes."""
-    out = {}
-    for name, fields in guide.param_logical_axes().items():
-        shape = guide.sites[name].unconstrained_shape
-        spec = logical_to_spec(fields["loc"], shape, mesh, rules, what=name)
-        if name in row_state_sites:  # rows split as the table's; the fields axis whole
-            parts = (*tuple(spec), *(None,) * (len(shape) - len(spec)))
-            out[name] = {ROW_STATE: PartitionSpec(parts[0], None, *parts[1:])}
-            if guides.COUPLING in fields:  # (rows, fields, *event, D_r): D_r whole
-                out[name][COUPLING_STATE] = out[name][ROW_STATE]
-            continue
-        # every field leads with the site's own axes (a coupling adds one trailing axis of
-        # globals, which a shorter spec leaves whole)
-        out[name] = dict.fromkeys(fields, spec)
-    return out
-
-
-def row_sharding(shardings: TrainState, site: str) -> NamedSharding:
-    """Sharding of a per-row vector (counts, flags) of a table: split as the table's rows."""
-    leaf = next(iter(shardings.params[site].values()))
-    spec = tuple(leaf.spec)
-    return NamedSharding(leaf.mesh, PartitionSpec(spec[0] if spec else None))
-
-
-def _key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def state_shardings(
-    abstract: TrainState, guide: guides.MeanFieldGuide, mesh: Mesh, rules: Rules | None
-) -> TrainState:
-    """NamedShardings for every leaf of the state. An optimizer moment takes the sharding of
-    the parameter leaf it mirrors: the one whose ``(site, field)`` names its key path and
-    whose shape it has."""
-    row_state_sites = frozenset(k for k, v in abstract.params.items() if ROW_STATE in v)
-    specs = param_specs(guide, mesh, rules, row_state_sites)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def for_leaf(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-        names = _key_names(path)
-        for i, name in enumerate(names[:-1]):
-            field = names[i + 1]
-            if name in specs and field in specs[name]:
-                if tuple(np.shape(leaf)) != tuple(abstract.params[name][field].shape):
-                    break
-                return NamedSharding(mesh, specs[name][field])
-        return replicated
-
-    params = {k: {f: NamedSharding(mesh, s) for f, s in v.items()} for k, v in specs.items()}
-    opt = jax.tree_util.tree_map_with_path(for_leaf, abstract.opt_state)
-    return TrainState(replicated, params, opt, replicated)
-
-
 def init_fn(
     guide: guides.MeanFieldGuide,
     optimizer: optax.GradientTransformation,
@@ -287,74 +210,3 @@ def init_fn(
         return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.PRNGKey(seed))
 
     return init
-
-
-@dataclass
-class PlanRow:
-    name: str
-    shape: tuple[int, ...]
-    logical_axes: Any
-    spec: PartitionSpec
-    bytes_per_device: int
-    total_bytes: int
-
-
-def sharding_plan(
-    abstract: TrainState, shardings: TrainState, guide: guides.MeanFieldGuide
-) -> list[PlanRow]:
-    """Every guide parameter with shape, logical axes, placement and bytes per device."""
-    rows = []
-    axes = guide.param_logical_axes()
-    for site, fields in abstract.params.items():
-        for f, leaf in fields.items():
-            sh = shardings.params[site][f]
-            local = sh.shard_shape(leaf.shape)
-            itemsize = np.dtype(leaf.dtype).itemsize
-            own = guides.COUPLING if f == COUPLING_STATE else f
-            logical = axes[site].get(own, axes[site]["loc"])
-            if f in (ROW_STATE, COUPLING_STATE) and logical is not None:
-                logical = (logical[0], None, *logical[1:])
-            rows.append(
-                PlanRow(
-                    f"{site}.{f}",
-                    tuple(leaf.shape),
-                    logical,
-                    sh.spec,
-                    int(math.prod(local) * itemsize),
-                    int(math.prod(leaf.shape) * itemsize),
-                )
-            )
-    return rows
-
-
-def format_plan(rows: list[PlanRow], mesh: Mesh, opt_bytes_per_device: int) -> str:
-    head = f"{'parameter':<48} {'shape':<18} {'logical axes':<34} {'mesh':<16} {'bytes/device':>13}"
-    lines = [f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices", head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r.name:<48} {r.shape!s:<18} {r.logical_axes!s:<34} {r.spec!s:<16} "
-            f"{r.bytes_per_device:>13,}"
-        )
-    params = sum(r.bytes_per_device for r in rows)
-    lines.append(
-        f"guide parameters per device: {params:,} bytes "
-        f"(of {sum(r.total_bytes for r in rows):,} total)"
-    )
-    lines.append(f"optimizer state per device:  {opt_bytes_per_device:,} bytes")
-    if any(r.name.endswith("." + ROW_STATE) for r in rows):
-        lines.append(
-            f"({ROW_STATE}: a row-sparse table's guide parameters and row-wise moments together, "
-            "counted above with the guide parameters)"
-        )
-    return "\n".join(lines)
-
-
-def bytes_per_device(abstract: Any, shardings: Any) -> int:
-    leaves = jax.tree.leaves(abstract)
-    shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    return int(
-        sum(
-            math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
-            for a, s in zip(leaves, shs, strict=True)
-        )
-    )

@@ -3,40 +3,24 @@
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from blayers import guides
-from blayers.sharding import make_mesh
 
 from . import checkpoint as ckpt
 from . import files
 from .config import ConfigError, from_container, with_saved_defaults
-from .loop import Setup, build_mesh, make_setup
+from .loop import Setup, make_setup
 from .model import coefficient_labels
-from .state import table_axis_multiple
+from .plan import ShardingPlan
 
 QUANTILES = (0.05, 0.5, 0.95)
 FIELDS = ["site", "index", "label", "mean", "std", "q05", "q50", "q95"]
-
-
-def restore_mesh(cfg: Any, pad_multiple: int) -> Mesh:
-    """The run's own mesh when it fits these devices; else tables split as far as the run's
-    padding allows, batch over the remaining devices."""
-    try:
-        mesh = build_mesh(cfg)
-        if pad_multiple % table_axis_multiple(mesh, [tuple(r) for r in cfg.sharding.rules]) == 0:
-            return mesh
-    except ConfigError:
-        pass
-    model = math.gcd(jax.device_count(), pad_multiple)
-    return make_mesh({"data": -1, "model": model})
 
 
 def restore_run(
@@ -56,7 +40,8 @@ def restore_run(
     check_trusted(meta, run_dir, trust_model)
     cfg = from_container(with_saved_defaults(meta["config"]))
     pad = int(meta.get("table_pad_multiple", 1))
-    setup = make_setup(cfg, meta["table_sizes"], int(meta["num_data"]), restore_mesh(cfg, pad), pad)
+    plan = ShardingPlan.for_restore(cfg, pad)
+    setup = make_setup(cfg, meta["table_sizes"], int(meta["num_data"]), plan, pad)
     target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
 
     def usable(m: Mapping[str, Any]) -> None:  # an older step, fallen back to, is checked too

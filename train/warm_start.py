@@ -38,9 +38,9 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import vocab as vocab_lib
 from .config import ConfigError, from_container, to_container, with_saved_defaults
+from .plan import row_sharding
 from .settings import differences, under
 from .smooth import SMOOTH, SMOOTH_KEYS
-from .state import row_sharding
 
 # settings a warm start must share with the run it continues: the state's layout and the
 # meaning of its rows follow them
