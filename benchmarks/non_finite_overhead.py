@@ -54,7 +54,7 @@ def _guarded_like(setup, c):
     """The guarded step, with the vocabulary counts ``train_throughput`` gives the plain one."""
     import numpy as np
 
-    from train.loop import make_train_step
+    from train.step import make_train_step
 
     ranks = np.arange(1, c, dtype=np.float32)
     np.power(ranks, 1.2, out=ranks)

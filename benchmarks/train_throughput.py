@@ -125,8 +125,9 @@ def _ours_setup(c, term, sparse):
     from omegaconf import OmegaConf
 
     from train.config import Config
-    from train.loop import make_setup, make_train_step
     from train.plan import ShardingPlan
+    from train.setup import make_setup
+    from train.step import make_train_step
 
     cfg = OmegaConf.structured(Config)
     cfg.data.numeric = [f"x{j}" for j in range(DENSE_D)]

@@ -21,7 +21,7 @@ from scipy import stats
 from blayers.layers import FixedEffectsLayer
 from blayers.links import gaussian_link
 from tests.service_helpers import load_params, run_cli, small_config
-from train import loop
+from train import setup as train_setup
 from train.plan import ShardingPlan
 
 EFFECTS = np.array([-1.0, -0.5, 0.0, 0.5, 1.0, 1.5])
@@ -148,7 +148,7 @@ def test_the_table_shards_over_the_model_axis(dataset, tmp_path, sparse):
             "mesh.model": 2,
         },
     )
-    setup = loop.make_setup(cfg, {"g": len(EFFECTS)}, 2400, ShardingPlan.from_config(cfg))
+    setup = train_setup.make_setup(cfg, {"g": len(EFFECTS)}, 2400, ShardingPlan.from_config(cfg))
     assert (SITE in setup.sparse) == sparse  # the row-sparse step trains it when asked
     for leaf in jax.tree.leaves(setup.shardings.params[SITE]):
         assert leaf.spec[0] == "model", leaf.spec

@@ -16,6 +16,8 @@ from tests.service_helpers import SMALL_TERMS, load_params, small_config, small_
 from train import checkpoint as ckpt
 from train import data as data_lib
 from train import loop
+from train import setup as train_setup
+from train import step as step_lib
 from train.config import ConfigError
 from train.plan import ShardingPlan
 from train.state import NonFiniteError
@@ -64,10 +66,10 @@ def test_a_skipped_step_changes_nothing_but_the_step(data, tmp_path, sparse):
     cfg = small_config(data, tmp_path / "run", **overrides)
     store, vocabs = data_lib.prepare(cfg.data, tmp_path / "run", "logit")
     sizes = {c: v.size for c, v in vocabs.items()}
-    setup = loop.make_setup(cfg, sizes, store.num_rows, ShardingPlan.from_config(cfg))
+    setup = train_setup.make_setup(cfg, sizes, store.num_rows, ShardingPlan.from_config(cfg))
     assert bool(setup.sparse) == sparse
     counts = {c: v.counts for c, v in vocabs.items()}
-    step = loop.make_train_step(setup, counts, skip_non_finite=True)
+    step = step_lib.make_train_step(setup, counts, skip_non_finite=True)
     local = step.prepare(data_lib.StepBatches(store, 64, 0)(0))
     batch = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in local.items()}
     init = jax.jit(setup.init, out_shardings=setup.shardings)
@@ -90,7 +92,7 @@ def test_a_skipped_step_changes_nothing_but_the_step(data, tmp_path, sparse):
         np.testing.assert_array_equal(a, b)
 
     trained, loss = step(init(), batch)  # a finite batch is not held back by the guard
-    unguarded, loss_u = loop.make_train_step(setup, counts)(init(), batch)
+    unguarded, loss_u = step_lib.make_train_step(setup, counts)(init(), batch)
     assert np.isfinite(float(loss)) and float(loss) == float(loss_u)
     for a, b in zip(
         jax.tree_util.tree_leaves(jax.device_get(trained.params)),

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from tests.service_helpers import small_config, small_dataset
 from train import loop
+from train import setup as train_setup
 from train.config import Config, ConfigError
 from train.plan import ShardingPlan
 from train.summary import restore_run
@@ -90,7 +91,7 @@ def test_optimizer_moments_follow_their_parameters_whatever_their_names(tmp_path
     state leaf that mirrors no parameter is refused, not silently replicated."""
     cfg = small_config(small_dataset(tmp_path), tmp_path / "r", **{"mesh.model": 4})
     plan = ShardingPlan.from_config(cfg)
-    setup = loop.make_setup(cfg, SIZES, 4000, plan)
+    setup = train_setup.make_setup(cfg, SIZES, 4000, plan)
     spec = jax.sharding.PartitionSpec("model")
     table = setup.shardings.params["RandomEffectsLayer_user_theta"]
     assert table["loc"].spec == spec

@@ -13,6 +13,7 @@ from numpy.testing import assert_allclose
 
 from tests.service_helpers import load_params, quiet_config, run_cli
 from train import loop
+from train import setup as train_setup
 from train import vocab as vocab_lib
 from train.config import ConfigError
 from train.plan import ShardingPlan
@@ -93,7 +94,7 @@ def test_scores_through_the_cli(dataset, tmp_path):
 def test_the_table_shards_over_the_model_axis(dataset, tmp_path):
     cfg = quiet_config(dataset, tmp_path / "run", settings(True, **{"mesh.data": 4}))
     cfg.mesh.model = 2
-    setup = loop.make_setup(cfg, {"g": len(SLOPES)}, 2400, ShardingPlan.from_config(cfg))
+    setup = train_setup.make_setup(cfg, {"g": len(SLOPES)}, 2400, ShardingPlan.from_config(cfg))
     assert SITE in setup.sparse
     for leaf in jax.tree.leaves(setup.shardings.params[SITE]):
         assert leaf.spec[0] == "model", leaf.spec

@@ -14,6 +14,8 @@ import pytest
 from tests.service_helpers import load_params, small_config
 from train import data as data_lib
 from train import loop
+from train import setup as train_setup
+from train import step as step_lib
 from train.dedup import host_rows
 from train.plan import ShardingPlan
 from train.sparse import batch_rows, table_rows
@@ -230,7 +232,7 @@ def test_compiled_sparse_step_never_gathers_a_table(tmp_path):
     cfg.mesh.data, cfg.mesh.model = 1, 8
     store, vocabs = data_lib.prepare(cfg.data, tmp_path / "run", "gaussian")
     sizes = {c: v.size for c, v in vocabs.items()}
-    setup = loop.make_setup(cfg, sizes, store.num_rows, ShardingPlan.from_config(cfg))
+    setup = train_setup.make_setup(cfg, sizes, store.num_rows, ShardingPlan.from_config(cfg))
     site = "RandomEffectsLayer_g_theta"
     rows = setup.sites[site].shape[0]
     assert site in setup.sparse and rows % 8 == 0 and rows > n
@@ -239,7 +241,7 @@ def test_compiled_sparse_step_never_gathers_a_table(tmp_path):
     assert table.shape == (rows, 6)
     assert {s.data.shape for s in table.addressable_shards} == {(rows // 8, 6)}  # 1/8 each
 
-    step = loop.make_train_step(setup, {c: v.counts for c, v in vocabs.items()})
+    step = step_lib.make_train_step(setup, {c: v.counts for c, v in vocabs.items()})
     local = step.prepare(data_lib.StepBatches(store, 256, 0)(0))
     batch = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in local.items()}
     hlo = jax.jit(lambda s, b: step(s, b)).lower(state, batch).compile().as_text()
@@ -262,11 +264,11 @@ def test_device_dedup_step_equals_host_dedup_step(gaussian_data, tmp_path, monke
     cfg.mesh.data, cfg.mesh.model = 2, 4
     store, vocabs = data_lib.prepare(cfg.data, tmp_path / "run", "gaussian")
     sizes = {c: v.size for c, v in vocabs.items()}
-    setup = loop.make_setup(cfg, sizes, store.num_rows, ShardingPlan.from_config(cfg))
+    setup = train_setup.make_setup(cfg, sizes, store.num_rows, ShardingPlan.from_config(cfg))
     counts = {c: v.counts for c, v in vocabs.items()}
-    host_step = loop.make_train_step(setup, counts)
+    host_step = step_lib.make_train_step(setup, counts)
     monkeypatch.setattr(jax, "process_count", lambda: 2)  # as each process of a 2-process job
-    device_step = loop.make_train_step(setup, counts)
+    device_step = step_lib.make_train_step(setup, counts)
     monkeypatch.undo()
     assert set(host_step.batch_shardings) > set(device_step.batch_shardings)
     init = jax.jit(setup.init, out_shardings=setup.shardings)

@@ -21,6 +21,7 @@ from blayers.links import link_start
 from blayers.start import CategorySums, TargetStats
 from train import data as data_lib
 from train import loop
+from train import setup as train_setup
 from train.config import Config
 from train.plan import ShardingPlan
 from train.starts import prior_warnings
@@ -162,9 +163,9 @@ def gaussian_run(tmp_path, mean: float, sd: float, **overrides):
     return cfg, y
 
 
-def service_setup(cfg, store, vocabs) -> loop.Setup:
+def service_setup(cfg, store, vocabs) -> train_setup.Setup:
     """The service's setup with every statistic the encode pass gives it."""
-    return loop.make_setup(
+    return train_setup.make_setup(
         cfg,
         {c: v.size for c, v in vocabs.items()},
         store.num_rows,
@@ -214,7 +215,7 @@ def test_conditional_rows_start_at_their_one_step_estimate(tmp_path):
 
     def start_rows(store, vocabs):
         setup = service_setup(cfg, store, vocabs)
-        params = loop.fresh_state(setup).params["RandomEffectsLayer_g_theta"]
+        params = train_setup.fresh_state(setup).params["RandomEffectsLayer_g_theta"]
         fields = [np.asarray(guide_field(params, f)) for f in ("loc", "raw_scale")]
         return [f.reshape(len(f), -1)[: len(n), 0] for f in fields]
 

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from blayers import guides, posterior_prior
 from blayers.posterior_prior import PosteriorPrior
 
+from . import (
+    prior_from,
+)
+from .dedup import host_rows
 from .nonfinite import apply_if_finite
-from .state import TrainState
+from .plan import row_sharding
+from .setup import Setup
+from .sparse import (
+    COUNT,
+    LOCAL,
+    UNIQ,
+    make_sparse_step,
+    row_counts,
+    table_rows,
+)
+from .state import (
+    TrainState,
+)
 
 
 def loss_fn(
@@ -88,3 +106,82 @@ def make_step(
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
+
+
+@dataclass
+class TrainStep:
+    """A compiled step plus what feeds it: host-side batch preparation and batch shardings."""
+
+    step: Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, jax.Array]]
+    prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    batch_shardings: dict[str, NamedSharding]
+
+    def __call__(self, state: TrainState, batch: Mapping[str, jax.Array]) -> Any:
+        return self.step(state, batch)
+
+
+def make_train_step(
+    setup: Setup,
+    vocab_counts: Mapping[str, np.ndarray],
+    skip_non_finite: bool = False,
+    prior: prior_from.RunPrior | None = None,
+) -> TrainStep:
+    """The dense step, or the row-sparse one when any table term is sparse. With one process
+    the sparse tables' rows are deduplicated on the host, in the data pipeline's threads; with
+    several, each process holds only part of the batch, so the step deduplicates on device.
+    ``skip_non_finite``: see :mod:`train.nonfinite`. ``prior``: day 1's posterior as the
+    prior (:mod:`train.prior_from`), an argument of every step."""
+    batch_sh = setup.plan.batch_shardings()
+    prior_sh = widen = None
+    extra: tuple[Any, ...] = ()
+    if prior is not None:
+        prior_sh = prior_from.shardings_of(prior, setup.shardings)
+        widen, extra = prior.widen, (prior.arrays(),)
+    if not setup.sparse:
+        step = make_step(
+            setup.model,
+            setup.guide,
+            setup.optimizer,
+            setup.num_data,
+            setup.shardings,
+            batch_sh,
+            skip_non_finite,
+            prior_sh,
+            widen,
+        )
+        return TrainStep(lambda state, batch: step(state, batch, *extra), lambda b: b, batch_sh)
+    host_dedup = jax.process_count() == 1
+    if host_dedup:
+        replicated = setup.plan.replicated
+        rows = batch_sh["categorical"]
+        for site in setup.sparse:
+            batch_sh[UNIQ + site] = replicated
+            batch_sh[COUNT + site] = replicated
+            batch_sh[LOCAL + site] = rows
+    counts_sh = {s: row_sharding(setup.shardings, s) for s in setup.sparse}
+    counts = {
+        s: jax.device_put(row_counts(t.term, vocab_counts, setup.columns), counts_sh[s])
+        for s, t in setup.sparse.items()
+    }
+    step = make_sparse_step(
+        setup.model,
+        setup.guide,
+        setup.sparse,
+        setup.optimizer,
+        setup.schedule,
+        setup.optimizer_name,
+        setup.num_data,
+        setup.shardings,
+        batch_sh,
+        counts_sh,
+        skip_non_finite,
+        prior_sh,
+        widen,
+    )
+
+    tables = table_rows(setup.sparse)  # once, not per batch
+
+    def prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**batch, **host_rows(batch["categorical"], tables)} if host_dedup else batch
+
+    return TrainStep(lambda state, batch: step(state, batch, counts, *extra), prepare, batch_sh)

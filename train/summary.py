@@ -15,9 +15,9 @@ from blayers import guides
 from . import checkpoint as ckpt
 from . import files
 from .config import ConfigError, from_container, with_saved_defaults
-from .loop import Setup, make_setup
 from .model import coefficient_labels
 from .plan import ShardingPlan
+from .setup import Setup, make_setup
 
 QUANTILES = (0.05, 0.5, 0.95)
 FIELDS = ["site", "index", "label", "mean", "std", "q05", "q50", "q95"]
