@@ -208,27 +208,30 @@ class MeanFieldGuide:
         return SiteDraw(value, eps, log_normal, transform.log_abs_det_jacobian(u, value), u)
 
     @staticmethod
-    def _noise(key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, Any]:
+    def _noise(
+        key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]], negate: bool = False
+    ) -> dict[str, Any]:
         names = sorted(params)
         keys = jax.random.split(key, max(len(names), 1))
-        return {
+        eps = {
             n: jax.random.normal(k, params[n]["loc"].shape, params[n]["loc"].dtype)
             for k, n in zip(keys, names, strict=False)
         }
+        return {n: -e for n, e in eps.items()} if negate else eps
 
     def draw(
-        self, key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]]
+        self, key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]], negate: bool = False
     ) -> dict[str, SiteDraw]:
         """A draw of every site in ``params`` (whole or gathered rows), keys split in site
-        order."""
-        eps = self._noise(key, params)
+        order; ``negate``: the antithetic draw, the same noise with its sign flipped."""
+        eps = self._noise(key, params, negate)
         return {n: self._site_draw(n, params[n], e) for n, e in eps.items()}
 
     def sample(
-        self, key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]]
+        self, key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]], negate: bool = False
     ) -> tuple[dict[str, jax.Array], jax.Array]:
         """Constrained values of every site and the total guide log-density."""
-        draws = self.draw(key, params)
+        draws = self.draw(key, params, negate)
         log_q = sum((d.total() for d in draws.values()), jnp.zeros(()))
         return {n: d.value for n, d in draws.items()}, log_q
 
@@ -440,12 +443,12 @@ class StructuredGuide(MeanFieldGuide):
         return out
 
     def draw(
-        self, key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]]
+        self, key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]], negate: bool = False
     ) -> dict[str, SiteDraw]:
         missing = [n for n in self.globals if n not in params]
         if missing:
             raise ValueError(f"structured guide: a draw needs every global site; missing {missing}")
-        eps = self._noise(key, params)
+        eps = self._noise(key, params, negate)
         out: dict[str, SiteDraw] = {}
         centred = []  # g - mu, in global order
         eps_g = jnp.concatenate([eps[n].reshape(-1) for n in self.globals]) if self.dim else None
@@ -710,16 +713,39 @@ def sample_latents(
     return MeanFieldGuide(sites).sample(key, params)
 
 
+def antithetic_mean(loss: Callable[[bool], jax.Array], antithetic: bool) -> jax.Array:
+    r"""``loss(False)``, a one-draw estimate of the negative ELBO, or with ``antithetic`` the
+    mean of the draw and its mirror image, :math:`\tfrac12 (L(\varepsilon) + L(-\varepsilon))`
+    (``loss(True)``: the same noise negated).
+
+    Both are unbiased. The pair cancels every part of the gradient's noise that is odd in
+    :math:`\varepsilon`, which is all of it where the integrand is locally linear. That
+    noise is what drives a weakly identified scale down: with one draw per row, the scale's
+    gradient sums one noisy term per table row. On a logit table of 6,000 levels with one to
+    three binary rows each (``tests/test_weak_levels.py``; NUTS 0.42 ± 0.14) full-batch SVI
+    settled the scale at 0.13 with one draw per step and at 0.39 ± 0.10 with the pair (64
+    independent draws: 0.46, at 32 times the pair's cost)."""
+    if not antithetic:
+        return loss(False)
+    return 0.5 * (loss(False) + loss(True))
+
+
 def elbo_loss(
     key: jax.Array,
     params: Params,
     guide: MeanFieldGuide,
     model: Callable[..., Any],
     *args: Any,
+    antithetic: bool = False,
     **kwargs: Any,
 ) -> jax.Array:
-    """Negative single-draw ELBO estimate: :math:`\\log q(z) - \\log p(y, z)`."""
+    """Negative ELBO estimate :math:`\\log q(z) - \\log p(y, z)` at one draw, or at an
+    antithetic pair (:func:`antithetic_mean`)."""
     draw_key, model_key = jax.random.split(key)
-    values, log_q = guide.sample(draw_key, params)
-    log_p, _ = log_density(handlers.seed(model, model_key), args, kwargs, values)
-    return log_q - log_p
+
+    def one(negate: bool) -> jax.Array:
+        values, log_q = guide.sample(draw_key, params, negate)
+        log_p, _ = log_density(handlers.seed(model, model_key), args, kwargs, values)
+        return log_q - log_p
+
+    return antithetic_mean(one, antithetic)

@@ -132,14 +132,19 @@ def elbo_loss(
     model: Callable[..., Any],
     prior: PosteriorPrior,
     *args: Any,
+    antithetic: bool = False,
     **kwargs: Any,
 ) -> jax.Array:
-    """Negative single-draw ELBO estimate under the previous posterior as prior: as
-    :func:`blayers.guides.elbo_loss` (same keys, same draw), with :func:`log_joint`."""
+    """Negative ELBO estimate under the previous posterior as prior: as
+    :func:`blayers.guides.elbo_loss` (same keys, same draws), with :func:`log_joint`."""
     draw_key, model_key = jax.random.split(key)
-    draws = guide.draw(draw_key, params)
-    log_q = sum((d.total() for d in draws.values()), jnp.zeros(()))
-    values = {n: d.value for n, d in draws.items()}
-    seeded = handlers.seed(handlers.substitute(model, values), model_key)
-    trace = handlers.trace(seeded).get_trace(*args, **kwargs)
-    return log_q - log_joint(trace, draws, prior)
+
+    def one(negate: bool) -> jax.Array:
+        draws = guide.draw(draw_key, params, negate)
+        log_q = sum((d.total() for d in draws.values()), jnp.zeros(()))
+        values = {n: d.value for n, d in draws.items()}
+        seeded = handlers.seed(handlers.substitute(model, values), model_key)
+        trace = handlers.trace(seeded).get_trace(*args, **kwargs)
+        return log_q - log_joint(trace, draws, prior)
+
+    return guides.antithetic_mean(one, antithetic)

@@ -85,6 +85,10 @@ class OptimConfig:
     # every this many steps, move each table's row mean into the intercept where that raises
     # the ELBO (exact: the likelihood is unchanged; train/recenter.py). 0: never
     recenter_every: int = 50
+    # each step's ELBO at a draw and its mirror image (blayers.guides.antithetic_mean): twice
+    # the model's work per step, and the noise that drags a weakly identified table's scale
+    # down (one to three binary rows per level) cancels
+    antithetic: bool = True
     # horizon of the cosine schedule; None: train.steps. Fix it before extending a run's total
     # if the extended run must follow the same learning-rate curve.
     decay_steps: int | None = None
@@ -206,6 +210,7 @@ SAVED_DEFAULTS = {
     ("optim", "guide"): "mean_field",
     ("optim", "fm_rows"): "site",
     ("optim", "coupling_lr_factor"): 1.0,
+    ("optim", "antithetic"): False,
 }
 
 

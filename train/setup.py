@@ -69,6 +69,8 @@ class Setup:
     optimizer_name: str
     init: Callable[[], TrainState]  # builds the state; jit it with out_shardings=shardings
     guide: guides.MeanFieldGuide  # the posterior family: every read of the posterior
+    # every step's ELBO at an antithetic pair of draws (optim.antithetic)
+    antithetic: bool = False
     lr_scale: float = 1.0  # the learning rate's factor after rollbacks (train.nonfinite)
     # conditional rows' starting guide fields by site (``raw_scale``: log τ; ``loc``)
     row_start: dict[str, dict[str, np.ndarray]] | None = None
@@ -211,6 +213,7 @@ def make_setup(
         guide,
         row_start=row_start,
         information=observation_information(str(cfg.model.link), link_kwargs, stats),
+        antithetic=bool(cfg.optim.antithetic),
     )
 
 

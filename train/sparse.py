@@ -99,10 +99,12 @@ def make_sparse_loss(
     sparse: Mapping[str, SparseTable],
     num_data: int,
     widen: float | None = None,
+    antithetic: bool = False,
 ) -> Callable[..., jax.Array]:
     """``loss(dense, gathered, key, batch, local, weights[, prior]) -> -ELBO estimate``;
     ``prior``: ``(day 1's dense parameters, its gathered rows, each table's known flags)``
-    (:mod:`train.prior_from`), whose sds are widened by ``widen``."""
+    (:mod:`train.prior_from`), whose sds are widened by ``widen``. ``antithetic``: at a pair
+    of mirrored draws (:func:`blayers.guides.antithetic_mean`)."""
 
     def loss(
         dense: guides.Params,
@@ -114,18 +116,23 @@ def make_sparse_loss(
         prior: tuple[Any, Any, Any] | None = None,
     ) -> jax.Array:
         model_key, draw_key = jax.random.split(key)
-        draws = guide.draw(draw_key, {**dense, **gathered})
-        log_q = jnp.zeros(())
-        for name, d in draws.items():
-            log_q = log_q + (d.per_row() @ weights[name] if name in sparse else d.total())
-        values = {name: d.value for name, d in draws.items()}
-        seeded = handlers.seed(handlers.substitute(model, values), model_key)
-        trace = handlers.trace(seeded).get_trace(batch, num_data, local)
-        if prior is None:
-            return log_q - weighted_log_joint(trace, weights)
-        prior_dense, prior_rows, known = prior
-        as_prior = prior_from.posterior_prior(guide, prior_dense, known, float(widen or 1.0))
-        return log_q - posterior_prior.log_joint(trace, draws, as_prior, weights, prior_rows, known)
+
+        def one(negate: bool) -> jax.Array:
+            draws = guide.draw(draw_key, {**dense, **gathered}, negate)
+            log_q = jnp.zeros(())
+            for name, d in draws.items():
+                log_q = log_q + (d.per_row() @ weights[name] if name in sparse else d.total())
+            values = {name: d.value for name, d in draws.items()}
+            seeded = handlers.seed(handlers.substitute(model, values), model_key)
+            trace = handlers.trace(seeded).get_trace(batch, num_data, local)
+            if prior is None:
+                return log_q - weighted_log_joint(trace, weights)
+            prior_dense, prior_rows, known = prior
+            as_prior = prior_from.posterior_prior(guide, prior_dense, known, float(widen or 1.0))
+            joint = posterior_prior.log_joint(trace, draws, as_prior, weights, prior_rows, known)
+            return log_q - joint
+
+        return guides.antithetic_mean(one, antithetic)
 
     return loss
 
@@ -189,6 +196,7 @@ def make_sparse_step(
     skip_non_finite: bool = False,
     prior_shardings: Any = None,
     widen: float | None = None,
+    antithetic: bool = False,
 ) -> Callable[..., tuple[TrainState, jax.Array]]:
     """``step(state, batch, counts) -> (state, loss)``; the state is donated and tables are
     updated in place, row by row. ``skip_non_finite``: as in :func:`train.step.make_step`;
@@ -200,7 +208,7 @@ def make_sparse_step(
             f"optim.name={row_optimizer!r}: the row-sparse path supports "
             f"{ROW_OPTIMIZERS}; use one, or set sparse: false on the table terms"
         )
-    loss_fn = make_sparse_loss(model, guide, sparse, num_data, widen)
+    loss_fn = make_sparse_loss(model, guide, sparse, num_data, widen, antithetic)
     replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
     fields = row_state_fields(row_optimizer)
     column = {f: i for i, f in enumerate(fields)}

@@ -39,8 +39,10 @@ def loss_fn(
     guide: guides.MeanFieldGuide,
     num_data: int,
     widen: float | None = None,
+    antithetic: bool = False,
 ) -> Callable[..., jax.Array]:
     """Negative ELBO of one minibatch; the model's data plate scales it to ``num_data`` rows.
+    ``antithetic``: at a pair of mirrored draws (:func:`blayers.guides.antithetic_mean`).
     Called with a ``prior`` (:meth:`train.prior_from.RunPrior.arrays`), day 1's posterior
     is the prior, its sds times ``widen`` (:mod:`blayers.posterior_prior`)."""
 
@@ -51,10 +53,12 @@ def loss_fn(
         prior: Mapping[str, Any] | None = None,
     ) -> jax.Array:
         if prior is None:
-            return guides.elbo_loss(key, params, guide, model, batch, num_data=num_data)
+            return guides.elbo_loss(
+                key, params, guide, model, batch, num_data=num_data, antithetic=antithetic
+            )
         as_prior = PosteriorPrior(guide, prior["params"], prior["known"], float(widen or 1.0))
         return posterior_prior.elbo_loss(
-            key, params, guide, model, as_prior, batch, num_data=num_data
+            key, params, guide, model, as_prior, batch, num_data=num_data, antithetic=antithetic
         )
 
     return loss
@@ -70,13 +74,14 @@ def make_step(
     skip_non_finite: bool = False,
     prior_shardings: Any = None,
     widen: float | None = None,
+    antithetic: bool = False,
 ) -> Callable[..., tuple[TrainState, jax.Array]]:
     """``step(state, batch) -> (state, loss)``. The step key is ``fold_in(rng, step)``, so a
     resumed run draws exactly what an uninterrupted one would. ``skip_non_finite``: a step
     whose loss or gradient is not finite leaves the parameters and optimizer state as they
     were and reports a NaN loss (``train.nonfinite``). With ``prior_shardings`` (those of
     :meth:`train.prior_from.RunPrior.arrays`) the step is ``step(state, batch, prior)``."""
-    loss = loss_fn(model, guide, num_data, widen)
+    loss = loss_fn(model, guide, num_data, widen, antithetic)
     replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
 
     def step(
@@ -148,6 +153,7 @@ def make_train_step(
             skip_non_finite,
             prior_sh,
             widen,
+            setup.antithetic,
         )
         return TrainStep(lambda state, batch: step(state, batch, *extra), lambda b: b, batch_sh)
     host_dedup = jax.process_count() == 1
@@ -177,6 +183,7 @@ def make_train_step(
         skip_non_finite,
         prior_sh,
         widen,
+        setup.antithetic,
     )
 
     tables = table_rows(setup.sparse)  # once, not per batch
