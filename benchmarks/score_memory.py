@@ -111,7 +111,7 @@ def worker_predictive(run: str, data: str, draws: int, mem_gb: float) -> dict:
     from numpyro.infer import Predictive
 
     from train import vocab as vocab_lib
-    from train.summary import restore_run
+    from train.run import restore_run
 
     setup, state, _ = restore_run(Path(run))
     params = jax.tree.map(np.asarray, state.params)

@@ -89,8 +89,8 @@ def load_params(
     run_dir: Path, step: int | None = None, trust_model: str | None = None
 ) -> dict[str, np.ndarray]:
     """Guide params of a run's checkpoint as flat numpy arrays, read on this process."""
+    from train.run import restore_run
     from train.state import guide_params
-    from train.summary import restore_run
 
     _, state, _ = restore_run(run_dir, step, trust_model=trust_model)
     params = guide_params(state.params)

@@ -16,7 +16,7 @@ from tests.service_helpers import load_params, refusal, run_cli, small_config, s
 from train import checkpoint as ckpt
 from train import loop
 from train.config import ConfigError
-from train.summary import restore_run
+from train.run import restore_run
 
 SETTINGS = {"train.steps": 30, "checkpoint.every": 10, "train.log_every": 1000}
 

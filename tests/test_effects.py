@@ -14,7 +14,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from tests.service_helpers import refusal, run_cli, small_config, small_dataset
 from train import effects, loop
-from train.summary import restore_run
+from train.run import restore_run
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,7 @@ def test_structured_state_is_sharded_like_its_rows():
         cfg = small_config(small_dataset(tmp), tmp / "run", **{"mesh.model": 4, "mesh.data": 2})
         import jax
         loop.train(cfg, log=lambda _: None)
-        from train.summary import restore_run
+        from train.run import restore_run
         setup, state, _ = restore_run(tmp / "run")
         table = state.params["RandomEffectsLayer_user_theta"]["coupling"]
         intercept = state.params["InterceptLayer_bias_beta"]["coupling"]

@@ -17,7 +17,7 @@ from train import loop
 from train import setup as train_setup
 from train.config import Config, ConfigError
 from train.plan import ShardingPlan
-from train.summary import restore_run
+from train.run import restore_run
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = {"user": 300, "item": 60, "region": 9}

@@ -15,8 +15,8 @@ from tests.service_helpers import load_params, quiet_config, refusal, run_cli
 from tests.test_warm_start import day, level_effects, settings
 from train import loop
 from train.config import ConfigError
+from train.run import restore_run
 from train.state import guide_params
-from train.summary import restore_run
 from train.vocab import load_all
 
 GLOBALS = ("InterceptLayer_bias_beta", "AdaptiveLayer_w_beta", "RandomEffectsLayer_user_scale")

@@ -131,7 +131,7 @@ def test_a_rows_draws_do_not_depend_on_its_batch_and_match_per_batch_drawing(tra
     """Whole tables drawn once: a row scores the same in a batch of 64 as in one of 256 (its
     draws are a function of its ids), and the per-batch path, which draws each batch's rows
     afresh, agrees with it to Monte Carlo error."""
-    from train.summary import restore_run
+    from train.run import restore_run
 
     tables = {}
     for size in (64, 256):
@@ -316,7 +316,7 @@ def test_checkpoint_of_another_structure_is_refused(trained, tmp_path):
 
 
 def test_device_and_host_quantiles_agree_on_a_trained_run(trained):
-    from train.summary import restore_run
+    from train.run import restore_run
 
     setup, state, _ = restore_run(trained / "run", None)
     batch, seen = random_batch(setup, 64, seed=3)

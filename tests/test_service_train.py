@@ -145,7 +145,7 @@ def test_checkpoint_from_8_devices_restores_on_1_and_4_and_continues(dataset, tm
             import json, numpy as np
             from tests.service_helpers import small_config, load_params
             from train import loop
-            from train.summary import restore_run
+            from train.run import restore_run
             _, state, meta = restore_run({str(tmp_path / "run")!r})
             table = state.params["RandomEffectsLayer_user_theta"]["loc"]
             out = {{"step": meta["step"], "shards": len(table.addressable_shards),

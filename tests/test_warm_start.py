@@ -15,7 +15,7 @@ import pytest
 from tests.service_helpers import load_params, quiet_config, run_cli, run_with_devices
 from train import effects, loop
 from train.config import ConfigError
-from train.summary import restore_run
+from train.run import restore_run
 from train.vocab import Vocab, load_all
 
 SITE = "RandomEffectsLayer_user_theta"
@@ -272,7 +272,7 @@ def test_a_run_on_eight_devices_continues_on_two_with_its_tables_split(days, tmp
         from tests.service_helpers import load_params, quiet_config
         from tests.test_warm_start import SITE, settings
         from train import loop
-        from train.summary import restore_run
+        from train.run import restore_run
         more = {{"mesh.data": 1, "mesh.model": 2, "optim.guide": "mean_field", "optim.lr": 1e-12,
                  "train.steps": 1, "checkpoint.every": 1, "init_from": {str(first)!r}}}
         loop.train(quiet_config({str(days[1])!r}, {str(second)!r}, settings(**more)),

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import cli, compile_cache, effects, inference_data, score, summary
 from . import config as config_lib
+from . import run as run_lib
 from .config import ConfigError
 from .frames import as_arrow, as_frame
 
@@ -103,7 +104,7 @@ class Run:
     def restored(self) -> tuple[Any, Any, dict[str, Any]]:
         """``(setup, state, metadata)`` of the latest good checkpoint."""
         if self._restored is None:
-            self._restored = summary.restore_run(
+            self._restored = run_lib.restore_run(
                 self.run_dir, log=lambda _: None, trust_model=self.trust_model
             )
         return self._restored

@@ -21,6 +21,7 @@ from blayers.sharding import ShardingError
 
 from . import compile_cache, late_reads
 from . import config as config_lib
+from . import run as run_lib
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
@@ -131,10 +132,10 @@ def run_summary(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def run_effects(cfg: DictConfig) -> Path:
-    from . import effects, summary
+    from . import effects
 
     out = Path(cfg.output or Path(cfg.run_dir) / "effects" / f"{cfg.term}.parquet")
-    setup, state, _ = summary.restore_run(
+    setup, state, _ = run_lib.restore_run(
         Path(cfg.run_dir), cfg.step, cfg.strict, trust_model=cfg.trust_model
     )
     batches = effects.effect_batches(

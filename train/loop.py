@@ -50,6 +50,7 @@ from .cores import CoreSplit
 from .cores import reserve as reserve_cores
 from .model import Columns, build_model, configured_link_kwargs, ordered_columns
 from .plan import ShardingPlan
+from .run import RunDir
 from .settings import check_resume_settings, check_settings
 from .setup import Setup, fresh_state, make_setup, table_rows_of, with_lr_scale
 from .sparse import (
@@ -111,24 +112,13 @@ def warm_state(
     :func:`train.warm_start.restarted_rows`). With ``widen`` (``prior_from``), also the base
     run's posterior as this run's prior (:mod:`train.prior_from`): the same copy with no row
     restarted, and a flag per row for the rows it fills."""
-    ckpt_dir = base.run_dir / "checkpoints"
     try:
         base_setup = make_setup(
             base.cfg, base.table_sizes, int(base.meta["num_data"]), setup.plan, base.pad_multiple
         )
     except ConfigError as err:
         raise ConfigError(f"{base.key}={base.run_dir}: {err}") from None
-    target = ckpt.abstract_with_shardings(base_setup.abstract, base_setup.shardings)
-    step, _, restored = ckpt.restore_newest_good(
-        ckpt_dir,
-        target,
-        base.step,
-        strict=True,
-        log=log,
-        compatible=lambda meta: ckpt.check_compatible(
-            meta, base_setup.fingerprint, base_setup.sites, ckpt_dir
-        ),
-    )
+    step, _, restored = RunDir(base.run_dir).restore(base_setup, base.step, True, log)
     known = {c: v.size for c, v in base.vocabs.items()}
     blocks = warm_start.row_blocks(
         base_setup.model.terms,
@@ -155,28 +145,15 @@ def warm_state(
 
 
 def restore_or_init(
-    cfg: Any,
-    setup: Setup,
-    ckpt_dir: Path,
-    latest: int | None,
-    saved: Mapping[str, Any] | None,
-    log: Callable[[str], None],
+    cfg: Any, setup: Setup, run: RunDir, latest: int | None, log: Callable[[str], None]
 ) -> tuple[Setup, TrainState, Mapping[str, Any] | None]:
     """The newest good checkpoint at or before ``latest`` (newer steps set aside, the
     learning rate's rollback factor restored), or a fresh state; with its metadata."""
-    if latest is None:
-        return setup, fresh_state(setup), saved
-    target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
-    restored, saved, state = ckpt.restore_newest_good(
-        ckpt_dir,
-        target,
-        latest,
-        strict=cfg.checkpoint.strict or cfg.train.resume_step is not None,
-        log=log,
-        compatible=lambda meta: ckpt.check_compatible(
-            meta, setup.fingerprint, setup.sites, ckpt_dir
-        ),
-    )
+    strict = cfg.checkpoint.strict or cfg.train.resume_step is not None
+    restored, saved, state = run.restore_or_init(setup, latest, strict, log)
+    if restored is None:
+        return setup, state, saved
+    ckpt_dir = run.checkpoints
     # every process lists the steps (Orbax's managers synchronize them); one moves them
     set_aside_after(ckpt_dir, restored, log, move=jax.process_index() == 0)
     distributed.barrier("blayers-checkpoints-set-aside")
@@ -214,7 +191,7 @@ def _train(
     clock.mark("data")  # discovery, checks, vocabulary, encoded store (cached on a rerun)
     cfg = with_smooth_domains(cfg, store.feature_stats, log)
     sizes = {c: v.size for c, v in vocabs.items()}
-    latest, saved = _latest_meta(cfg, ckpt_dir, log)
+    latest, saved = RunDir(run_dir).resume_point(cfg.train.resume_step, cfg.checkpoint.strict, log)
     if saved is not None:
         cfg = keep_saved_settings(cfg, saved, log)
         check_resume_settings(saved.get("config", {}), cfg)
@@ -249,7 +226,7 @@ def _train(
         if prior is not None:
             prior_from.save(run_dir, prior, base.lineage())
     else:
-        setup, state, saved = restore_or_init(cfg, setup, ckpt_dir, latest, saved, log)
+        setup, state, saved = restore_or_init(cfg, setup, RunDir(run_dir), latest, log)
         if saved and saved.get("prior_from"):
             prior = prior_from.load(
                 run_dir, setup.abstract.params, setup.shardings, table_rows_of(setup)
@@ -561,12 +538,9 @@ def roll_back(
     checkpointer.wait()
     scale = setup.lr_scale * float(cfg.train.non_finite.lr_factor)
     setup = with_lr_scale(setup, cfg, scale)
-    good = checkpointer.latest_step()
-    if good is None:
-        state, saved = fresh_state(setup), None
-    else:
-        target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
-        good, saved, state = ckpt.restore_newest_good(ckpt_dir, target, good, log=log)
+    _, saved, state = RunDir(ckpt_dir.parent).restore_or_init(
+        setup, checkpointer.latest_step(), False, log
+    )
     meta["lr_scale"] = scale
     meta["rollbacks"] += 1
     log(
@@ -677,27 +651,6 @@ def make_run_recenter(
         found, setup.guide, setup.shardings, counts, setup.information, new_rows
     )
     return move, cadence
-
-
-def _latest_meta(
-    cfg: Any, ckpt_dir: Path, log: Callable[[str], None]
-) -> tuple[int | None, dict[str, Any] | None]:
-    """The metadata of the step to resume from (``train.resume_step``, else the newest whose
-    metadata reads), or ``(None, None)`` for a fresh run."""
-    if not ckpt.steps(ckpt_dir):
-        if cfg.train.resume_step is not None:
-            raise ConfigError(
-                f"train.resume_step={cfg.train.resume_step}: {ckpt_dir} holds no checkpoint"
-            )
-        return None, None
-    try:
-        return ckpt.newest_readable_meta(
-            ckpt_dir, cfg.train.resume_step, cfg.checkpoint.strict, log
-        )
-    except ckpt.CheckpointError as err:
-        if cfg.train.resume_step is not None:
-            raise ConfigError(f"train.resume_step={cfg.train.resume_step}: {err}") from None
-        raise
 
 
 def check_terms(cfg: Any) -> None:

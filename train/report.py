@@ -177,7 +177,7 @@ def _effect_sample(batches: Iterator[pa.RecordBatch]) -> pa.Table:
 def _table_terms(plt: Any, run_dir: Path) -> list[str]:
     from . import effects as effects_lib
     from .config import ConfigError
-    from .summary import restore_run
+    from .run import restore_run
 
     try:
         setup, state, _ = restore_run(run_dir, log=lambda _: None)

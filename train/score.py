@@ -39,9 +39,9 @@ from . import files, posterior
 from . import vocab as vocab_lib
 from .model import LINEAR_PREDICTOR, GatheredRows
 from .plan import row_sharding
+from .run import restore_run
 from .settings import check_score_settings
 from .stages import StageClock
-from .summary import restore_run
 
 MANIFEST = "_manifest.json"
 

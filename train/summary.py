@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,65 +12,13 @@ import numpy as np
 
 from blayers import guides
 
-from . import checkpoint as ckpt
 from . import files
-from .config import ConfigError, from_container, with_saved_defaults
 from .model import coefficient_labels
-from .plan import ShardingPlan
-from .setup import Setup, make_setup
+from .run import restore_run
+from .setup import Setup
 
 QUANTILES = (0.05, 0.5, 0.95)
 FIELDS = ["site", "index", "label", "mean", "std", "q05", "q50", "q95"]
-
-
-def restore_run(
-    run_dir: Path,
-    step: int | None = None,
-    strict: bool = False,
-    log: Callable[[str], None] = print,
-    trust_model: str | None = None,
-) -> tuple[Setup, Any, dict[str, Any]]:
-    """Setup, restored state and metadata of a run, needing nothing but its directory: the
-    given ``step``, else the newest that reads and verifies (``strict``: the latest or an
-    error). A run of a model of the user's own is restored only if ``trust_model`` names it
-    (see :func:`check_trusted`)."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    strict = strict or step is not None  # a step asked for by name is that step or an error
-    step, meta = ckpt.newest_readable_meta(ckpt_dir, step, strict, log)
-    check_trusted(meta, run_dir, trust_model)
-    cfg = from_container(with_saved_defaults(meta["config"]))
-    pad = int(meta.get("table_pad_multiple", 1))
-    plan = ShardingPlan.for_restore(cfg, pad)
-    setup = make_setup(cfg, meta["table_sizes"], int(meta["num_data"]), plan, pad)
-    target = ckpt.abstract_with_shardings(setup.abstract, setup.shardings)
-
-    def usable(m: Mapping[str, Any]) -> None:  # an older step, fallen back to, is checked too
-        check_trusted(m, run_dir, trust_model)
-        ckpt.check_compatible(m, setup.fingerprint, setup.sites, ckpt_dir)
-
-    step, meta, state = ckpt.restore_newest_good(
-        ckpt_dir,
-        target,
-        step,
-        strict=strict,
-        log=log,
-        compatible=usable,
-    )
-    return setup, state, {**meta, "step": step}
-
-
-def check_trusted(meta: Mapping[str, Any], run_dir: Path, trust_model: str | None) -> None:
-    """Refuse a run whose metadata names a model function (``model._target_``) other than
-    ``trust_model``: building the model imports it, and metadata is only as trustworthy as
-    whoever could write the run directory."""
-    model = meta.get("config", {}).get("model") or {}
-    target = model.get("_target_") if isinstance(model, Mapping) else None
-    if target and target != trust_model:
-        raise ConfigError(
-            f"trust_model: {run_dir} was trained with a model of the user's own "
-            f"(model._target_={target!r}); restoring it imports that code, so pass "
-            f"trust_model={target} if it is yours"
-        )
 
 
 def summarize(
