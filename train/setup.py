@@ -134,13 +134,7 @@ def make_setup(
     ``vocab_counts`` and ``category_sums``: each column's category counts and target sums,
     for a conditional guide's row start."""
     columns = Columns(tuple(cfg.data.numeric), tuple(cfg.data.categorical))
-    split = plan.table_multiple
-    pad = split if pad_multiple is None else int(pad_multiple)
-    if pad % split:
-        raise ConfigError(
-            f"mesh: this run's tables are padded to multiples of {pad} rows, which cannot be "
-            f"split {split} ways; use a mesh whose table axes divide {pad}"
-        )
+    pad = table_padding(plan, pad_multiple)
     model = build_model(cfg.model, columns, table_sizes, pad)
     sites = guides.latent_sites(
         model, abstract_batch(cfg.data.batch_size, columns), num_data=num_data
@@ -153,16 +147,9 @@ def make_setup(
         if t.sparse
     }
     check_posterior_settings(cfg)
-    link_kwargs = configured_link_kwargs(cfg.model)
     stats = target_stats if cfg.optim.start == "data" else None
-    start = starting_values(terms, sites, str(cfg.model.link), link_kwargs, stats)
-    levels = {
-        t.table_site: sum(table_sizes[columns.categorical[i]] for i in t.categorical_idx)
-        for t in terms
-        if t.categorical_idx
-    }
-    scales = starting_scales(
-        terms, sites, str(cfg.model.link), link_kwargs, stats, feature_stats, num_data, levels
+    start, scales = starting_point(
+        cfg, terms, sites, columns, table_sizes, num_data, stats, feature_stats
     )
     guide = service_guide(str(cfg.optim.guide), terms, sites, str(cfg.optim.fm_rows))
     init = init_fn(
@@ -178,13 +165,9 @@ def make_setup(
     abstract = jax.eval_shape(init)
     row_start = None
     if vocab_counts is not None:
-        by_site = {t.table_site: t for t in terms if t.kind == "table"}
-        conditional = [s for s in getattr(guide, "conditional", {}) if s in by_site]
-        counts = {s: row_counts(by_site[s], vocab_counts, columns) for s in conditional}
-        sums = None
-        if category_sums is not None:
-            sums = {s: row_counts(by_site[s], category_sums, columns) for s in conditional}
-        row_start = row_starts(guide, str(cfg.model.link), link_kwargs, stats, counts, sums)
+        row_start = conditional_row_start(
+            cfg, guide, terms, columns, stats, vocab_counts, category_sums
+        )
     try:
         shardings = plan.state_shardings(abstract, guide, optimizer)
     except ShardingError as err:
@@ -197,13 +180,7 @@ def make_setup(
         abstract,
         shardings,
         optimizer,
-        ckpt.fingerprint(
-            sites,
-            str(cfg.model.link),
-            sorted(sparse),
-            guide.name,
-            fm_rows_in_effect(guide.name, terms, sites, str(cfg.optim.fm_rows)),
-        ),
+        model_fingerprint(cfg, sites, sparse, guide, terms),
         num_data,
         pad,
         sparse,
@@ -212,9 +189,86 @@ def make_setup(
         init,
         guide,
         row_start=row_start,
-        information=observation_information(str(cfg.model.link), link_kwargs, stats),
+        information=observation_information(
+            str(cfg.model.link), configured_link_kwargs(cfg.model), stats
+        ),
         antithetic=bool(cfg.optim.antithetic),
     )
+
+
+def starting_point(
+    cfg: Any,
+    terms: Any,
+    sites: Mapping[str, guides.LatentSite],
+    columns: Columns,
+    table_sizes: Mapping[str, int],
+    num_data: int,
+    stats: TargetStats | None,
+    feature_stats: FeatureStats | None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The guide's starting values and sds of the global sites (:mod:`train.starts`)."""
+    link, link_kwargs = str(cfg.model.link), configured_link_kwargs(cfg.model)
+    start = starting_values(terms, sites, link, link_kwargs, stats)
+    levels = {
+        t.table_site: sum(table_sizes[columns.categorical[i]] for i in t.categorical_idx)
+        for t in terms
+        if t.categorical_idx
+    }
+    scales = starting_scales(
+        terms, sites, link, link_kwargs, stats, feature_stats, num_data, levels
+    )
+    return start, scales
+
+
+def model_fingerprint(
+    cfg: Any,
+    sites: Mapping[str, guides.LatentSite],
+    sparse: Mapping[str, Any],
+    guide: guides.MeanFieldGuide,
+    terms: Any,
+) -> str:
+    """What a checkpoint must match to restore into this setup
+    (:func:`train.checkpoint.fingerprint`)."""
+    fm_rows = fm_rows_in_effect(guide.name, terms, sites, str(cfg.optim.fm_rows))
+    return ckpt.fingerprint(sites, str(cfg.model.link), sorted(sparse), guide.name, fm_rows)
+
+
+def table_padding(plan: ShardingPlan, pad_multiple: int | None) -> int:
+    """The run's table padding: fixed when it starts (``pad_multiple``), else this plan's
+    table split; a plan that cannot split the run's padding is refused.
+
+    Raises:
+        ConfigError: naming the padding and the split.
+    """
+    split = plan.table_multiple
+    pad = split if pad_multiple is None else int(pad_multiple)
+    if pad % split:
+        raise ConfigError(
+            f"mesh: this run's tables are padded to multiples of {pad} rows, which cannot be "
+            f"split {split} ways; use a mesh whose table axes divide {pad}"
+        )
+    return pad
+
+
+def conditional_row_start(
+    cfg: Any,
+    guide: guides.MeanFieldGuide,
+    terms: Any,
+    columns: Columns,
+    stats: TargetStats | None,
+    vocab_counts: Mapping[str, np.ndarray],
+    category_sums: Mapping[str, np.ndarray] | None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Where a conditional guide's table rows start (:func:`train.starts.row_starts`), from
+    each column's category counts and target sums."""
+    by_site = {t.table_site: t for t in terms if t.kind == "table"}
+    conditional = [s for s in getattr(guide, "conditional", {}) if s in by_site]
+    counts = {s: row_counts(by_site[s], vocab_counts, columns) for s in conditional}
+    sums = None
+    if category_sums is not None:
+        sums = {s: row_counts(by_site[s], category_sums, columns) for s in conditional}
+    link_kwargs = configured_link_kwargs(cfg.model)
+    return row_starts(guide, str(cfg.model.link), link_kwargs, stats, counts, sums)
 
 
 def table_rows_of(setup: Setup) -> dict[str, int]:
