@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from train import data as data_lib
+from train import pipeline
 from train.config import DataConfig
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "data"
@@ -65,9 +66,9 @@ def main() -> None:
         (f"blocks of {block}", block, None),
         (f"blocks of {block} + sparse dedup", block, dedup),
     ):
-        batches = data_lib.StepBatches(store, args.batch, 0, block=blocks, transform=transform)
+        batches = pipeline.StepBatches(store, args.batch, 0, block=blocks, transform=transform)
         for threads in (1, 2):
-            it = data_lib.iterate(batches, 0, args.batches + 8, threads)
+            it = pipeline.iterate(batches, 0, args.batches + 8, threads)
             for _ in range(8):
                 next(it)
             t = time.perf_counter()

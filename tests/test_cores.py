@@ -54,7 +54,7 @@ def test_pool_on_compute_cores_pipeline_on_data_cores_main_thread_on_all():
         import json, os, threading
         import jax  # importing starts threads of its own, before any backend exists
         from train.cores import reserve
-        from train.data import iterate
+        from train.pipeline import iterate
         before = set(os.listdir("/proc/self/task"))
         allowed = sorted(os.sched_getaffinity(0))
         split, line = reserve(2)

@@ -9,6 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from train import data as data_lib
+from train import pipeline
+from train import store as store_lib
 from train.config import DataConfig
 
 N = 1000
@@ -57,21 +59,21 @@ def test_store_holds_every_input_row_once_shuffled(prepared):
 @pytest.mark.parametrize("block", [1, 16])
 def test_batches_are_a_pure_function_of_seed_and_step(prepared, block):
     _, store, _ = prepared
-    a = data_lib.StepBatches(store, 64, seed=3, block=block)
-    b = data_lib.StepBatches(store, 64, seed=3, block=block)
+    a = pipeline.StepBatches(store, 64, seed=3, block=block)
+    b = pipeline.StepBatches(store, 64, seed=3, block=block)
     for step in (0, 7, 15, 16, 40):
         np.testing.assert_array_equal(a.rows(step), b.rows(step))
-    c = data_lib.StepBatches(store, 64, seed=4, block=block)
+    c = pipeline.StepBatches(store, 64, seed=4, block=block)
     assert not np.array_equal(a.rows(5), c.rows(5))
 
 
 @pytest.mark.parametrize("block", [1, 16])
 def test_process_shares_partition_the_global_batch(prepared, block):
     _, store, _ = prepared
-    whole = data_lib.StepBatches(store, 64, seed=1, block=block)
+    whole = pipeline.StepBatches(store, 64, seed=1, block=block)
     for step in (0, 3, 20):
         shares = [
-            data_lib.StepBatches(store, 64, 1, p, 4, block=block).rows(step) for p in range(4)
+            pipeline.StepBatches(store, 64, 1, p, 4, block=block).rows(step) for p in range(4)
         ]
         assert all(len(s) == 16 for s in shares)
         np.testing.assert_array_equal(np.sort(np.concatenate(shares)), np.sort(whole.rows(step)))
@@ -79,10 +81,10 @@ def test_process_shares_partition_the_global_batch(prepared, block):
 
 def test_an_epoch_covers_every_row(prepared):
     _, store, _ = prepared
-    rows = data_lib.StepBatches(store, 50, seed=0, block=1)
+    rows = pipeline.StepBatches(store, 50, seed=0, block=1)
     seen = np.concatenate([rows.rows(s) for s in range(N // 50)])
     assert sorted(seen.tolist()) == list(range(N))  # row shuffle: exactly once
-    blocks = data_lib.StepBatches(store, 64, seed=0, block=16)
+    blocks = pipeline.StepBatches(store, 64, seed=0, block=16)
     per_epoch = -(-blocks.num_blocks * 16 // 64)
     seen = np.concatenate([blocks.rows(s) for s in range(per_epoch)])
     assert set(seen.tolist()) == set(range(N))  # blocks: every row, the wrapped block twice
@@ -90,7 +92,7 @@ def test_an_epoch_covers_every_row(prepared):
 
 def test_batch_contents_match_rows(prepared):
     _, store, _ = prepared
-    batches = data_lib.StepBatches(store, 64, seed=2, block=16)
+    batches = pipeline.StepBatches(store, 64, seed=2, block=16)
     batch = batches(4)
     rows = batches.rows(4)
     np.testing.assert_array_equal(batch["numeric"], store.column("numeric")[rows])
@@ -111,7 +113,7 @@ def chunked(tmp_path_factory, prepared):
     """The same rows stored in chunks of 300 (the default is 2^22 rows per chunk)."""
     base = tmp_path_factory.mktemp("chunked")
     patch = pytest.MonkeyPatch()
-    patch.setattr(data_lib, "CHUNK_ROWS", 300)
+    patch.setattr(store_lib, "CHUNK_ROWS", 300)
     try:
         table = prepared[0]
         pq.write_table(table, base / "a.parquet", row_group_size=300)
@@ -137,7 +139,7 @@ def test_block_batches_hold_exactly_their_rows_across_chunks_and_the_wrap(
 ):
     # 300-row chunks: 4 and 20 divide them (whole-block copies), 32 and 64 straddle them; the
     # last block of the 1000 rows wraps around to row 0 unless the block divides 1000
-    batches = data_lib.StepBatches(chunked, batch_size, seed=5, block=block)
+    batches = pipeline.StepBatches(chunked, batch_size, seed=5, block=block)
     assert batches.block == block
     steps_per_epoch = -(-batches.num_blocks * block // batch_size)
     for step in range(2 * steps_per_epoch + 1):
@@ -146,7 +148,7 @@ def test_block_batches_hold_exactly_their_rows_across_chunks_and_the_wrap(
         np.testing.assert_array_equal(batch["numeric"], chunked.column("numeric")[rows])
         np.testing.assert_array_equal(batch["categorical"], chunked.column("categorical")[rows])
         np.testing.assert_array_equal(batch["target"], chunked.column("target")[rows])
-        assert all(v.ctypes.data % data_lib.ALIGN == 0 for v in batch.values())
+        assert all(v.ctypes.data % store_lib.ALIGN == 0 for v in batch.values())
 
 
 @pytest.mark.parametrize(
@@ -165,4 +167,4 @@ def test_take_returns_exactly_the_rows_in_aligned_buffers(chunked, rows):
     np.testing.assert_array_equal(batch["categorical"], store.column("categorical")[rows])
     np.testing.assert_array_equal(batch["target"], store.column("target")[rows])
     # 64-byte aligned: XLA:CPU takes such buffers without a copy
-    assert all(v.ctypes.data % data_lib.ALIGN == 0 for v in batch.values())
+    assert all(v.ctypes.data % store_lib.ALIGN == 0 for v in batch.values())

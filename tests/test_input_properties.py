@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from train import config as config_lib
 from train import data as data_lib
+from train import store as store_lib
 from train.config import Config, ConfigError, DataConfig
 from train.settings import check_settings
 
@@ -100,10 +101,10 @@ def test_the_data_stage_succeeds_or_refuses_in_one_line_writing_nothing(case):
             return
         event("accepted")
         assert store.num_rows == table.num_rows > 0
-        ids = store.column(data_lib.CATEGORICAL)[:, 0]
+        ids = store.column(store_lib.CATEGORICAL)[:, 0]
         assert ids.min() >= 0 and ids.max() < vocabs["user"].size
         assert int(vocabs["user"].counts.sum()) == table.num_rows
-        y = store.column(data_lib.TARGET)
+        y = store.column(store_lib.TARGET)
         assert np.all(np.isfinite(y))
 
 

@@ -15,7 +15,7 @@ import pytest
 from tests.service_helpers import SMALL_TERMS, load_params, small_config, small_dataset
 from train import checkpoint as ckpt
 from train import data as data_lib
-from train import loop
+from train import loop, pipeline
 from train import setup as train_setup
 from train import step as step_lib
 from train.config import ConfigError
@@ -70,7 +70,7 @@ def test_a_skipped_step_changes_nothing_but_the_step(data, tmp_path, sparse):
     assert bool(setup.sparse) == sparse
     counts = {c: v.counts for c, v in vocabs.items()}
     step = step_lib.make_train_step(setup, counts, skip_non_finite=True)
-    local = step.prepare(data_lib.StepBatches(store, 64, 0)(0))
+    local = step.prepare(pipeline.StepBatches(store, 64, 0)(0))
     batch = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in local.items()}
     init = jax.jit(setup.init, out_shardings=setup.shardings)
     before = jax.device_get(init())

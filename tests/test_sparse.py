@@ -13,7 +13,7 @@ import pytest
 
 from tests.service_helpers import load_params, small_config
 from train import data as data_lib
-from train import loop
+from train import loop, pipeline
 from train import setup as train_setup
 from train import step as step_lib
 from train.dedup import host_rows
@@ -242,7 +242,7 @@ def test_compiled_sparse_step_never_gathers_a_table(tmp_path):
     assert {s.data.shape for s in table.addressable_shards} == {(rows // 8, 6)}  # 1/8 each
 
     step = step_lib.make_train_step(setup, {c: v.counts for c, v in vocabs.items()})
-    local = step.prepare(data_lib.StepBatches(store, 256, 0)(0))
+    local = step.prepare(pipeline.StepBatches(store, 256, 0)(0))
     batch = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in local.items()}
     hlo = jax.jit(lambda s, b: step(s, b)).lower(state, batch).compile().as_text()
     collectives = collective_sizes(hlo)
@@ -273,7 +273,7 @@ def test_device_dedup_step_equals_host_dedup_step(gaussian_data, tmp_path, monke
     assert set(host_step.batch_shardings) > set(device_step.batch_shardings)
     init = jax.jit(setup.init, out_shardings=setup.shardings)
     states = {"host": init(), "device": init()}
-    batches = data_lib.StepBatches(store, 256, 0)
+    batches = pipeline.StepBatches(store, 256, 0)
     for s in range(3):
         raw = batches(s)
         for name, step in (("host", host_step), ("device", device_step)):

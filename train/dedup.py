@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import aligned_arrays
+from .store import aligned_arrays
 
 UNIQ, COUNT, LOCAL = "uniq:", "count:", "local:"
 

@@ -32,6 +32,7 @@ from . import (
     hooks,
     metric_sinks,
     nonfinite,
+    pipeline,
     prior_from,
     rundir,
     smooth,
@@ -65,6 +66,7 @@ from .state import (
     non_finite_sites,
 )
 from .step import TrainStep, make_train_step
+from .store import Store
 from .trainer import Progress, Trainer, WaitClock
 
 RESOLVED_CONFIG = "config.yaml"  # the last start's resolved config, in the run dir
@@ -81,7 +83,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
 
 def prepare_data(
     cfg: Any, run_dir: Path, base: warm_start.Base | None = None
-) -> tuple[data_lib.Store, dict[str, Any]]:
+) -> tuple[Store, dict[str, Any]]:
     """The run's encoded store and vocabularies (:func:`train.data.prepare`): process 0
     writes them, the others read them after it. ``base``: the run this one continues."""
     link_check = None if cfg.model.get("_target_") else str(cfg.model.link)
@@ -289,7 +291,7 @@ class RunContext:
 
     cfg: Any
     run_dir: Path
-    store: data_lib.Store
+    store: Store
     checkpointer: ckpt.Checkpointer
     meta: dict[str, Any]  # saved with every checkpoint (rollbacks update it)
     vocab_counts: dict[str, np.ndarray]
@@ -430,7 +432,7 @@ def input_bound_hint(fraction: float, dedicated: bool) -> str | None:
 
 
 def device_batches(
-    store: data_lib.Store,
+    store: Store,
     cfg: Any,
     step_fn: TrainStep,
     first: int,
@@ -444,7 +446,7 @@ def device_batches(
     def to_device(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return distributed.step_inputs(step_fn.prepare(local), step_fn.batch_shardings)
 
-    batches = data_lib.StepBatches(
+    batches = pipeline.StepBatches(
         store,
         cfg.data.batch_size,
         cfg.train.seed,
@@ -453,7 +455,7 @@ def device_batches(
         transform=to_device,
         block=cfg.data.shuffle_block,
     )
-    return data_lib.iterate(batches, first, total, cfg.data.prefetch, cores)
+    return pipeline.iterate(batches, first, total, cfg.data.prefetch, cores)
 
 
 def segment_hooks(
