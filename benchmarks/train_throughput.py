@@ -318,7 +318,7 @@ def _e2e_runner(cfg, setup, step, state, c, cores=None, block=True):
     from omegaconf import OmegaConf
 
     from train import data as data_lib
-    from train.loop import device_batches
+    from train.pipeline import device_batches
 
     parquet = e2e_dataset(c)
     data_cfg = OmegaConf.merge(cfg.data, {"path": str(parquet), "target": "y"})
@@ -326,7 +326,7 @@ def _e2e_runner(cfg, setup, step, state, c, cores=None, block=True):
     holder = {"state": state}
     total = 10**7  # the timing loop decides how many steps it takes; the dataset is lazy
     cfg = OmegaConf.merge(cfg, {"data": {"batch_size": BATCH}, "train": {"seed": 0}})
-    it = device_batches(store, cfg, step, 0, total, cores)
+    it = device_batches(store, cfg, step.prepare, step.batch_shardings, 0, total, cores)
 
     def run(_i):
         holder["state"], loss = step(holder["state"], next(it))

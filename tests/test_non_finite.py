@@ -48,8 +48,8 @@ def _poisoned_batches(monkeypatch, steps: set[int], times: int = 1) -> list[int]
     original = loop.device_batches
     hits: list[int] = []
 
-    def batches(store, cfg, step_fn, first, total, cores=None):
-        for i, batch in enumerate(original(store, cfg, step_fn, first, total, cores)):
+    def batches(store, cfg, prepare, shardings, first, total, cores=None):
+        for i, batch in enumerate(original(store, cfg, prepare, shardings, first, total, cores)):
             s = first + i
             if s in steps and hits.count(s) < times:
                 hits.append(s)

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,6 @@ from . import (
     hooks,
     metric_sinks,
     nonfinite,
-    pipeline,
     prior_from,
     rundir,
     smooth,
@@ -50,6 +49,7 @@ from .convergence import ConvergenceTracker, window_steps
 from .cores import CoreSplit
 from .cores import reserve as reserve_cores
 from .model import Columns, build_model, configured_link_kwargs, ordered_columns
+from .pipeline import device_batches
 from .plan import ShardingPlan
 from .run import RunDir
 from .settings import check_resume_settings, check_settings
@@ -65,7 +65,7 @@ from .state import (
     TrainState,
     non_finite_sites,
 )
-from .step import TrainStep, make_train_step
+from .step import make_train_step
 from .store import Store
 from .trainer import Progress, Trainer, WaitClock
 
@@ -351,7 +351,15 @@ def train_segments(
         )
         while True:  # once, unless a rollback restarts from an earlier step
             batches = WaitClock(
-                device_batches(run.store, cfg, step_fn, progress.step, total, run.cores)
+                device_batches(
+                    run.store,
+                    cfg,
+                    step_fn.prepare,
+                    step_fn.batch_shardings,
+                    progress.step,
+                    total,
+                    run.cores,
+                )
             )
             metrics.clock = batches
             segment = segment_hooks(
@@ -429,33 +437,6 @@ def input_bound_hint(fraction: float, dedicated: bool) -> str | None:
             "; on a CPU host with a cheap step, data.dedicated_cores=true may help (README, Data)"
         )
     return line
-
-
-def device_batches(
-    store: Store,
-    cfg: Any,
-    step_fn: TrainStep,
-    first: int,
-    total: int,
-    cores: CoreSplit | None = None,
-) -> Iterator[dict[str, jax.Array]]:
-    """Global batches for steps ``first..total-1``. Gathering and host-side preparation (and,
-    with several processes, assembling the global arrays) run in the data pipeline's threads
-    (on ``cores.data`` when given), so the main thread only dispatches steps."""
-
-    def to_device(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return distributed.step_inputs(step_fn.prepare(local), step_fn.batch_shardings)
-
-    batches = pipeline.StepBatches(
-        store,
-        cfg.data.batch_size,
-        cfg.train.seed,
-        jax.process_index(),
-        jax.process_count(),
-        transform=to_device,
-        block=cfg.data.shuffle_block,
-    )
-    return pipeline.iterate(batches, first, total, cfg.data.prefetch, cores)
 
 
 def segment_hooks(

@@ -11,13 +11,15 @@ on background threads (:func:`iterate`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
+from . import distributed
 from .cores import CoreSplit, pipeline_threads
 from .store import Store
 
@@ -132,3 +134,33 @@ def iterate(
     threads = pipeline_threads(prefetch)
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, 1))
     return itertools.chain.from_iterable(ds.to_iter_dataset(read_options=options))
+
+
+def device_batches(
+    store: Store,
+    cfg: Any,
+    prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    shardings: Mapping[str, Any],
+    first: int,
+    total: int,
+    cores: CoreSplit | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The global batches of steps ``first..total-1`` of a job (``cfg.data``, ``cfg.train.seed``).
+    Each process's local batch goes through the host-side ``prepare`` registered by the step
+    (the row-sparse step's deduplication) and is assembled into global arrays placed by
+    ``shardings``, all in the pipeline's threads (on ``cores.data`` when given), so the main
+    thread only dispatches steps."""
+
+    def to_device(local: dict[str, np.ndarray]) -> dict[str, Any]:
+        return distributed.step_inputs(prepare(local), shardings)
+
+    batches = StepBatches(
+        store,
+        cfg.data.batch_size,
+        cfg.train.seed,
+        jax.process_index(),
+        jax.process_count(),
+        transform=to_device,
+        block=cfg.data.shuffle_block,
+    )
+    return iterate(batches, first, total, cfg.data.prefetch, cores)
