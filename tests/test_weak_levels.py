@@ -110,3 +110,22 @@ def test_with_one_draw_per_step_the_scale_collapses(case):
     tmp, rows, (mean, sd) = case
     got, _ = service(tmp / "data.parquet", tmp / "one", rows, antithetic=False)
     assert got < mean - sd, (got, mean, sd)
+
+
+def test_a_run_saved_before_the_pair_existed_resumes_with_one_draw():
+    from omegaconf import OmegaConf
+
+    from train.config import Config, to_container
+    from train.settings import changed_settings
+
+    cfg = OmegaConf.structured(Config)
+    saved = {"config": to_container(cfg)}
+    del saved["config"]["optim"]["antithetic"]
+    lines: list[str] = []
+    kept = loop.keep_saved_settings(cfg, saved, lines.append)
+    assert kept.optim.antithetic is False and cfg.optim.antithetic is True
+    assert lines == ["resuming with optim.antithetic=False, the setting this run was trained with"]
+    assert changed_settings(saved["config"], kept) == []
+    # saved with the key, a change is named, not overridden
+    saved["config"]["optim"]["antithetic"] = False
+    assert changed_settings(saved["config"], cfg) == ["optim.antithetic: False → True"]
