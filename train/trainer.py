@@ -52,8 +52,10 @@ class Trainer:
         self.hooks = list(hooks)
         self.block_every_step = block_every_step
 
-    def run(self, progress: Progress, batches: Iterable[Any]) -> Progress:
-        """Steps until the batches run out, a hook halts, or one reports a divergence."""
+    def steps(self, progress: Progress, batches: Iterable[Any]) -> Iterator[Progress]:
+        """Yields the :class:`Progress` after each step and its hooks, until the batches run
+        out, a hook halts, or one reports a divergence (yielded before any later hook sees
+        the step). A caller may read or replace ``progress.state`` between steps."""
         for batch in batches:
             progress.state, progress.loss = self.step(progress.state, batch)
             progress.step += 1
@@ -62,9 +64,15 @@ class Trainer:
             for hook in self.hooks:
                 hook.after_step(progress)
                 if progress.diverged is not None:
-                    return progress
-            if progress.halt:
-                return progress
+                    break
+            yield progress
+            if progress.diverged is not None or progress.halt:
+                return
+
+    def run(self, progress: Progress, batches: Iterable[Any]) -> Progress:
+        """:meth:`steps` to the end; ``progress``, updated in place, as the last step left it."""
+        for _ in self.steps(progress, batches):
+            pass
         return progress
 
 
