@@ -83,7 +83,8 @@ def normalize_rules(rules: Rules | None) -> tuple[tuple[str, MeshAxes], ...]:
     return tuple(out)
 
 
-def _as_tuple(mesh_axes: MeshAxes) -> tuple[str, ...]:
+def mesh_axis_names(mesh_axes: MeshAxes) -> tuple[str, ...]:
+    """A rule's or a spec entry's mesh axes as a tuple (``None``: none)."""
     if mesh_axes is None:
         return ()
     return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
@@ -113,7 +114,7 @@ def logical_to_spec(
         for rule_logical, mesh_axes in pairs:
             if rule_logical != logical:
                 continue
-            cand = _as_tuple(mesh_axes)
+            cand = mesh_axis_names(mesh_axes)
             if all(a in mesh.shape for a in cand) and not used & set(cand):
                 chosen = cand
                 break
@@ -228,7 +229,7 @@ def assert_sharded(arrays: Mapping[str, jax.Array], shardings: Mapping[str, Name
     bad = []
     for name, target in shardings.items():
         arr = arrays[name]
-        spec_axes = [a for entry in target.spec for a in _as_tuple(entry)]
+        spec_axes = [a for entry in target.spec for a in mesh_axis_names(entry)]
         wants_split = math.prod(target.mesh.shape[a] for a in spec_axes) > 1
         live = getattr(arr, "sharding", None)
         if live is None:

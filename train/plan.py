@@ -45,6 +45,7 @@ from blayers.sharding import (
     ShardingError,
     logical_to_spec,
     make_mesh,
+    mesh_axis_names,
     normalize_rules,
 )
 
@@ -89,7 +90,7 @@ class ShardingPlan:
         except ShardingError as err:
             raise ConfigError(str(err)) from None
         for logical, mesh_axes in pairs:
-            unknown = [a for a in _names(mesh_axes) if a not in sizes]
+            unknown = [a for a in mesh_axis_names(mesh_axes) if a not in sizes]
             if unknown and not (logical == ax.BATCH and mesh_axes == BATCH_AXIS_DEFAULT):
                 raise ConfigError(
                     f"sharding.rules: [{logical}, {mesh_axes}] names mesh axis {unknown[0]!r}; "
@@ -100,7 +101,7 @@ class ShardingPlan:
         except ShardingError as err:
             raise ConfigError(f"mesh: {err}") from None
         plan = cls(mesh, pairs)
-        used = {a for _, mesh_axes in pairs for a in _names(mesh_axes)}
+        used = {a for _, mesh_axes in pairs for a in mesh_axis_names(mesh_axes)}
         for name, size in mesh.shape.items():
             if size > 1 and name not in used:
                 raise ConfigError(
@@ -137,8 +138,8 @@ class ShardingPlan:
         sizes = {str(k): 1 for k in cfg.mesh}
         rules = [tuple(r) for r in cfg.sharding.rules]
         pairs = _with_batch_rule(normalize_rules(rules))  # valid: from_config read them
-        table = _names(_first_rule(pairs, ax.CATEGORIES, sizes))[:1]
-        batch = _names(_first_rule(pairs, ax.BATCH, sizes))[:1]
+        table = mesh_axis_names(_first_rule(pairs, ax.CATEGORIES, sizes))[:1]
+        batch = mesh_axis_names(_first_rule(pairs, ax.BATCH, sizes))[:1]
         for name in table:
             sizes[name] = math.gcd(jax.device_count(), pad_multiple)
         for name in batch:
@@ -154,12 +155,12 @@ class ShardingPlan:
 
     def ways(self, logical: str) -> int:
         """How many ways a dimension of ``logical`` axis is split."""
-        return math.prod(self.mesh.shape[a] for a in _names(self.axes_of(logical)))
+        return math.prod(self.mesh.shape[a] for a in mesh_axis_names(self.axes_of(logical)))
 
     @property
     def batch_axes(self) -> tuple[str, ...]:
         """The mesh axes a batch's rows are split over."""
-        return _names(self.axes_of(ax.BATCH))
+        return mesh_axis_names(self.axes_of(ax.BATCH))
 
     @property
     def batch_ways(self) -> int:
@@ -253,7 +254,7 @@ class ShardingPlan:
         parameters' shardings; any other leaf must be a scalar, and is replicated."""
 
         def other(leaf: Any) -> NamedSharding:
-            if np.ndim(leaf) or math.prod(np.shape(leaf)) > 1:
+            if np.ndim(leaf):
                 raise ShardingError(
                     f"optimizer state leaf of shape {tuple(np.shape(leaf))} mirrors no guide "
                     "parameter, so the plan cannot place it; use an optax optimizer whose state "
@@ -350,12 +351,6 @@ def bytes_per_device(abstract: Any, shardings: Any) -> int:
     )
 
 
-def _names(mesh_axes: MeshAxes) -> tuple[str, ...]:
-    if mesh_axes is None:
-        return ()
-    return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-
-
 def _with_batch_rule(pairs: tuple[tuple[str, MeshAxes], ...]) -> tuple[tuple[str, MeshAxes], ...]:
     """``pairs`` with the default batch rule last, when no rule names ``batch``."""
     if any(logical == ax.BATCH for logical, _ in pairs):
@@ -368,6 +363,6 @@ def _first_rule(
 ) -> MeshAxes:
     """The mesh axes of the first rule for ``logical`` whose axes all exist."""
     for rule_logical, axes in pairs:
-        if rule_logical == logical and all(a in mesh_axes for a in _names(axes)):
+        if rule_logical == logical and all(a in mesh_axes for a in mesh_axis_names(axes)):
             return axes
     return None
