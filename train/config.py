@@ -7,6 +7,7 @@ the layer signatures when the model is built (``train.model``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,7 +199,7 @@ def register() -> None:
     cs.store(name="schema", node=Config)
 
 
-def to_container(cfg: Any) -> dict[str, Any]:
+def to_container(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Plain resolved dict of a config (for checkpoints and logs)."""
     return OmegaConf.to_container(
         OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg, resolve=True

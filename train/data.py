@@ -28,6 +28,7 @@ from blayers.start import CategorySums, FeatureStats, TargetStats
 from . import files as files_lib
 from . import store as store_lib
 from . import vocab as vocab_lib
+from .config import DataConfig
 from .store import CATEGORICAL, NUMERIC, TARGET, Store, arrow_column, shuffle_store
 
 
@@ -258,7 +259,7 @@ def source_fingerprint(files: Sequence[str], columns: Sequence[str]) -> str:
 
 
 def prepare(
-    data_cfg: Any,
+    data_cfg: DataConfig,
     run_dir: Path,
     link: str | None,
     read_batch_rows: int = 1 << 18,

@@ -18,6 +18,7 @@ from . import files
 if TYPE_CHECKING:  # the report reads the written files without importing JAX
     from blayers.latex import Statement
 
+    from .config import ModelConfig
     from .model import Columns, Term
 
 TEXT_FILE, LATEX_FILE = "model.txt", "model.tex"
@@ -68,7 +69,7 @@ def _term_piece(term: Term, columns: Columns, sites: set[str]) -> tuple[str, str
     return rf"f_{{\mathrm{{{name}}}}}(\ldots)", f"f_{term.name}({inputs})"
 
 
-def describe(model_cfg: Any, columns: Columns) -> list[Statement]:
+def describe(model_cfg: ModelConfig | Mapping[str, Any], columns: Columns) -> list[Statement]:
     """Statements of the configured model: every prior, then ``η_i = …`` from its terms (for
     a model of terms), then the likelihood."""
     import jax.numpy as jnp

@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from .config import DistributedConfig
+
 _initialized = False
 # Far from common service ports; + SLURM_JOB_ID % span keeps jobs sharing a node apart.
 SLURM_PORT_BASE = 20000
@@ -106,7 +108,7 @@ def _kubernetes(env: Mapping[str, str]) -> dict[str, Any]:
     return {} if index is None else {"process_id": index}
 
 
-def resolve_placement(cfg: Any, env: Mapping[str, str] | None = None) -> Placement:
+def resolve_placement(cfg: DistributedConfig, env: Mapping[str, str] | None = None) -> Placement:
     """Merge config and environment into this process's placement (see the module doc)."""
     env = os.environ if env is None else env
     layers = [
@@ -164,7 +166,7 @@ def _check(p: Placement) -> None:
         )
 
 
-def wants_distributed(cfg: Any, env: Mapping[str, str] | None = None) -> bool:
+def wants_distributed(cfg: DistributedConfig, env: Mapping[str, str] | None = None) -> bool:
     """Multi-process when config says so, or (unset) when the environment places this process
     in a job of more than one process."""
     if cfg.enabled is not None:
@@ -172,7 +174,7 @@ def wants_distributed(cfg: Any, env: Mapping[str, str] | None = None) -> bool:
     return resolve_placement(cfg, env).multi_process
 
 
-def maybe_initialize(cfg: Any, env: Mapping[str, str] | None = None) -> bool:
+def maybe_initialize(cfg: DistributedConfig, env: Mapping[str, str] | None = None) -> bool:
     """Start the distributed runtime if this job spans processes; idempotent."""
     global _initialized
     env = os.environ if env is None else env
@@ -183,7 +185,7 @@ def maybe_initialize(cfg: Any, env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
-def initialize_kwargs(cfg: Any, env: Mapping[str, str]) -> dict[str, Any]:
+def initialize_kwargs(cfg: DistributedConfig, env: Mapping[str, str]) -> dict[str, Any]:
     """Arguments for ``jax.distributed.initialize``; unset fields are left to JAX's detection."""
     for key in ("heartbeat_timeout_s", "init_timeout_s"):
         if int(cfg[key]) < 1:

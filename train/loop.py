@@ -40,6 +40,7 @@ from . import (
 from . import recenter as recenter_lib
 from .config import (
     SAVED_DEFAULTS,
+    Config,
     ConfigError,
     from_container,
     to_container,
@@ -72,7 +73,7 @@ from .trainer import Progress, Trainer, WaitClock
 RESOLVED_CONFIG = "config.yaml"  # the last start's resolved config, in the run dir
 
 
-def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the training job described by ``cfg``; returns a result summary.
     The run directory is locked for the whole job (:mod:`train.rundir`): a second trainer on
     it is refused before it reads or writes anything."""
@@ -82,7 +83,7 @@ def train(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
 
 
 def prepare_data(
-    cfg: Any, run_dir: Path, base: warm_start.Base | None = None
+    cfg: Config, run_dir: Path, base: warm_start.Base | None = None
 ) -> tuple[Store, dict[str, Any]]:
     """The run's encoded store and vocabularies (:func:`train.data.prepare`): process 0
     writes them, the others read them after it. ``base``: the run this one continues."""
@@ -147,7 +148,7 @@ def warm_state(
 
 
 def restore_or_init(
-    cfg: Any, setup: Setup, run: RunDir, latest: int | None, log: Callable[[str], None]
+    cfg: Config, setup: Setup, run: RunDir, latest: int | None, log: Callable[[str], None]
 ) -> tuple[Setup, TrainState, Mapping[str, Any] | None]:
     """The newest good checkpoint at or before ``latest`` (newer steps set aside, the
     learning rate's rollback factor restored), or a fresh state; with its metadata."""
@@ -167,7 +168,7 @@ def restore_or_init(
 
 
 def _train(
-    cfg: Any, log: Callable[[str], None], multi_process: bool, held: contextlib.ExitStack
+    cfg: Config, log: Callable[[str], None], multi_process: bool, held: contextlib.ExitStack
 ) -> dict[str, Any]:
     cores = None
     if cfg.data.dedicated_cores and not multi_process:  # before anything creates the backend
@@ -260,7 +261,7 @@ def _train(
 
 
 def checkpoint_meta(
-    cfg: Any,
+    cfg: Config,
     setup: Setup,
     sizes: Mapping[str, int],
     num_rows: int,
@@ -289,7 +290,7 @@ def checkpoint_meta(
 class RunContext:
     """What a training run holds fixed from its start to its end."""
 
-    cfg: Any
+    cfg: Config
     run_dir: Path
     store: Store
     checkpointer: ckpt.Checkpointer
@@ -508,7 +509,7 @@ def save_finite(
 
 def roll_back(
     setup: Setup,
-    cfg: Any,
+    cfg: Config,
     checkpointer: ckpt.Checkpointer,
     ckpt_dir: Path,
     meta: dict[str, Any],
@@ -534,7 +535,9 @@ def roll_back(
     return setup, state, make_tracker(cfg, setup, saved)
 
 
-def keep_saved_settings(cfg: Any, saved: Mapping[str, Any], log: Callable[[str], None]) -> Any:
+def keep_saved_settings(
+    cfg: Config, saved: Mapping[str, Any], log: Callable[[str], None]
+) -> Config:
     """A run resumes with the guide family it was trained with, and with the value it ran
     under of every setting whose default changed after it was saved (:data:`SAVED_DEFAULTS`:
     one saved before the family was a setting ran mean-field, before the coupling had its
@@ -556,7 +559,9 @@ def keep_saved_settings(cfg: Any, saved: Mapping[str, Any], log: Callable[[str],
     return from_container(data) if data != to_container(cfg) else cfg
 
 
-def with_smooth_domains(cfg: Any, stats: FeatureStats | None, log: Callable[[str], None]) -> Any:
+def with_smooth_domains(
+    cfg: Config, stats: FeatureStats | None, log: Callable[[str], None]
+) -> Config:
     """``cfg`` with its smooth terms' domains set from the training data (:mod:`train.smooth`),
     so that the resolved config, the checkpoints' and scoring carry the same knots and L."""
     if cfg.model.get("_target_") or not cfg.model.terms:
@@ -568,7 +573,7 @@ def with_smooth_domains(cfg: Any, stats: FeatureStats | None, log: Callable[[str
     return from_container(data)
 
 
-def make_tracker(cfg: Any, setup: Setup, saved: Mapping[str, Any] | None) -> ConvergenceTracker:
+def make_tracker(cfg: Config, setup: Setup, saved: Mapping[str, Any] | None) -> ConvergenceTracker:
     """The run's convergence tracker: restored from the checkpoint being resumed, else new."""
     conv = cfg.train.convergence
     if saved is not None and saved.get("convergence"):
@@ -636,7 +641,7 @@ def make_run_recenter(
     return move, cadence
 
 
-def check_terms(cfg: Any) -> None:
+def check_terms(cfg: Config) -> None:
     """The configured terms built once against the configured columns, before the data is
     read: an unknown layer, argument, input column or prior value fails here, naming the
     term (table sizes are not known yet and do not matter to these checks)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import files
-from .config import ConfigError
+from .config import Config, ConfigError
 
 MLFLOW_RUN = "mlflow.json"
 NOT_SCALARS = ("step", "time")
@@ -144,7 +144,7 @@ class MLflow:
                 self.client.log_artifact(self.run_id, str(Path(run_dir) / name))
 
 
-def open_sinks(cfg: Any, run_dir: Path, config: Mapping[str, Any]) -> list[Sink]:
+def open_sinks(cfg: Config, run_dir: Path, config: Mapping[str, Any]) -> list[Sink]:
     """The sinks ``train.metrics`` turns on (checked before any step: a missing library is a
     one-line error naming the key and the extra to install)."""
     sinks: list[Sink] = []

@@ -40,7 +40,7 @@ from blayers import layers as L
 from blayers import links
 from blayers.sharding import pad_to_multiple
 
-from .config import ConfigError
+from .config import ConfigError, ModelConfig
 from .smooth import SMOOTH_KEYS, domain
 
 
@@ -375,7 +375,7 @@ def build_term(
 
 
 def build_model(
-    model_cfg: Any,
+    model_cfg: ModelConfig | Mapping[str, Any],
     columns: Columns,
     table_sizes: Mapping[str, int],
     pad_multiple: int = 1,
@@ -418,7 +418,7 @@ def build_model(
     return Model(model, tuple(terms))
 
 
-def ordered_columns(model_cfg: Any) -> set[str]:
+def ordered_columns(model_cfg: ModelConfig | Mapping[str, Any]) -> set[str]:
     """The categorical columns an ordered table term reads (``BLayer.ordered``): their
     vocabularies give ids in the values' ascending order, not by frequency, so that adjacent
     rows are adjacent periods. The out-of-vocabulary row comes right after the last period,
@@ -433,12 +433,12 @@ def ordered_columns(model_cfg: Any) -> set[str]:
     return out
 
 
-def configured_link_kwargs(model_cfg: Any) -> dict[str, Any]:
+def configured_link_kwargs(model_cfg: ModelConfig | Mapping[str, Any]) -> dict[str, Any]:
     """``model.link_kwargs`` with distribution names resolved to classes."""
     return _resolve_dists(dict(_get(model_cfg, "link_kwargs") or {}), "model.link_kwargs")
 
 
-def _get(cfg: Any, key: str) -> Any:
+def _get(cfg: ModelConfig | Mapping[str, Any], key: str) -> Any:
     value = cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
     if isinstance(value, DictConfig | ListConfig):
         return OmegaConf.to_container(value, resolve=True)

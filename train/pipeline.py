@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from . import distributed
+from .config import Config
 from .cores import CoreSplit, pipeline_threads
 from .store import Store
 
@@ -138,7 +139,7 @@ def iterate(
 
 def device_batches(
     store: Store,
-    cfg: Any,
+    cfg: Config,
     prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     shardings: Mapping[str, Any],
     first: int,

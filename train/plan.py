@@ -49,7 +49,7 @@ from blayers.sharding import (
     normalize_rules,
 )
 
-from .config import ConfigError
+from .config import Config, ConfigError
 from .state import COUPLING_STATE, ROW_STATE, TrainState
 
 #: The mesh axis a batch's rows are split over when no rule names ``batch``.
@@ -112,7 +112,7 @@ class ShardingPlan:
         return plan
 
     @classmethod
-    def from_config(cls, cfg: Any) -> ShardingPlan:
+    def from_config(cls, cfg: Config) -> ShardingPlan:
         """The job's plan from its ``mesh`` and ``sharding`` config. Explicit sizes whose
         product is below the device count use the first devices (one process only: across
         processes every device must take part)."""
@@ -125,7 +125,7 @@ class ShardingPlan:
         return cls.build(sizes, [tuple(r) for r in cfg.sharding.rules], devices)
 
     @classmethod
-    def for_restore(cls, cfg: Any, pad_multiple: int) -> ShardingPlan:
+    def for_restore(cls, cfg: Config, pad_multiple: int) -> ShardingPlan:
         """The run's own plan when it fits these devices and the run's table padding; else
         every axis at 1 but two: the table axis, split as far as the padding allows, and the
         first batch axis, which takes the remaining devices."""

@@ -37,6 +37,7 @@ from numpyro import handlers
 from . import data as data_lib
 from . import files, posterior
 from . import vocab as vocab_lib
+from .config import ScoreConfig
 from .model import LINEAR_PREDICTOR, GatheredRows
 from .plan import row_sharding
 from .run import restore_run
@@ -296,7 +297,7 @@ def _encode_part(
     return {"numeric": numeric, "categorical": categorical}, unseen, added
 
 
-def score(cfg: Any, log: Any = print) -> dict[str, Any]:
+def score(cfg: ScoreConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the scoring job described by ``cfg`` (see ``ScoreConfig``)."""
     from . import distributed
 

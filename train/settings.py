@@ -13,7 +13,14 @@ from typing import Any
 
 from blayers import guides, links
 
-from .config import ConfigError, from_container, to_container, with_saved_defaults
+from .config import (
+    Config,
+    ConfigError,
+    ScoreConfig,
+    from_container,
+    to_container,
+    with_saved_defaults,
+)
 from .guide_plan import FM_ROWS
 from .nonfinite import POLICIES
 from .state import OPTIMIZERS, SCHEDULES
@@ -25,7 +32,7 @@ def _positive(value: Any, key: str, what: str = "must be positive") -> None:
         raise ConfigError(f"{key}={value} {what}")
 
 
-def check_run_settings(cfg: Any) -> None:
+def check_run_settings(cfg: Config) -> None:
     """Steps, cadences, optimizer and data-stage values."""
     _positive(cfg.train.steps, "train.steps", "must be positive (the run's total step count)")
     if cfg.train.stop_after is not None:
@@ -71,7 +78,7 @@ def check_non_finite_settings(nf: Any) -> None:
         raise ConfigError(f"train.non_finite.lr_factor={nf.lr_factor} must lie in (0, 1), e.g. 0.5")
 
 
-def check_model_settings(cfg: Any) -> None:
+def check_model_settings(cfg: Config) -> None:
     """The link (a model of the user's own, ``model._target_``, brings its own). The mesh and
     the sharding rules are checked by the plan that uses them (:mod:`train.plan`)."""
     if cfg.model.get("_target_"):
@@ -96,7 +103,7 @@ def check_model_settings(cfg: Any) -> None:
             )
 
 
-def check_posterior_settings(cfg: Any) -> None:
+def check_posterior_settings(cfg: Config) -> None:
     """The guide, start, recentering and convergence settings."""
     conv = cfg.train.convergence
     if cfg.optim.guide not in guides.GUIDES:
@@ -125,7 +132,7 @@ def check_posterior_settings(cfg: Any) -> None:
         raise ConfigError("train.convergence: sample_every, patience and window must be positive")
 
 
-def check_metric_settings(cfg: Any) -> None:
+def check_metric_settings(cfg: Config) -> None:
     """A metrics sink that is turned on needs its library, named before any work."""
     wanted = {"tensorboard": "tensorboardX", "mlflow": "mlflow"}
     for key, module in wanted.items():
@@ -136,7 +143,7 @@ def check_metric_settings(cfg: Any) -> None:
             )
 
 
-def check_settings(cfg: Any) -> None:
+def check_settings(cfg: Config) -> None:
     """Every check above, in order."""
     check_run_settings(cfg)
     check_model_settings(cfg)
@@ -144,7 +151,7 @@ def check_settings(cfg: Any) -> None:
     check_metric_settings(cfg)
 
 
-def check_score_settings(cfg: Any) -> None:
+def check_score_settings(cfg: ScoreConfig) -> None:
     """The scoring job's draws, quantiles and batch size."""
     _positive(cfg.draws, "draws", "must be at least 1")
     levels = list(cfg.quantiles)
@@ -208,7 +215,7 @@ def differences(before: Any, now: Any, selected: Callable[[str], bool]) -> list[
     return [_change(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)]
 
 
-def changed_settings(saved_config: Mapping[str, Any], cfg: Any) -> list[str]:
+def changed_settings(saved_config: Mapping[str, Any], cfg: Config) -> list[str]:
     """``key: saved → now`` for every setting that differs from the one a run was trained
     with, beyond :data:`SAFE_TO_CHANGE` (keys a run saved before they existed count at their
     defaults)."""
@@ -225,7 +232,7 @@ def _change(key: str, before: Any, after: Any, width: int = 40) -> str:
     return f"{key}: changed"
 
 
-def check_resume_settings(saved_config: Mapping[str, Any], cfg: Any) -> None:
+def check_resume_settings(saved_config: Mapping[str, Any], cfg: Config) -> None:
     """Refuse to resume a run under changed settings, naming them, unless
     ``train.resume=force``."""
     changed = changed_settings(saved_config, cfg)

@@ -23,6 +23,7 @@ from blayers.start import FeatureStats, TargetStats
 
 from . import checkpoint as ckpt
 from .config import (
+    Config,
     ConfigError,
 )
 from .guide_plan import fm_rows_in_effect, service_guide
@@ -118,7 +119,7 @@ def abstract_batch(batch_size: int, columns: Columns, has_target: bool = True) -
 
 
 def make_setup(
-    cfg: Any,
+    cfg: Config,
     table_sizes: Mapping[str, int],
     num_data: int,
     plan: ShardingPlan,
@@ -197,7 +198,7 @@ def make_setup(
 
 
 def starting_point(
-    cfg: Any,
+    cfg: Config,
     terms: Any,
     sites: Mapping[str, guides.LatentSite],
     columns: Columns,
@@ -221,7 +222,7 @@ def starting_point(
 
 
 def model_fingerprint(
-    cfg: Any,
+    cfg: Config,
     sites: Mapping[str, guides.LatentSite],
     sparse: Mapping[str, Any],
     guide: guides.MeanFieldGuide,
@@ -251,7 +252,7 @@ def table_padding(plan: ShardingPlan, pad_multiple: int | None) -> int:
 
 
 def conditional_row_start(
-    cfg: Any,
+    cfg: Config,
     guide: guides.MeanFieldGuide,
     terms: Any,
     columns: Columns,
@@ -285,7 +286,7 @@ def global_site_names(sites: Mapping[str, guides.LatentSite]) -> frozenset[str]:
     return frozenset(n for n, site in sites.items() if guides.is_global(site))
 
 
-def with_lr_scale(setup: Setup, cfg: Any, scale: float) -> Setup:
+def with_lr_scale(setup: Setup, cfg: Config, scale: float) -> Setup:
     """``setup`` with its optimizer and schedule at ``optim.lr × scale`` (the optimizer
     state's structure is the same, so a restored state fits)."""
     if scale == setup.lr_scale:

@@ -23,6 +23,8 @@ import optax
 
 from blayers import guides
 
+from .config import OptimConfig
+
 
 class NonFiniteError(FloatingPointError):
     """Training produced inf or NaN; the message names the step, the first bad site and the
@@ -112,7 +114,7 @@ OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagr
 SCHEDULES = ("constant", "cosine")
 
 
-def make_schedule(cfg: Any, total_steps: int, lr_scale: float = 1.0) -> optax.Schedule:
+def make_schedule(cfg: OptimConfig, total_steps: int, lr_scale: float = 1.0) -> optax.Schedule:
     """Learning rate by step from ``optim`` config (cosine horizon: decay_steps or the total),
     times ``lr_scale`` (below 1 after a rollback, ``train.nonfinite``)."""
     lr = float(cfg.lr) * lr_scale
@@ -130,7 +132,7 @@ def make_schedule(cfg: Any, total_steps: int, lr_scale: float = 1.0) -> optax.Sc
 
 
 def make_optimizer(
-    cfg: Any,
+    cfg: OptimConfig,
     total_steps: int,
     lr_scale: float = 1.0,
     global_sites: frozenset[str] = frozenset(),

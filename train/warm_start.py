@@ -37,7 +37,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import vocab as vocab_lib
-from .config import ConfigError, from_container, to_container, with_saved_defaults
+from .config import Config, ConfigError, from_container, to_container, with_saved_defaults
 from .plan import row_sharding
 from .settings import differences, under
 from .smooth import SMOOTH, SMOOTH_KEYS
@@ -63,13 +63,13 @@ class Base:
     run_dir: Path
     step: int
     meta: Mapping[str, Any]
-    cfg: Any
+    cfg: Config
     vocabs: Mapping[str, vocab_lib.Vocab]
     key: str = "init_from"  # the setting that named it
 
     @classmethod
     def open(
-        cls, run_dir: Path, cfg: Any, log: Callable[[str], None] = print, key: str = "init_from"
+        cls, run_dir: Path, cfg: Config, log: Callable[[str], None] = print, key: str = "init_from"
     ) -> Base:
         """The run at ``run_dir``, checked against the new run's ``cfg``; a
         :class:`~train.config.ConfigError` naming ``key`` (the setting that named the run)
@@ -111,7 +111,7 @@ class Base:
         return {"run_dir": str(self.run_dir), "step": self.step}
 
 
-def with_domains_of(cfg: Any, base_cfg: Any) -> Any:
+def with_domains_of(cfg: Config, base_cfg: Config) -> Config:
     """``cfg`` with each smooth term that leaves its domain out taking the base run's (by
     term name), so a continued curve keeps its knots and :math:`L`."""
     terms = list(to_container(cfg)["model"].get("terms") or [])
