@@ -109,6 +109,15 @@ class BLayer(ABC):
     ordered: ClassVar[bool] = False  # its table's rows follow the column's values (time)
     slopes_input: ClassVar[bool] = False  # a table layer called as layer(name, x, ids, n)
     pairs_within: ClassVar[bool] = False  # a pair layer that, without z, pairs its inputs
+    # a table layer whose rows are dotted with numeric columns the config names (``slopes``)
+    takes_slopes: ClassVar[bool] = False
+    # call arguments the service cannot derive from the data: a config must give them
+    required_call_args: ClassVar[tuple[str, ...]] = ()
+
+    def check_service(self) -> None:
+        """Raise ``ValueError`` (the message says the fix) where this configured layer cannot
+        be trained as a service term; by default every configuration can."""
+        return None
 
     @abstractmethod
     def __init__(self, *args: Any) -> None:
@@ -639,6 +648,8 @@ class EmbeddingLayer(_HierarchicalLayer):
     """
 
     input_kind: ClassVar[str | None] = "table"
+    takes_slopes: ClassVar[bool] = True
+    required_call_args: ClassVar[tuple[str, ...]] = ("embedding_dim",)
     gatherable: ClassVar[bool] = True
 
     def __call__(
@@ -748,6 +759,7 @@ class RandomSlopesLayer(BLayer):
     input_kind: ClassVar[str | None] = "table"
     gatherable: ClassVar[bool] = True
     slopes_input: ClassVar[bool] = True
+    takes_slopes: ClassVar[bool] = True
 
     table_param = "beta"
 
@@ -907,6 +919,12 @@ class AR1Layer(BLayer):
         self.scale_dist = scale_dist
         self.rho_concentration = float(rho_concentration)
         self.noncentered = bool(noncentered)
+
+    def check_service(self) -> None:
+        """The service keeps the states themselves in the table: per-level effects and
+        scoring read them row by row."""
+        if self.noncentered:
+            raise ValueError("the service trains AR1Layer's states; drop noncentered")
 
     def __call__(
         self,
@@ -1136,6 +1154,7 @@ class HSGPLayer(BLayer):
     """
 
     input_kind: ClassVar[str | None] = "smooth"
+    required_call_args: ClassVar[tuple[str, ...]] = ("m",)
 
     def __init__(
         self,
@@ -1252,6 +1271,7 @@ class RandomWalkLayer(_HierarchicalLayer):
     """
 
     input_kind: ClassVar[str | None] = "table"
+    required_call_args: ClassVar[tuple[str, ...]] = ("embedding_dim",)
     ordered: ClassVar[bool] = True
 
     def __call__(

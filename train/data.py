@@ -281,7 +281,36 @@ def prepare(
         data_cfg.target,
     )
     check_files(dataset.files, numeric, categorical, target)
-    rows = dataset.count_rows()  # from Parquet footers, no data read
+    _check_size(data_cfg, dataset.count_rows())  # from Parquet footers, no data read
+    columns = [*numeric, *categorical, target]
+    files = parquet_files(data_cfg.path)
+    fingerprint = source_fingerprint(files, columns)
+    vocabs = _saved_vocab(run_dir, categorical)
+    if vocabs is None:
+        vocabs = _built_vocab(dataset, categorical, read_batch_rows, ordered, base_vocabs)
+    store = _stamped_store(run_dir, fingerprint, vocabs)
+    if store is None:
+        batches = scan(dataset, columns, read_batch_rows)
+        store = _encoded_store(batches, run_dir, numeric, categorical, target, vocabs, link)
+        files_lib.write_text(
+            run_dir / STAMP,
+            json.dumps(
+                {
+                    "fingerprint": fingerprint,
+                    "files": files,
+                    "rows": store.num_rows,
+                    "target_stats": store.target_stats.to_dict(),
+                    "feature_stats": store.feature_stats.to_dict(),
+                }
+            ),
+        )
+    return store, vocabs
+
+
+STORE, STAMP, VOCAB = Path("data/train.arrow"), Path("data/source.json"), Path("vocab")
+
+
+def _check_size(data_cfg: DataConfig, rows: int) -> None:
     if rows == 0:
         raise DataError(f"the dataset at data.path {data_cfg.path!r} is empty (0 rows)")
     if data_cfg.batch_size > rows:
@@ -289,37 +318,62 @@ def prepare(
             f"data.batch_size={data_cfg.batch_size} is larger than the data ({rows:,} rows): "
             f"use a batch of at most {rows:,}"
         )
-    columns = [*numeric, *categorical, target]
-    files = parquet_files(data_cfg.path)
-    fingerprint = source_fingerprint(files, columns)
-    store_path = run_dir / "data" / "train.arrow"
-    stamp = run_dir / "data" / "source.json"
-    vocab_dir = run_dir / "vocab"
 
-    vocabs = _saved_vocab(run_dir, categorical)
-    if vocabs is None:
-        try:
-            batches = scan(dataset, categorical, read_batch_rows)
-            vocabs = vocab_lib.build(categorical, batches, by_value=ordered)
-            if base_vocabs is not None:
-                vocabs = {
-                    c: base_vocabs[c].extended(v, ordered=c in ordered) for c, v in vocabs.items()
-                }
-        except ValueError as err:  # null or unusable categorical values, named by column
-            raise DataError(str(err)) from None
-    if store_path.exists() and stamp.exists():
-        stamped = _read_stamp(stamp)
-        if stamped.get("fingerprint") == fingerprint:
-            # the store was encoded, and checked, with this vocabulary (rebuilt, if it was
-            # lost, from the same input)
-            if not vocab_dir.exists():
-                vocab_lib.save_all(vocabs, vocab_dir)
-            store = Store.open(store_path)
-            store.target_stats, store.feature_stats = _stamped_stats(stamped, store)
-            store.category_sums = _saved_category_sums(store, vocabs, run_dir)
-            return store, vocabs
 
-    batches = scan(dataset, columns, read_batch_rows)
+def _built_vocab(
+    dataset: pads.Dataset,
+    categorical: Sequence[str],
+    read_batch_rows: int,
+    ordered: Collection[str],
+    base_vocabs: Mapping[str, vocab_lib.Vocab] | None,
+) -> dict[str, vocab_lib.Vocab]:
+    """A new run's vocabularies from one pass over its categorical columns, extending the
+    continued run's where there is one."""
+    try:
+        batches = scan(dataset, categorical, read_batch_rows)
+        vocabs = vocab_lib.build(categorical, batches, by_value=ordered)
+        if base_vocabs is not None:
+            vocabs = {
+                c: base_vocabs[c].extended(v, ordered=c in ordered) for c, v in vocabs.items()
+            }
+    except ValueError as err:  # null or unusable categorical values, named by column
+        raise DataError(str(err)) from None
+    return vocabs
+
+
+def _stamped_store(
+    run_dir: Path, fingerprint: str, vocabs: Mapping[str, vocab_lib.Vocab]
+) -> Store | None:
+    """The run's store when it was encoded from this same input, else ``None``. It was
+    encoded, and checked, with this vocabulary (rebuilt, if it was lost, from the same
+    input), which is saved again if it is missing."""
+    store_path, stamp = run_dir / STORE, run_dir / STAMP
+    if not (store_path.exists() and stamp.exists()):
+        return None
+    stamped = _read_stamp(stamp)
+    if stamped.get("fingerprint") != fingerprint:
+        return None
+    if not (run_dir / VOCAB).exists():
+        vocab_lib.save_all(vocabs, run_dir / VOCAB)
+    store = Store.open(store_path)
+    store.target_stats, store.feature_stats = _stamped_stats(stamped, store)
+    store.category_sums = _saved_category_sums(store, vocabs, run_dir)
+    return store
+
+
+def _encoded_store(
+    batches: Iterator[pa.RecordBatch],
+    run_dir: Path,
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    target: str,
+    vocabs: Mapping[str, vocab_lib.Vocab],
+    link: str | None,
+) -> Store:
+    """Encode the input into the run's store, shuffled once, with the target's, features'
+    and categories' statistics gathered on the way; the vocabulary is saved beside it. A
+    category the run's vocabulary lacks (a run dir started on other data) is refused."""
+    store_path = run_dir / STORE
     unshuffled = store_path.with_name(f".{store_path.name}.input-order")
     stats, features = TargetStats(), FeatureStats()
     sums = CategorySums({c: v.size for c, v in vocabs.items()})
@@ -340,24 +394,12 @@ def prepare(
             f"categorical values not in the run's vocabulary: {bad}; the run directory was "
             "started on other data: use a new run_dir"
         )
-    if not vocab_dir.exists():
-        vocab_lib.save_all(vocabs, vocab_dir)
+    if not (run_dir / VOCAB).exists():
+        vocab_lib.save_all(vocabs, run_dir / VOCAB)
     store.target_stats, store.feature_stats = stats, features
     store.category_sums = sums.sums
     _save_category_sums(sums.sums, run_dir)
-    files_lib.write_text(
-        stamp,
-        json.dumps(
-            {
-                "fingerprint": fingerprint,
-                "files": files,
-                "rows": store.num_rows,
-                "target_stats": stats.to_dict(),
-                "feature_stats": features.to_dict(),
-            }
-        ),
-    )
-    return store, vocabs
+    return store
 
 
 def _saved_vocab(run_dir: Path, columns: Sequence[str]) -> dict[str, vocab_lib.Vocab] | None:

@@ -18,7 +18,7 @@ by their input columns, a table's rows by their raw category values.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from . import posterior
 from . import vocab as vocab_lib
 from .config import ConfigError
 from .frames import as_arrow
-from .model import coefficient_labels
+from .model import Columns, coefficient_labels
 from .score import Y_STREAM, _encode_part, predictive_value
 
 MAX_ROWS = 20_000  # an InferenceData is held in memory: draws x rows floats per group
@@ -85,6 +85,58 @@ def _dims(setup: Any, name: str, shape: tuple[int, ...]) -> tuple[list[str], dic
     return dims, {dims[0]: labels}
 
 
+def _data_batch(
+    data: Any,
+    columns: Columns,
+    vocabs: Mapping[str, vocab_lib.Vocab],
+    max_rows: int,
+    target: str | None,
+) -> tuple[dict[str, np.ndarray], bool]:
+    """The encoded rows of ``data`` (with their target, where it holds the run's), or one
+    placeholder row when there is none; and whether the target is observed."""
+    if data is None:
+        placeholder = {
+            "numeric": np.zeros((1, len(columns.numeric)), np.float32),
+            "categorical": np.zeros((1, len(columns.categorical)), np.int32),
+        }
+        return placeholder, False
+    table = as_arrow(data)
+    if table.num_rows > max_rows:
+        raise ConfigError(
+            f"data has {table.num_rows:,} rows; to_arviz holds draws x rows in memory: "
+            f"pass at most max_rows={max_rows:,} rows (a sample), or raise max_rows"
+        )
+    features = (*columns.numeric, *columns.categorical)
+    missing = [c for c in features if c not in table.schema.names]
+    if missing:
+        raise data_lib.DataError(f"data: column(s) {missing} are missing")
+    encoded = _encode_part(table, columns, vocabs)[0]
+    if not np.all(np.isfinite(encoded["numeric"])):
+        raise data_lib.DataError("data: numeric features hold NaN or inf")
+    batch = dict(encoded)
+    observed = target is not None and target in table.schema.names
+    if observed:
+        y = table.column(target).to_numpy(zero_copy_only=False).astype(np.float32)
+        if not np.all(np.isfinite(y)):
+            raise data_lib.DataError(f"data: target column {target!r} holds NaN or inf")
+        batch["target"] = y
+    return batch, observed
+
+
+def _chunked_draws(
+    drawn: Callable[[jax.Array], dict[str, jax.Array]], draws: int, per_call: int, seed: int
+) -> dict[str, np.ndarray]:
+    """``draws`` draws of ``drawn`` (vmapped over keys), ``per_call`` at a time so memory
+    holds one chunk; draw ``s`` has key ``fold_in(PRNGKey(seed), s)`` whatever the chunking."""
+    base = jax.random.PRNGKey(seed)
+    chunks = []
+    for lo in range(0, draws, per_call):
+        index = jnp.arange(lo, min(lo + per_call, draws))
+        keys = jax.vmap(lambda s: jax.random.fold_in(base, s))(index)
+        chunks.append(jax.device_get(drawn(keys)))
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
 def to_arviz(
     setup: Any,
     state: Any,
@@ -105,33 +157,7 @@ def to_arviz(
     columns = setup.columns
     vocabs = vocab_lib.load_all(vocab_dir, columns.categorical)
     extra, named = _picked_rows(setup, vocabs, rows or {})
-    if data is not None:
-        table = as_arrow(data)
-        if table.num_rows > max_rows:
-            raise ConfigError(
-                f"data has {table.num_rows:,} rows; to_arviz holds draws x rows in memory: "
-                f"pass at most max_rows={max_rows:,} rows (a sample), or raise max_rows"
-            )
-        features = (*columns.numeric, *columns.categorical)
-        missing = [c for c in features if c not in table.schema.names]
-        if missing:
-            raise data_lib.DataError(f"data: column(s) {missing} are missing")
-        encoded = _encode_part(table, columns, vocabs)[0]
-        if not np.all(np.isfinite(encoded["numeric"])):
-            raise data_lib.DataError("data: numeric features hold NaN or inf")
-        batch = dict(encoded)
-        observed = target is not None and target in table.schema.names
-        if observed:
-            y = table.column(target).to_numpy(zero_copy_only=False).astype(np.float32)
-            if not np.all(np.isfinite(y)):
-                raise data_lib.DataError(f"data: target column {target!r} holds NaN or inf")
-            batch["target"] = y
-    else:
-        batch = {
-            "numeric": np.zeros((1, len(columns.numeric)), np.float32),
-            "categorical": np.zeros((1, len(columns.categorical)), np.int32),
-        }
-        observed = False
+    batch, observed = _data_batch(data, columns, vocabs, max_rows, target)
     names = sorted(n for n, site in setup.sites.items() if guides.is_global(site))
     terms = posterior.table_terms(setup)
     seen = {site: jnp.asarray(rows) for site, rows in posterior.seen_rows(setup, vocabs).items()}
@@ -150,15 +176,7 @@ def to_arviz(
                 out["log_lik"] = fn.log_prob(batch["target"]).reshape(-1)
         return out
 
-    drawn = jax.jit(jax.vmap(one))
-    base = jax.random.PRNGKey(seed)
-    chunks = []
-    for lo in range(0, draws, draws_per_call):
-        index = jnp.arange(lo, min(lo + draws_per_call, draws))
-        keys = jax.vmap(lambda s: jax.random.fold_in(base, s))(index)
-        chunks.append(jax.device_get(drawn(keys)))
-    stacked = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-
+    stacked = _chunked_draws(jax.jit(jax.vmap(one)), draws, draws_per_call, seed)
     post, dims, coords = {}, {}, {}
     for n in names:
         post[n] = stacked[n][None]

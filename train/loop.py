@@ -8,7 +8,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from blayers import guides
-from blayers.latex import render_text
+from blayers.latex import Statement, render_text
 from blayers.sharding import assert_sharded
 from blayers.start import FeatureStats
 
@@ -183,13 +183,7 @@ def _train(
         held.enter_context(rundir.locked(run_dir))
     clock = StageClock()
     clock.mark("start-up")  # imports, the backend and the mesh, the checks
-    link = str(cfg.model.link)
-    ckpt_dir = run_dir / "checkpoints"
-    base = None
-    continued, key = (cfg.prior_from, "prior_from") if cfg.prior_from else (cfg.init_from, "")
-    if continued and not ckpt.steps(ckpt_dir):  # read once, when the run starts
-        base = warm_start.Base.open(Path(continued), cfg, log, key or "init_from")
-        cfg = warm_start.with_domains_of(cfg, base.cfg)
+    cfg, base = _continued_run(cfg, log)
     store, vocabs = prepare_data(cfg, run_dir, base)
     clock.mark("data")  # discovery, checks, vocabulary, encoded store (cached on a rerun)
     cfg = with_smooth_domains(cfg, store.feature_stats, log)
@@ -198,42 +192,24 @@ def _train(
     if saved is not None:
         cfg = keep_saved_settings(cfg, saved, log)
         check_resume_settings(saved.get("config", {}), cfg)
+    counts = {c: v.counts for c, v in vocabs.items()}
+    pad_multiple = saved.get("table_pad_multiple") if saved else None
     setup = make_setup(
-        cfg,
-        sizes,
-        store.num_rows,
-        plan,
-        saved.get("table_pad_multiple") if saved else None,
-        store.target_stats,
-        store.feature_stats,
-        {c: v.counts for c, v in vocabs.items()},
-        store.category_sums,
-    )
+        cfg, sizes, store.num_rows, plan, pad_multiple, store.target_stats, store.feature_stats,
+        counts, store.category_sums,
+    )  # fmt: skip
     if latest is None and jax.process_index() == 0:
         link_kwargs = configured_link_kwargs(cfg.model)
-        for line in prior_warnings(setup.model.terms, link, link_kwargs, store.target_stats):
+        for line in prior_warnings(
+            setup.model.terms, str(cfg.model.link), link_kwargs, store.target_stats
+        ):
             log(f"warning: {line}")
     statements = describe.describe(cfg.model, setup.columns)
     if cfg.dry_run:
-        placed = plan.describe(setup.abstract, setup.shardings, setup.guide)
-        log(plan.format(placed, setup.abstract, setup.shardings))
-        text = render_text(statements)
-        log("model:\n" + text)
-        return {"dry_run": True, "plan": placed, "model": text}
+        return _dry_run(plan, setup, statements, log)
 
     clock.mark("setup")
-    prior = None
-    if base is not None:
-        widen = float(cfg.prior_widen) if cfg.prior_from else None
-        state, prior = warm_state(base, setup, {c: v.counts for c, v in vocabs.items()}, log, widen)
-        if prior is not None:
-            prior_from.save(run_dir, prior, base.lineage())
-    else:
-        setup, state, saved = restore_or_init(cfg, setup, RunDir(run_dir), latest, log)
-        if saved and saved.get("prior_from"):
-            prior = prior_from.load(
-                run_dir, setup.abstract.params, setup.shardings, table_rows_of(setup)
-            )
+    setup, state, saved, prior = _first_state(cfg, setup, base, counts, latest, saved, log)
     clock.mark("warm start" if base is not None else "restore" if latest is not None else "init")
     if jax.process_index() == 0:  # the resolved config this start runs under, beside the run
         files.write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(to_container(cfg)))
@@ -241,15 +217,11 @@ def _train(
     assert_sharded(_flat_params(state.params), _flat_params(setup.shardings.params))
 
     checkpointer = ckpt.Checkpointer(
-        ckpt_dir, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save
+        run_dir / "checkpoints", cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save
     )
     meta = checkpoint_meta(cfg, setup, sizes, store.num_rows, saved)
-    if base is not None or (saved and saved.get("init_from")):  # the run's lineage
-        meta["init_from"] = base.lineage() if base is not None else saved["init_from"]
-    if prior is not None:  # resumes read the prior back from <run_dir>/prior
-        meta["prior_from"] = {**meta["init_from"], "widen": prior.widen}
+    meta.update(_lineage(meta, base, saved, prior))
     tracker = make_tracker(cfg, setup, saved if latest is not None else None)
-    counts = {c: v.counts for c, v in vocabs.items()}
     writes = jax.process_index() == 0
     sinks = metric_sinks.open_sinks(cfg, run_dir, meta["config"]) if writes else []
     run = RunContext(
@@ -258,6 +230,78 @@ def _train(
     progress, setup, tracker, batches = train_segments(run, setup, state, tracker)
     clock.mark("steps")
     return finish(run, progress, setup, tracker, batches)
+
+
+def _continued_run(
+    cfg: Config, log: Callable[[str], None]
+) -> tuple[Config, warm_start.Base | None]:
+    """The run this one continues (``prior_from`` or ``init_from``), read once, when the
+    run starts (a resume already holds what it took over), with ``cfg`` taking its smooth
+    terms' domains."""
+    continued, key = (cfg.prior_from, "prior_from") if cfg.prior_from else (cfg.init_from, "")
+    if not continued or ckpt.steps(Path(cfg.run_dir) / "checkpoints"):
+        return cfg, None
+    base = warm_start.Base.open(Path(continued), cfg, log, key or "init_from")
+    return warm_start.with_domains_of(cfg, base.cfg), base
+
+
+def _dry_run(
+    plan: ShardingPlan, setup: Setup, statements: list[Statement], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """What a run would place where, and the model it would fit; nothing is written."""
+    placed = plan.describe(setup.abstract, setup.shardings, setup.guide)
+    log(plan.format(placed, setup.abstract, setup.shardings))
+    text = render_text(statements)
+    log("model:\n" + text)
+    return {"dry_run": True, "plan": placed, "model": text}
+
+
+def _first_state(
+    cfg: Config,
+    setup: Setup,
+    base: warm_start.Base | None,
+    counts: Mapping[str, np.ndarray],
+    latest: int | None,
+    saved: Mapping[str, Any] | None,
+    log: Callable[[str], None],
+) -> tuple[Setup, TrainState, Mapping[str, Any] | None, Any]:
+    """The state the run's steps start from, and its day-1 prior (``prior_from``; else
+    ``None``): the continued run's state carried over (``base``), else the run's own latest
+    checkpoint, else a fresh start."""
+    run_dir = Path(cfg.run_dir)
+    if base is not None:
+        widen = float(cfg.prior_widen) if cfg.prior_from else None
+        state, prior = warm_state(base, setup, counts, log, widen)
+        if prior is not None:
+            prior_from.save(run_dir, prior, base.lineage())
+        return setup, state, saved, prior
+    setup, state, saved = restore_or_init(cfg, setup, RunDir(run_dir), latest, log)
+    prior = None
+    if saved and saved.get("prior_from"):
+        prior = prior_from.load(
+            run_dir, setup.abstract.params, setup.shardings, table_rows_of(setup)
+        )
+    return setup, state, saved, prior
+
+
+def _lineage(
+    meta: Mapping[str, Any],
+    base: warm_start.Base | None,
+    saved: Mapping[str, Any] | None,
+    prior: Any,
+) -> dict[str, Any]:
+    """The run a continued run came from (``init_from``) and, where its posterior is the
+    prior, with what widening (``prior_from``; resumes read the prior back from
+    ``<run_dir>/prior``)."""
+    out: dict[str, Any] = {}
+    if base is not None or (saved and saved.get("init_from")):
+        out["init_from"] = base.lineage() if base is not None else saved["init_from"]
+    if prior is not None:
+        out["prior_from"] = {
+            **out.get("init_from", meta.get("init_from", {})),
+            "widen": prior.widen,
+        }
+    return out
 
 
 def checkpoint_meta(
@@ -330,26 +374,8 @@ def train_segments(
     with (
         distributed.explain_peer_failure("training"),
         hooks.StopSignal() as stop,
-        open(run.metrics_path, "a") as metrics_file,
-        tqdm(
-            total=total,
-            initial=first,
-            disable=not cfg.train.progress or jax.process_index() != 0,
-            unit="step",
-            dynamic_ncols=True,
-        ) as bar,
+        _metrics(run, skips, first, total) as (bar, metrics),
     ):
-        metrics = hooks.Metrics(
-            bar,
-            metrics_file,
-            cfg.train.log_every,
-            total,
-            run.store.num_rows,
-            cfg.data.batch_size,
-            skips,
-            writer=jax.process_index() == 0,
-            sinks=run.sinks,
-        )
         while True:  # once, unless a rollback restarts from an earlier step
             batches = WaitClock(
                 device_batches(
@@ -381,6 +407,39 @@ def train_segments(
             step_fn = make_train_step(setup, run.vocab_counts, skips is not None, run.prior)
             bar.reset(total)
             bar.update(progress.step)
+
+
+@contextlib.contextmanager
+def _metrics(
+    run: RunContext, skips: nonfinite.SkipCount | None, first: int, total: int
+) -> Iterator[tuple[tqdm, hooks.Metrics]]:
+    """The progress bar (process 0, when ``train.progress``) and the metrics hook writing
+    to the run's metrics file and sinks."""
+    cfg = run.cfg
+    with (
+        open(run.metrics_path, "a") as metrics_file,
+        tqdm(
+            total=total,
+            initial=first,
+            disable=not cfg.train.progress or jax.process_index() != 0,
+            unit="step",
+            dynamic_ncols=True,
+        ) as bar,
+    ):
+        yield (
+            bar,
+            hooks.Metrics(
+                bar,
+                metrics_file,
+                cfg.train.log_every,
+                total,
+                run.store.num_rows,
+                cfg.data.batch_size,
+                skips,
+                writer=jax.process_index() == 0,
+                sinks=run.sinks,
+            ),
+        )
 
 
 def finish(

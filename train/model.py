@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import jax
@@ -231,13 +231,34 @@ def _check_prior_values(layer: L.BLayer, where: str) -> None:
             ) from None
 
 
-def build_term(
-    spec: Mapping[str, Any],
-    columns: Columns,
-    table_sizes: Mapping[str, int],
-    pad_multiple: int = 1,
-) -> Term:
-    """One configured term, validated against its layer's signatures."""
+@dataclass
+class _TermConfig:
+    """One term's config, split into its layer's constructor and call arguments."""
+
+    spec: dict[str, Any]
+    name: str
+    where: str
+    cls: type[L.BLayer]
+    layer: L.BLayer
+    inputs: list[str]
+    call_kw: dict[str, Any]
+    columns: Columns
+
+    @property
+    def layer_name(self) -> str:
+        return self.cls.__name__
+
+    def numeric_idx(self, cols: Sequence[str], what: str = "numeric") -> tuple[int, ...]:
+        return _indices(cols, self.columns.numeric, what, self.where)
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {message}")
+
+
+def _parse_term(spec: Mapping[str, Any], columns: Columns) -> _TermConfig:
+    """The term's layer class (an FM over categorical inputs becomes
+    :class:`blayers.layers.CategoricalFMLayer`), built from the keys its constructor takes;
+    the keys its call takes kept for the call; any other key refused, naming the valid ones."""
     spec = dict(spec)
     layer_name = spec.get("layer")
     name = spec.get("name")
@@ -249,14 +270,12 @@ def build_term(
     if cls is None:
         raise ConfigError(f"{where}: unknown layer {layer_name!r}; choose one of {sorted(layers)}")
     inputs = list(spec.get("inputs") or [])
-    is_categorical = bool(inputs) and all(c in columns.categorical for c in inputs)
-    if layer_name == "FMLayer" and is_categorical:
-        cls, layer_name = L.CategoricalFMLayer, "CategoricalFMLayer"
-
+    if cls is L.FMLayer and inputs and all(c in columns.categorical for c in inputs):
+        cls = L.CategoricalFMLayer
     init_params = set(inspect.signature(cls.__init__).parameters) - {"self"}
     call_params = set(inspect.signature(cls.__call__).parameters) - SUPPLIED
     init_kw, call_kw = {}, {}
-    own_keys = TERM_KEYS | SMOOTH_KEYS.get(str(layer_name), frozenset())
+    own_keys = TERM_KEYS | SMOOTH_KEYS.get(cls.__name__, frozenset())
     for key, value in spec.items():
         if key in own_keys:
             continue
@@ -266,112 +285,159 @@ def build_term(
             call_kw[key] = value
         else:
             raise ConfigError(
-                f"{where}: {layer_name} has no argument {key!r}; valid: "
+                f"{where}: {cls.__name__} has no argument {key!r}; valid: "
                 f"{sorted(init_params | call_params | own_keys)}"
             )
     try:
         layer = cls(**_resolve_dists(init_kw, where))
+        layer.check_service()
     except (TypeError, ValueError) as err:  # the layer's own check of its settings
         raise ConfigError(f"{where}: {err}") from err
     _check_prior_values(layer, where)
+    return _TermConfig(spec, name, where, cls, layer, inputs, call_kw, columns)
 
-    def numeric_idx(cols: Sequence[str], what: str = "numeric") -> tuple[int, ...]:
-        return _indices(cols, columns.numeric, what, where)
 
-    kind = cls.input_kind
-    if kind == "intercept":
-        if inputs:
-            raise ConfigError(f"{where}: InterceptLayer takes no inputs")
-        return Term(layer, "intercept", name, call_kwargs=call_kw)
-    if kind == "dense":
-        if not inputs:
-            raise ConfigError(f"{where}: {layer_name} needs numeric 'inputs'")
-        return Term(layer, "dense", name, numeric_idx=numeric_idx(inputs), call_kwargs=call_kw)
-    if kind == "smooth":
-        if len(inputs) != 1:
-            raise ConfigError(f"{where}: {layer_name} takes exactly one numeric input")
-        if layer_name == "HSGPLayer" and "m" not in call_kw:
-            raise ConfigError(f"{where}: HSGPLayer needs m, its number of basis functions")
-        call_kw.update(domain(spec, getattr(layer, "degree", 0)))
-        return Term(
-            layer,
-            "smooth",
-            name,
-            numeric_idx=numeric_idx(inputs),
-            call_kwargs=call_kw,
-            center=float(spec.get("center", 0.0)),
-        )
-    if kind == "pair":
-        z = list(spec.get("z_inputs") or [])
-        if inputs and not z and cls.pairs_within:
-            return Term(layer, "dense", name, numeric_idx=numeric_idx(inputs), call_kwargs=call_kw)
-        if not inputs or not z:
-            raise ConfigError(f"{where}: {layer_name} needs numeric 'inputs' and 'z_inputs'")
-        return Term(
-            layer,
-            "pair",
-            name,
-            numeric_idx=numeric_idx(inputs),
-            z_idx=numeric_idx(z),
-            call_kwargs=call_kw,
-        )
-    cat_idx = _indices(inputs, columns.categorical, "categorical", where)
-    sizes = tuple(table_sizes[c] + 1 for c in inputs)  # + the field's OOV row
-    sparse_setting = spec.get("sparse", "auto")
-    if sparse_setting not in (True, False, "auto"):
-        raise ConfigError(f"{where}: sparse must be true, false or auto, got {sparse_setting!r}")
-    if sparse_setting is True and not cls.gatherable:
-        gatherable = sorted(n for n, c in layers.items() if c.gatherable)
-        raise ConfigError(
-            f"{where}: sparse: true needs a table term ({gatherable}); {layer_name} "
+def _check_required(t: _TermConfig) -> None:
+    for arg in t.cls.required_call_args:
+        if arg not in t.call_kw:
+            raise t.error(f"{t.layer_name} needs {arg}; add `{arg}: <value>` to the term")
+
+
+def _intercept_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: int) -> Term:
+    if t.inputs:
+        raise t.error(f"{t.layer_name} takes no inputs")
+    return Term(t.layer, "intercept", t.name, call_kwargs=t.call_kw)
+
+
+def _dense_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: int) -> Term:
+    if not t.inputs:
+        raise t.error(f"{t.layer_name} needs numeric 'inputs'")
+    return Term(
+        t.layer, "dense", t.name, numeric_idx=t.numeric_idx(t.inputs), call_kwargs=t.call_kw
+    )
+
+
+def _smooth_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: int) -> Term:
+    if len(t.inputs) != 1:
+        raise t.error(f"{t.layer_name} takes exactly one numeric input")
+    _check_required(t)
+    call_kw = {**t.call_kw, **domain(t.spec, getattr(t.layer, "degree", 0))}
+    return Term(
+        t.layer,
+        "smooth",
+        t.name,
+        numeric_idx=t.numeric_idx(t.inputs),
+        call_kwargs=call_kw,
+        center=float(t.spec.get("center", 0.0)),
+    )
+
+
+def _pair_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: int) -> Term:
+    z = list(t.spec.get("z_inputs") or [])
+    if t.inputs and not z and t.cls.pairs_within:
+        return _dense_term(t, table_sizes, pad_multiple)
+    if not t.inputs or not z:
+        raise t.error(f"{t.layer_name} needs numeric 'inputs' and 'z_inputs'")
+    return Term(
+        t.layer,
+        "pair",
+        t.name,
+        numeric_idx=t.numeric_idx(t.inputs),
+        z_idx=t.numeric_idx(z),
+        call_kwargs=t.call_kw,
+    )
+
+
+def _sparse_rule(t: _TermConfig) -> Callable[[int], bool]:
+    """Whether a table of ``rows`` rows trains row-sparse, by the term's ``sparse`` setting:
+    true, false, or ``auto`` (from :data:`SPARSE_AUTO_ROWS` rows up)."""
+    setting = t.spec.get("sparse", "auto")
+    if setting not in (True, False, "auto"):
+        raise t.error(f"sparse must be true, false or auto, got {setting!r}")
+    if setting is True and not t.cls.gatherable:
+        gatherable = sorted(n for n, c in service_layers().items() if c.gatherable)
+        raise t.error(
+            f"sparse: true needs a table term ({gatherable}); {t.layer_name} "
             "reads all of its rows each step"
         )
+    return lambda rows: (
+        t.cls.gatherable and (setting is True or (setting == "auto" and rows >= SPARSE_AUTO_ROWS))
+    )
 
-    def wants_sparse(rows: int) -> bool:
-        if not cls.gatherable:
-            return False
-        return sparse_setting is True or (sparse_setting == "auto" and rows >= SPARSE_AUTO_ROWS)
 
-    if kind == "categorical_fm":
-        if len(inputs) < 2:
-            raise ConfigError(f"{where}: an FM over categorical fields needs >= 2 inputs")
-        padded = (*sizes[:-1], pad_to_multiple(sum(sizes), pad_multiple) - sum(sizes[:-1]))
-        return Term(
-            layer,
-            "categorical_fm",
-            name,
-            categorical_idx=cat_idx,
-            call_kwargs=call_kw,
-            num_categories=padded,
-            sparse=wants_sparse(sum(padded)),
-        )
-    if len(inputs) != 1:
-        raise ConfigError(f"{where}: {layer_name} takes exactly one categorical input")
-    slopes = list(spec.get("slopes") or [])
-    if slopes and not (layer_name == "EmbeddingLayer" or cls.slopes_input):
-        raise ConfigError(f"{where}: 'slopes' applies to EmbeddingLayer and RandomSlopesLayer")
-    if cls.slopes_input and not slopes:
-        raise ConfigError(f"{where}: {layer_name} needs the numeric columns of its 'slopes'")
-    if slopes and layer_name == "EmbeddingLayer":
+def _field_rows(t: _TermConfig, table_sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """Rows of each input field's table: its vocabulary plus the field's OOV row."""
+    _indices(t.inputs, t.columns.categorical, "categorical", t.where)
+    return tuple(table_sizes[c] + 1 for c in t.inputs)
+
+
+def _categorical_fm_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: int) -> Term:
+    sizes = _field_rows(t, table_sizes)
+    wants_sparse = _sparse_rule(t)
+    if len(t.inputs) < 2:
+        raise t.error("an FM over categorical fields needs >= 2 inputs")
+    padded = (*sizes[:-1], pad_to_multiple(sum(sizes), pad_multiple) - sum(sizes[:-1]))
+    return Term(
+        t.layer,
+        "categorical_fm",
+        t.name,
+        categorical_idx=_indices(t.inputs, t.columns.categorical, "categorical", t.where),
+        call_kwargs=t.call_kw,
+        num_categories=padded,
+        sparse=wants_sparse(sum(padded)),
+    )
+
+
+def _table_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: int) -> Term:
+    sizes = _field_rows(t, table_sizes)
+    wants_sparse = _sparse_rule(t)
+    if len(t.inputs) != 1:
+        raise t.error(f"{t.layer_name} takes exactly one categorical input")
+    slopes = list(t.spec.get("slopes") or [])
+    call_kw = dict(t.call_kw)
+    if slopes and not t.cls.takes_slopes:
+        takers = sorted(n for n, c in service_layers().items() if c.takes_slopes)
+        raise t.error(f"'slopes' applies to {' and '.join(takers)}")
+    if t.cls.slopes_input and not slopes:
+        raise t.error(f"{t.layer_name} needs the numeric columns of its 'slopes'")
+    if slopes and not t.cls.slopes_input:  # the rows are dotted with the slopes' columns
         call_kw.setdefault("embedding_dim", len(slopes))
         if call_kw["embedding_dim"] != len(slopes):
-            raise ConfigError(f"{where}: embedding_dim must equal the number of slopes")
-    if layer_name in {"EmbeddingLayer", "RandomWalkLayer"} and "embedding_dim" not in call_kw:
-        raise ConfigError(f"{where}: {layer_name} needs 'embedding_dim'")
-    if layer_name == "AR1Layer" and getattr(layer, "noncentered", False):
-        # the table must hold the states: per-level effects and scoring read them row by row
-        raise ConfigError(f"{where}: the service trains AR1Layer's states; drop noncentered")
+            raise t.error("embedding_dim must equal the number of slopes")
+    _check_required(replace(t, call_kw=call_kw))
     rows = pad_to_multiple(sizes[0], pad_multiple)
     return Term(
-        layer,
+        t.layer,
         "table",
-        name,
-        categorical_idx=cat_idx,
-        slopes_idx=numeric_idx(slopes),
+        t.name,
+        categorical_idx=_indices(t.inputs, t.columns.categorical, "categorical", t.where),
+        slopes_idx=t.numeric_idx(slopes),
         call_kwargs=call_kw,
         num_categories=(rows,),
         sparse=wants_sparse(rows),
     )
+
+
+TERM_BUILDERS: dict[str, Callable[[_TermConfig, Mapping[str, int], int], Term]] = {
+    "intercept": _intercept_term,
+    "dense": _dense_term,
+    "smooth": _smooth_term,
+    "pair": _pair_term,
+    "categorical_fm": _categorical_fm_term,
+    "table": _table_term,
+}
+
+
+def build_term(
+    spec: Mapping[str, Any],
+    columns: Columns,
+    table_sizes: Mapping[str, int],
+    pad_multiple: int = 1,
+) -> Term:
+    """One configured term, validated against its layer's signatures and declarations
+    (:attr:`blayers.layers.BLayer.input_kind` picks the builder)."""
+    t = _parse_term(spec, columns)
+    return TERM_BUILDERS[t.cls.input_kind](t, table_sizes, pad_multiple)
 
 
 def build_model(

@@ -308,15 +308,36 @@ def build(run_dir: Path, scores: Path | None = None) -> Path:
     parts = [f"<h1>blayers run: {html.escape(str(run_dir))}</h1>"]
     if plt is None:
         parts.append("<p>(figures need matplotlib: pip install 'blayers[report]')</p>")
+    parts += _model_section(run_dir)
+    parts += _training_section(plt, run_dir)
+    parts += _posterior_section(plt, run_dir)
+    if plt is not None and (run_dir / "checkpoints").is_dir():
+        parts.append("<h2>Table terms: per-level effects</h2>")
+        parts += _table_terms(plt, run_dir)
+    parts += _scores_section(plt, run_dir, Path(scores) if scores else run_dir / "scores")
+    out = run_dir / "report.html"
+    files.write_text(
+        out, "<html><body style='font-family:sans-serif'>" + "\n".join(parts) + "</body></html>"
+    )
+    return out
+
+
+def _model_section(run_dir: Path) -> list[str]:
+    """The model as written at training time (text, and its LaTeX folded away)."""
     written = describe_files(run_dir)
-    if "text" in written:
-        parts.append("<h2>Model</h2>")
-        parts.append(f"<pre>{html.escape(written['text'])}</pre>")
-        if "latex" in written:
-            parts.append(
-                f"<details><summary>LaTeX</summary><pre>{html.escape(written['latex'])}</pre>"
-                "</details>"
-            )
+    if "text" not in written:
+        return []
+    parts = ["<h2>Model</h2>", f"<pre>{html.escape(written['text'])}</pre>"]
+    if "latex" in written:
+        parts.append(
+            f"<details><summary>LaTeX</summary><pre>{html.escape(written['latex'])}</pre></details>"
+        )
+    return parts
+
+
+def _training_section(plt: Any, run_dir: Path) -> list[str]:
+    """The ELBO curves, the run's pace and its convergence status."""
+    parts = []
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
@@ -338,48 +359,53 @@ def build(run_dir: Path, scores: Path | None = None) -> Path:
         if status:  # runs written before convergence was tracked lack it
             colour = "green" if status.startswith("converged") else "#b00"
             parts.append(f"<p style='color:{colour}'><b>{html.escape(status)}</b></p>")
+    return parts
+
+
+def _posterior_section(plt: Any, run_dir: Path) -> list[str]:
+    """The global sites' summary (``blayers-summary``'s ``summary.csv``): a forest plot
+    against the truth where the data has one, and the table."""
     summary = run_dir / "summary.csv"
-    if summary.exists():
-        keep = ("site", "index", "label")
-        with open(summary) as fh:
-            rows = [
-                {k: (float(v) if k not in keep else v) for k, v in r.items()}
-                for r in csv.DictReader(fh)
-            ]
-        parts.append("<h2>Posterior of the global parameters</h2>")
-        if plt is not None and rows:
-            parts.append(_forest(plt, rows, _truth(run_dir)))
-        columns = [
-            c
-            for c in ("site", "index", "label", "mean", "std", "q05", "q50", "q95")
-            if not rows or c in rows[0]
+    if not summary.exists():
+        return []
+    keep = ("site", "index", "label")
+    with open(summary) as fh:
+        rows = [
+            {k: (float(v) if k not in keep else v) for k, v in r.items()}
+            for r in csv.DictReader(fh)
         ]
-        parts.append(_table(rows, columns))
-    if plt is not None and (run_dir / "checkpoints").is_dir():
-        parts.append("<h2>Table terms: per-level effects</h2>")
-        parts += _table_terms(plt, run_dir)
-    scores = Path(scores) if scores else run_dir / "scores"
+    parts = ["<h2>Posterior of the global parameters</h2>"]
+    if plt is not None and rows:
+        parts.append(_forest(plt, rows, _truth(run_dir)))
+    columns = [
+        c
+        for c in ("site", "index", "label", "mean", "std", "q05", "q50", "q95")
+        if not rows or c in rows[0]
+    ]
+    parts.append(_table(rows, columns))
+    return parts
+
+
+def _scores_section(plt: Any, run_dir: Path, scores: Path) -> list[str]:
+    """The scored rows' spread of means and sds and, where they hold the target, the fit."""
     manifest = scores / "_manifest.json"
-    if manifest.exists():
-        info = json.loads(manifest.read_text())
-        table = pq.read_table(scores)
-        mean, std = table["mean"].to_numpy(), table["std"].to_numpy()
-        parts.append("<h2>Scores</h2>")
-        parts.append(
-            f"<p>{info['rows']:,} rows in {info['num_parts']} parts, {info['draws']} posterior "
-            f"draws each. Expected response: mean {mean.mean():.4f}, range "
-            f"[{mean.min():.4f}, {mean.max():.4f}]; posterior std median {np.median(std):.4f}, "
-            f"90th percentile {np.percentile(std, 90):.4f}. Rows with unseen categories: "
-            f"{html.escape(json.dumps(info['unseen_rows_by_column']))}.</p>"
-        )
-        target = _config_value(run_dir, "data", "target")
-        if target and target in table.schema.names:
-            parts += _fit(plt, table, target)
-    out = run_dir / "report.html"
-    files.write_text(
-        out, "<html><body style='font-family:sans-serif'>" + "\n".join(parts) + "</body></html>"
-    )
-    return out
+    if not manifest.exists():
+        return []
+    info = json.loads(manifest.read_text())
+    table = pq.read_table(scores)
+    mean, std = table["mean"].to_numpy(), table["std"].to_numpy()
+    parts = [
+        "<h2>Scores</h2>",
+        f"<p>{info['rows']:,} rows in {info['num_parts']} parts, {info['draws']} posterior "
+        f"draws each. Expected response: mean {mean.mean():.4f}, range "
+        f"[{mean.min():.4f}, {mean.max():.4f}]; posterior std median {np.median(std):.4f}, "
+        f"90th percentile {np.percentile(std, 90):.4f}. Rows with unseen categories: "
+        f"{html.escape(json.dumps(info['unseen_rows_by_column']))}.</p>",
+    ]
+    target = _config_value(run_dir, "data", "target")
+    if target and target in table.schema.names:
+        parts += _fit(plt, table, target)
+    return parts
 
 
 def _config_value(run_dir: Path, group: str, key: str) -> Any:

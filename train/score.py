@@ -38,10 +38,11 @@ from . import data as data_lib
 from . import files, posterior
 from . import vocab as vocab_lib
 from .config import ScoreConfig
-from .model import LINEAR_PREDICTOR, GatheredRows
+from .model import LINEAR_PREDICTOR, Columns, GatheredRows
 from .plan import row_sharding
 from .run import restore_run
 from .settings import check_score_settings
+from .setup import Setup
 from .stages import StageClock
 
 MANIFEST = "_manifest.json"
@@ -186,8 +187,44 @@ class Scorer(NamedTuple):
     predrawn: bool
 
 
+@dataclass(frozen=True)
+class Summaries:
+    """A batch's score columns from the S draws ``(S, B)`` of its response mean, linear
+    predictor and predicted ``y``: mean, sd and quantiles of each asked for, plus the raw
+    draws. With ``host_quantiles`` a column's quantiles are left to
+    :func:`finish_quantiles`, which then receives its draws ``(B, S)``."""
+
+    quantiles: tuple[float, ...]
+    host_quantiles: bool
+    with_eta: bool
+    predictive: bool
+    with_draws: bool
+
+    def summarize(self, x: jax.Array, prefix: str) -> dict[str, jax.Array]:
+        out = {f"{prefix}mean": x.mean(0), f"{prefix}std": x.std(0)}
+        if self.quantiles and self.host_quantiles:
+            out[QUANTILE_DRAWS + prefix] = x.T  # rows × draws, for finish_quantiles
+        elif self.quantiles:
+            qs = jnp.quantile(x, jnp.asarray(self.quantiles, jnp.float32), axis=0)
+            for i, level in enumerate(self.quantiles):
+                out[quantile_name(prefix, level)] = qs[i]
+        return out
+
+    def __call__(self, mean: jax.Array, eta: Any, y: Any) -> dict[str, jax.Array]:
+        out = self.summarize(mean, "")
+        if self.with_eta and eta is not None:
+            out.update(self.summarize(eta, "eta_"))
+        if self.predictive:
+            out.update(
+                {k: v for k, v in self.summarize(y, PREDICTIVE).items() if k != PREDICTIVE + "mean"}
+            )
+        if self.with_draws:
+            out["draws"] = mean.T
+        return out
+
+
 def make_scorer(
-    setup: Any,
+    setup: Setup,
     draws: int,
     quantiles: Sequence[float],
     with_eta: bool,
@@ -209,7 +246,7 @@ def make_scorer(
     ``host_quantiles`` the quantiles are left to :func:`finish_quantiles`: the outputs then
     hold each row's draws instead."""
     terms = posterior.table_terms(setup)
-    q = jnp.asarray(quantiles, jnp.float32)
+    summaries = Summaries(tuple(quantiles), host_quantiles, with_eta, predictive, with_draws)
 
     def outputs(trace: Any, key: jax.Array) -> Any:
         eta = trace[LINEAR_PREDICTOR]["value"][:, 0] if LINEAR_PREDICTOR in trace else None
@@ -217,28 +254,6 @@ def make_scorer(
         # a key of its own, so the other columns' draws are the same with or without it
         y = predictive_value(fn.sample(jax.random.fold_in(key, Y_STREAM))) if predictive else None
         return response_mean(fn), eta, y
-
-    def summarize(x: jax.Array, prefix: str) -> dict[str, jax.Array]:
-        out = {f"{prefix}mean": x.mean(0), f"{prefix}std": x.std(0)}
-        if quantiles and host_quantiles:
-            out[QUANTILE_DRAWS + prefix] = x.T  # rows × draws, for finish_quantiles
-        elif quantiles:
-            qs = jnp.quantile(x, q, axis=0)
-            for i, level in enumerate(quantiles):
-                out[quantile_name(prefix, level)] = qs[i]
-        return out
-
-    def summaries(mean: jax.Array, eta: Any, y: Any) -> dict[str, jax.Array]:
-        out = summarize(mean, "")
-        if with_eta and eta is not None:
-            out.update(summarize(eta, "eta_"))
-        if predictive:
-            out.update(
-                {k: v for k, v in summarize(y, PREDICTIVE).items() if k != PREDICTIVE + "mean"}
-            )
-        if with_draws:
-            out["draws"] = mean.T
-        return out
 
     def per_batch(context: Any, key: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
         params, seen = context
@@ -313,9 +328,22 @@ def score(cfg: ScoreConfig, log: Callable[[str], None] = print) -> dict[str, Any
     run_dir = Path(cfg.run_dir)
     setup, state, meta = restore_run(run_dir, cfg.step, bool(cfg.strict), log, cfg.trust_model)
     clock.mark("restore")
-    columns = setup.columns
-    vocabs = vocab_lib.load_all(run_dir / "vocab", columns.categorical)
-    dataset = data_lib.open_dataset(cfg.data.path)
+    job = ScoreJob.open(cfg, setup, state.params, meta)
+    clock.mark("prepare")  # the input's checks and plan, the scorer, whole tables drawn
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = job.run(out_dir)
+    clock.mark("scoring")
+    manifest = job.manifest(records)
+    _publish_manifest(out_dir, manifest, len(job.parts), log)
+    clock.mark("manifest")
+    if manifest["process"] == 0:
+        log(clock.line())
+    return {**manifest, "stages": clock.record()}
+
+
+def _score_columns(cfg: ScoreConfig, columns: Columns, dataset: Any) -> tuple[list[str], list[str]]:
+    """The input columns carried through (``passthrough``) and the score columns produced,
+    after checking the input holds the model's features and no column name clashes."""
     data_lib.check_files(dataset.files, columns.numeric, columns.categorical, None)
     features = {*columns.numeric, *columns.categorical}
     passthrough = (
@@ -340,153 +368,216 @@ def score(cfg: ScoreConfig, log: Callable[[str], None] = print) -> dict[str, Any
             "passthrough=[...] or rename them in the data"
         )
     _validate_numeric(dataset, columns.numeric)
-    provenance = {
-        "run_dir": str(run_dir.absolute()),
-        "checkpoint_step": int(meta["step"]),
-        "checkpoint_written_ns": checkpoint_time(run_dir / "checkpoints", int(meta["step"])),
-        "draws": int(cfg.draws),
-        "seed": int(cfg.seed),
-        "quantiles": [float(q) for q in cfg.quantiles],
-        "linear_predictor": bool(cfg.linear_predictor),
-        "raw_draws": bool(cfg.raw_draws),
-        "predictive": bool(cfg.predictive),
-        "columns": passthrough + produced,
-    }
-    parts = plan_parts(data_lib.parquet_files(cfg.data.path))
-    process, count = jax.process_index(), jax.process_count()
-    b = int(cfg.data.batch_size)
-    setup.plan.check_batch_size(b)
-    # XLA:CPU's sort is slow; an accelerator's is not, and spares moving the draws
-    host_quantiles = jax.default_backend() == "cpu"
-    scorer = make_scorer(
-        setup,
-        int(cfg.draws),
-        list(cfg.quantiles),
-        bool(cfg.linear_predictor),
-        bool(cfg.raw_draws),
-        host_quantiles,
-        bool(cfg.predictive),
-        int(cfg.predraw_mb) << 20,
-    )
-    rows_sharding = scorer.rows_sharding
-    seen = {
-        site: jax.device_put(rows, row_sharding(setup.shardings, site))
-        for site, rows in posterior.seen_rows(setup, vocabs).items()
-    }
-    base_key = jax.random.PRNGKey(int(cfg.seed))
-    # the draws of whole tables, when drawn up front, come from a key of their own
-    context = scorer.prepare(state.params, seen, jax.random.fold_in(base_key, TABLE_STREAM))
-    jax.block_until_ready(context)
-    clock.mark("prepare")  # the input's checks and plan, the scorer, whole tables drawn
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mine = parts_for_process(parts, process, count)
-    local_b = b // count
-    total_batches = batches_per_process(parts, count, local_b)
-    done_batches, rows_written = 0, 0
-    part_records = []
+    return passthrough, produced
 
-    def run_batch(local: Mapping[str, np.ndarray], key_index: int) -> dict[str, np.ndarray]:
-        shardings = {"numeric": rows_sharding, "categorical": rows_sharding}
+
+@dataclass
+class ScoreJob:
+    """One process's share of a scoring job: its parts, the prepared scorer and what every
+    part file records of how it was made (``provenance``)."""
+
+    cfg: ScoreConfig
+    setup: Setup
+    meta: Mapping[str, Any]
+    vocabs: dict[str, vocab_lib.Vocab]
+    passthrough: list[str]
+    produced: list[str]
+    provenance: dict[str, Any]
+    parts: list[Part]
+    scorer: Scorer
+    context: Any
+    base_key: jax.Array
+
+    @classmethod
+    def open(
+        cls, cfg: ScoreConfig, setup: Setup, params: Mapping[str, Any], meta: Mapping[str, Any]
+    ) -> ScoreJob:
+        """Check the input against the run, plan the parts and prepare the scorer (whole
+        tables drawn up front where they fit)."""
+        run_dir = Path(cfg.run_dir)
+        columns = setup.columns
+        vocabs = vocab_lib.load_all(run_dir / "vocab", columns.categorical)
+        dataset = data_lib.open_dataset(cfg.data.path)
+        passthrough, produced = _score_columns(cfg, columns, dataset)
+        provenance = {
+            "run_dir": str(run_dir.absolute()),
+            "checkpoint_step": int(meta["step"]),
+            "checkpoint_written_ns": checkpoint_time(run_dir / "checkpoints", int(meta["step"])),
+            "draws": int(cfg.draws),
+            "seed": int(cfg.seed),
+            "quantiles": [float(q) for q in cfg.quantiles],
+            "linear_predictor": bool(cfg.linear_predictor),
+            "raw_draws": bool(cfg.raw_draws),
+            "predictive": bool(cfg.predictive),
+            "columns": passthrough + produced,
+        }
+        parts = plan_parts(data_lib.parquet_files(cfg.data.path))
+        setup.plan.check_batch_size(int(cfg.data.batch_size))
+        scorer = make_scorer(
+            setup,
+            int(cfg.draws),
+            list(cfg.quantiles),
+            bool(cfg.linear_predictor),
+            bool(cfg.raw_draws),
+            # XLA:CPU's sort is slow; an accelerator's is not, and spares moving the draws
+            jax.default_backend() == "cpu",
+            bool(cfg.predictive),
+            int(cfg.predraw_mb) << 20,
+        )
+        seen = {
+            site: jax.device_put(rows, row_sharding(setup.shardings, site))
+            for site, rows in posterior.seen_rows(setup, vocabs).items()
+        }
+        base_key = jax.random.PRNGKey(int(cfg.seed))
+        # the draws of whole tables, when drawn up front, come from a key of their own
+        context = scorer.prepare(params, seen, jax.random.fold_in(base_key, TABLE_STREAM))
+        jax.block_until_ready(context)
+        return cls(
+            cfg,
+            setup,
+            meta,
+            vocabs,
+            passthrough,
+            produced,
+            provenance,
+            parts,
+            scorer,
+            context,
+            base_key,
+        )
+
+    @property
+    def local_rows(self) -> int:
+        """Rows of this process's share of each device batch."""
+        return int(self.cfg.data.batch_size) // jax.process_count()
+
+    def run(self, out_dir: Path) -> list[dict[str, Any]]:
+        """Score this process's parts into ``out_dir``, then run the padding batches that
+        keep every process's collectives in step; a record per part."""
+        count, local_b = jax.process_count(), self.local_rows
+        mine = parts_for_process(self.parts, jax.process_index(), count)
+        records = [self.score_part(part, out_dir) for part in mine]
+        done = sum(-(-p.rows // local_b) for p in mine)
+        for _ in range(batches_per_process(self.parts, count, local_b) - done):
+            self.run_batch(_padding_batch(self.setup.columns, local_b), 0)
+        return records
+
+    def run_batch(self, local: Mapping[str, np.ndarray], key_index: int) -> dict[str, np.ndarray]:
+        """The score columns of one device batch (this process's rows, on the host)."""
+        from . import distributed
+
+        plan = self.setup.plan
+        shardings = {"numeric": self.scorer.rows_sharding, "categorical": self.scorer.rows_sharding}
         with distributed.explain_peer_failure("scoring"):
             batch = distributed.global_batch(local, shardings)
-            out = scorer.score(context, jax.random.fold_in(base_key, key_index), batch)
+            out = self.scorer.score(
+                self.context, jax.random.fold_in(self.base_key, key_index), batch
+            )
             host = {
                 k: np.asarray(
-                    multihost_utils.global_array_to_host_local_array(
-                        v, setup.plan.mesh, setup.plan.batch.spec
-                    )
+                    multihost_utils.global_array_to_host_local_array(v, plan.mesh, plan.batch.spec)
                 )
                 for k, v in out.items()
             }
-        finish_quantiles(host, list(cfg.quantiles))
+        finish_quantiles(host, list(self.cfg.quantiles))
         return host
 
-    for part in mine:
+    def score_part(self, part: Part, out_dir: Path) -> dict[str, Any]:
+        """Write one part file, or, when an earlier run already wrote it from the same
+        inputs, run its batches as padding (collectives stay in step) and skip the I/O."""
+        columns, local_b = self.setup.columns, self.local_rows
         final = out_dir / f"part-{part.index:05d}.parquet"
+        features = {*columns.numeric, *columns.categorical}
         table = pq.ParquetFile(part.file).read_row_group(
-            part.row_group, columns=sorted({*features, *passthrough})
+            part.row_group, columns=sorted({*features, *self.passthrough})
         )
-        encoded, unseen, added = _encode_part(table, columns, vocabs)
+        encoded, unseen, added = _encode_part(table, columns, self.vocabs)
         n = table.num_rows
         n_batches = -(-n // local_b)
-        made_from = json.dumps({**provenance, "input": part_input(part)}, sort_keys=True)
-        if made_with(final) == made_from:  # finished by an earlier run from the same inputs:
-            # keep collectives in step, skip the I/O
+        made_from = json.dumps({**self.provenance, "input": part_input(part)}, sort_keys=True)
+        record = {"part": part.index, "rows": n, "unseen": unseen, "new": added}
+        if made_with(final) == made_from:
             for _ in range(n_batches):
-                run_batch(_padding_batch(columns, local_b), 0)
-            done_batches += n_batches
-            part_records.append(
-                {"part": part.index, "rows": n, "unseen": unseen, "new": added, "skipped": True}
-            )
-            continue
+                self.run_batch(_padding_batch(columns, local_b), 0)
+            return {**record, "skipped": True}
         pieces: dict[str, list[np.ndarray]] = {}
         for i in range(n_batches):
             lo, hi = i * local_b, min((i + 1) * local_b, n)
             local = {k: _pad(v[lo:hi], local_b) for k, v in encoded.items()}
             # the key depends on the part and batch only: same draws on any process count
-            out = run_batch(local, part.index * 1_000_003 + i)
+            out = self.run_batch(local, part.index * 1_000_003 + i)
             for k, v in out.items():
                 pieces.setdefault(k, []).append(v[: hi - lo])  # padded rows masked out
-        done_batches += n_batches
-        result = table.select(passthrough)
-        if not set(pieces) <= set(produced):  # a scorer output with no declared column
-            raise RuntimeError(f"undeclared score columns {sorted(set(pieces) - set(produced))}")
-        for k in [c for c in produced if c in pieces]:
-            v = pieces[k]
-            arr = np.concatenate(v)
+        result = self._part_table(table, encoded, pieces).replace_schema_metadata(
+            {PROVENANCE: made_from}
+        )
+        files.atomic_write(final, lambda tmp, table=result: pq.write_table(table, tmp))
+        return {**record, "skipped": False}
+
+    def _part_table(
+        self,
+        table: pa.Table,
+        encoded: Mapping[str, np.ndarray],
+        pieces: Mapping[str, list[np.ndarray]],
+    ) -> pa.Table:
+        """The passthrough columns, the score columns and the unseen-categories count."""
+        result = table.select(self.passthrough)
+        if not set(pieces) <= set(self.produced):  # a scorer output with no declared column
+            raise RuntimeError(
+                f"undeclared score columns {sorted(set(pieces) - set(self.produced))}"
+            )
+        for k in [c for c in self.produced if c in pieces]:
+            arr = np.concatenate(pieces[k])
             result = result.append_column(
                 k, pa.array(list(arr)) if arr.ndim == 2 else pa.array(arr)
             )
-        if columns.categorical:
-            flags = np.zeros(n, np.int8)
-            for j, c in enumerate(columns.categorical):
-                flags += (encoded["categorical"][:, j] == vocabs[c].size).astype(np.int8)
+        categorical = self.setup.columns.categorical
+        if categorical:
+            flags = np.zeros(table.num_rows, np.int8)
+            for j, c in enumerate(categorical):
+                flags += (encoded["categorical"][:, j] == self.vocabs[c].size).astype(np.int8)
             result = result.append_column("unseen_categories", pa.array(flags))
-        result = result.replace_schema_metadata({PROVENANCE: made_from})
-        files.atomic_write(final, lambda tmp, table=result: pq.write_table(table, tmp))
-        rows_written += n
-        part_records.append(
-            {"part": part.index, "rows": n, "unseen": unseen, "new": added, "skipped": False}
-        )
-    for _ in range(total_batches - done_batches):  # idle processes keep collectives in step
-        run_batch(_padding_batch(columns, local_b), 0)
-    clock.mark("scoring")
+        return result
 
-    manifest = {
-        "run_dir": str(run_dir),
-        "checkpoint_step": meta["step"],
-        "draws": int(cfg.draws),
-        "seed": int(cfg.seed),
-        "quantiles": list(cfg.quantiles),
-        "process": process,
-        "processes": count,
-        "parts": part_records,
-        "rows": sum(r["rows"] for r in part_records),
-        "unseen_rows_by_column": {
-            c: sum(r["unseen"][c] for r in part_records) for c in columns.categorical
-        },
-        "new_category_rows_by_column": {
-            c: sum(r["new"][c] for r in part_records) for c in columns.categorical
-        },
-        "categories": {
-            c: {"known": vocabs[c].size, "new_in_run": vocabs[c].size - vocabs[c].inherited}
-            for c in columns.categorical
-        },
-    }
-    _write_json(out_dir / f"_manifest-{process:05d}.json", manifest)
+    def manifest(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """This process's manifest: its parts, rows and unseen or new categories by column."""
+        cfg, vocabs, categorical = self.cfg, self.vocabs, self.setup.columns.categorical
+        return {
+            "run_dir": str(Path(cfg.run_dir)),
+            "checkpoint_step": self.meta["step"],
+            "draws": int(cfg.draws),
+            "seed": int(cfg.seed),
+            "quantiles": list(cfg.quantiles),
+            "process": jax.process_index(),
+            "processes": jax.process_count(),
+            "parts": list(records),
+            "rows": sum(r["rows"] for r in records),
+            "unseen_rows_by_column": {c: sum(r["unseen"][c] for r in records) for c in categorical},
+            "new_category_rows_by_column": {
+                c: sum(r["new"][c] for r in records) for c in categorical
+            },
+            "categories": {
+                c: {"known": vocabs[c].size, "new_in_run": vocabs[c].size - vocabs[c].inherited}
+                for c in categorical
+            },
+        }
+
+
+def _publish_manifest(
+    out_dir: Path, manifest: Mapping[str, Any], num_parts: int, log: Callable[[str], None]
+) -> None:
+    """Write this process's manifest; process 0 then merges every process's into one."""
+    process, count = int(manifest["process"]), int(manifest["processes"])
+    _write_json(out_dir / f"_manifest-{process:05d}.json", dict(manifest))
     if count > 1:
         multihost_utils.sync_global_devices("blayers-score-manifests")
     if process == 0:
-        merged = _merge_manifests(out_dir, count, len(parts))
+        merged = _merge_manifests(out_dir, count, num_parts)
         _write_json(out_dir / MANIFEST, merged)
         log(
-            f"scored {merged['rows']:,} rows into {len(parts)} parts in {out_dir}; unseen "
+            f"scored {merged['rows']:,} rows into {num_parts} parts in {out_dir}; unseen "
             f"categories by column: {merged['unseen_rows_by_column']}"
         )
-    clock.mark("manifest")
-    if process == 0:
-        log(clock.line())
-    return {**manifest, "stages": clock.record()}
 
 
 def _pad(x: np.ndarray, rows: int) -> np.ndarray:
@@ -496,7 +587,7 @@ def _pad(x: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([x, pad])
 
 
-def _padding_batch(columns: Any, rows: int) -> dict[str, np.ndarray]:
+def _padding_batch(columns: Columns, rows: int) -> dict[str, np.ndarray]:
     return {
         "numeric": np.zeros((rows, len(columns.numeric)), np.float32),
         "categorical": np.zeros((rows, len(columns.categorical)), np.int32),

@@ -9,7 +9,7 @@ starting state from it, born sharded.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from .config import (
     ConfigError,
 )
 from .guide_plan import fm_rows_in_effect, service_guide
-from .model import Columns, build_model, configured_link_kwargs
+from .model import Columns, Term, build_model, configured_link_kwargs
 from .plan import ShardingPlan, row_sharding
 from .settings import check_posterior_settings
 from .sparse import (
@@ -118,6 +118,15 @@ def abstract_batch(batch_size: int, columns: Columns, has_target: bool = True) -
     return out
 
 
+def sparse_tables(terms: Sequence[Term]) -> dict[str, SparseTable]:
+    """The terms whose tables train row-sparse, by table site."""
+    return {
+        t.table_site: SparseTable(t.table_site, t, int(sum(t.num_categories)))
+        for t in terms
+        if t.sparse
+    }
+
+
 def make_setup(
     cfg: Config,
     table_sizes: Mapping[str, int],
@@ -142,11 +151,7 @@ def make_setup(
     )
     optimizer = make_optimizer(cfg.optim, cfg.train.steps, global_sites=global_site_names(sites))
     terms = model.terms
-    sparse = {
-        t.table_site: SparseTable(t.table_site, t, int(sum(t.num_categories)))
-        for t in terms
-        if t.sparse
-    }
+    sparse = sparse_tables(terms)
     check_posterior_settings(cfg)
     stats = target_stats if cfg.optim.start == "data" else None
     start, scales = starting_point(
@@ -154,15 +159,9 @@ def make_setup(
     )
     guide = service_guide(str(cfg.optim.guide), terms, sites, str(cfg.optim.fm_rows))
     init = init_fn(
-        guide,
-        optimizer,
-        cfg.train.seed,
-        cfg.optim.guide_init_scale,
-        frozenset(sparse),
-        cfg.optim.name,
-        start,
-        scales,
-    )
+        guide, optimizer, cfg.train.seed, cfg.optim.guide_init_scale, frozenset(sparse),
+        cfg.optim.name, start, scales,
+    )  # fmt: skip
     abstract = jax.eval_shape(init)
     row_start = None
     if vocab_counts is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -182,6 +182,119 @@ def batch_rows(
     return uniq, local, weights
 
 
+def _dense_update(
+    optimizer: optax.GradientTransformation,
+    dense: guides.Params,
+    opt_state: Any,
+    g_dense: guides.Params,
+    g_rows: Any,
+    value: jax.Array,
+    skip_non_finite: bool,
+) -> tuple[tuple[guides.Params, Any], jax.Array, jax.Array | None]:
+    """The dense parameters' optimizer step, with the loss and, under ``skip_non_finite``,
+    whether the step was applied (a non-finite loss or gradient keeps the old state:
+    :func:`train.nonfinite.apply_if_finite`); ``None`` otherwise."""
+
+    def update() -> tuple[guides.Params, Any]:
+        updates, opt = optimizer.update(g_dense, opt_state, dense)
+        return optax.apply_updates(dense, updates), opt
+
+    if skip_non_finite:
+        return apply_if_finite(value, (g_dense, g_rows), update, lambda: (dense, opt_state))
+    return update(), value, None
+
+
+def _gather_tables(
+    tables: Mapping[str, Any], uniq: Mapping[str, jax.Array], distinct: bool
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """The batch's rows of each table's row state and, where rows are coupled, of its
+    coupling: one gather per array, since each row's guide parameters and moments sit
+    together."""
+    rows = {s: _gather(t[ROW_STATE], uniq[s], distinct) for s, t in tables.items()}
+    coupling = {
+        s: _gather(t[COUPLING_STATE], uniq[s], distinct)
+        for s, t in tables.items()
+        if COUPLING_STATE in t
+    }
+    return rows, coupling
+
+
+def _day1_rows(
+    prior: Mapping[str, Any],
+    sparse: Mapping[str, SparseTable],
+    uniq: Mapping[str, jax.Array],
+    distinct: bool,
+) -> tuple[Any, Any, dict[str, jax.Array]]:
+    """The day-1 posterior (:mod:`train.prior_from`) at the batch's rows: its dense sites,
+    its gathered table rows and which rows it knows (a fill row reads False: it has no
+    day-1 posterior and no weight)."""
+    prior_dense, prior_tables = split_params(prior["params"], sparse)
+    day1_rows = prior_from.gathered_rows(prior_tables, uniq, lambda x, i: _gather(x, i, distinct))
+    known = {
+        s: _gather(k, uniq[s], distinct) if s in sparse else k for s, k in prior["known"].items()
+    }
+    return prior_dense, day1_rows, known
+
+
+class RowUpdate(NamedTuple):
+    """A lazy row-wise optimizer step (Adam or Adagrad) at learning rate ``lr``, for the
+    ``t``-th update (Adam's bias correction counts the run's steps, not the row's)."""
+
+    optimizer: str
+    lr: jax.Array
+    t: jax.Array
+
+    def __call__(
+        self, value: jax.Array, g: jax.Array, moments: list[jax.Array]
+    ) -> tuple[jax.Array, list[jax.Array]]:
+        """One field's new value and moments (``[m, v]`` or ``[v]``)."""
+        if self.optimizer == "adam":
+            m = B1 * moments[0] + (1 - B1) * g
+            v = B2 * moments[1] + (1 - B2) * g**2
+            delta = (m / (1 - B1**self.t)) / (jnp.sqrt(v / (1 - B2**self.t)) + EPS)
+            return value - self.lr * delta, [m, v]
+        v = moments[0] + g**2  # adagrad
+        return value - self.lr * g / (jnp.sqrt(v) + 1e-7), [v]
+
+
+def _updated_tables(
+    update: RowUpdate,
+    tables: Mapping[str, Any],
+    rows: Mapping[str, jax.Array],
+    coupling: Mapping[str, jax.Array],
+    g_rows: Mapping[str, Any],
+    into: Mapping[str, jax.Array],
+    distinct: bool,
+) -> dict[str, Any]:
+    """Each table with the batch's rows (and their coupling) updated and scattered back to
+    rows ``into`` (a skipped step's indices lie past the table, where the scatter drops
+    them: still sorted and distinct)."""
+    fields = row_state_fields(update.optimizer)
+    column = {f: i for i, f in enumerate(fields)}
+    per_field = len(fields) // 2 - 1  # moments per field
+    new_tables = {}
+    for s, r in rows.items():
+        new = {}
+        for f in ("loc", "raw_scale"):
+            names = [f"{m}_{f}" for m in ("m", "v")[-per_field:]]
+            new[f], moments = update(
+                r[:, column[f]], g_rows[s][f], [r[:, column[n]] for n in names]
+            )
+            new.update(zip(names, moments, strict=True))
+        updated = jnp.stack([new[f] for f in fields], axis=1)
+        new_tables[s] = {ROW_STATE: _scatter(tables[s][ROW_STATE], into[s], updated, distinct)}
+        if s in coupling:
+            c = coupling[s]
+            value_c, moments_c = update(
+                c[:, 0], g_rows[s][guides.COUPLING], [c[:, i + 1] for i in range(per_field)]
+            )
+            stacked = jnp.stack([value_c, *moments_c], axis=1)
+            new_tables[s][COUPLING_STATE] = _scatter(
+                tables[s][COUPLING_STATE], into[s], stacked, distinct
+            )
+    return new_tables
+
+
 def make_sparse_step(
     model: Callable[..., Any],
     guide: guides.MeanFieldGuide,
@@ -209,9 +322,6 @@ def make_sparse_step(
             f"{ROW_OPTIMIZERS}; use one, or set sparse: false on the table terms"
         )
     loss_fn = make_sparse_loss(model, guide, sparse, num_data, widen, antithetic)
-    replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
-    fields = row_state_fields(row_optimizer)
-    column = {f: i for i, f in enumerate(fields)}
 
     def step(
         state: TrainState,
@@ -225,94 +335,40 @@ def make_sparse_step(
         # the host's row arrays are sorted and distinct (fills included); the device's
         # ``unique`` repeats its fill id
         distinct = all(UNIQ + s in batch for s in sparse)
-        # one gather per table (two where rows are coupled): each row's guide parameters and
-        # moments sit together
-        rows = {s: _gather(t[ROW_STATE], uniq[s], distinct) for s, t in tables.items()}
-        coupling = {
-            s: _gather(t[COUPLING_STATE], uniq[s], distinct)
-            for s, t in tables.items()
-            if COUPLING_STATE in t
-        }
+        rows, coupling = _gather_tables(tables, uniq, distinct)
         gathered = {s: split_row_state(r, coupling.get(s)) for s, r in rows.items()}
-        day1 = None
-        if prior is not None:
-            prior_dense, prior_tables = split_params(prior["params"], sparse)
-            day1_rows = prior_from.gathered_rows(
-                prior_tables, uniq, lambda x, i: _gather(x, i, distinct)
-            )
-            # a fill row reads False: it has no day-1 posterior and no weight
-            known = {
-                s: _gather(k, uniq[s], distinct) if s in sparse else k
-                for s, k in prior["known"].items()
-            }
-            day1 = (prior_dense, day1_rows, known)
+        day1 = None if prior is None else _day1_rows(prior, sparse, uniq, distinct)
         value, (g_dense, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
             dense, gathered, key, batch, local, weights, day1
         )
 
-        def dense_update() -> tuple[guides.Params, Any]:
-            updates, opt = dense_optimizer.update(g_dense, state.opt_state["dense"], dense)
-            return optax.apply_updates(dense, updates), opt
+        (new_dense, dense_opt), value, ok = _dense_update(
+            dense_optimizer,
+            dense,
+            state.opt_state["dense"],
+            g_dense,
+            g_rows,
+            value,
+            skip_non_finite,
+        )
 
-        ok = None
-        if skip_non_finite:
-            (new_dense, dense_opt), value, ok = apply_if_finite(
-                value, (g_dense, g_rows), dense_update, lambda: (dense, state.opt_state["dense"])
-            )
-        else:
-            new_dense, dense_opt = dense_update()
-
-        lr = schedule(state.step)
-        t = (state.step + 1).astype(jnp.float32)
-
-        def row_update(
-            value: jax.Array, g: jax.Array, moments: list[jax.Array]
-        ) -> tuple[jax.Array, list[jax.Array]]:
-            """One field's lazy row-wise update: new value and moments (``[m, v]`` or
-            ``[v]``)."""
-            if row_optimizer == "adam":
-                m = B1 * moments[0] + (1 - B1) * g
-                v = B2 * moments[1] + (1 - B2) * g**2
-                delta = (m / (1 - B1**t)) / (jnp.sqrt(v / (1 - B2**t)) + EPS)
-                return value - lr * delta, [m, v]
-            v = moments[0] + g**2  # adagrad
-            return value - lr * g / (jnp.sqrt(v) + 1e-7), [v]
-
-        per_field = len(fields) // 2 - 1  # moments per field
-        new_tables = {}
-        for s, r in rows.items():
-            new = {}
-            for f in ("loc", "raw_scale"):
-                names = [f"{m}_{f}" for m in ("m", "v")[-per_field:]]
-                new[f], moments = row_update(
-                    r[:, column[f]], g_rows[s][f], [r[:, column[n]] for n in names]
-                )
-                new.update(zip(names, moments, strict=True))
-            updated = jnp.stack([new[f] for f in fields], axis=1)
-            # a skipped step scatters nowhere: every index moved past the table (still sorted
-            # and distinct), where the scatter drops it
-            into = uniq[s] if ok is None else uniq[s] + jnp.where(ok, 0, sparse[s].rows)
-            new_tables[s] = {ROW_STATE: _scatter(tables[s][ROW_STATE], into, updated, distinct)}
-            if s in coupling:
-                c = coupling[s]
-                value_c, moments_c = row_update(
-                    c[:, 0], g_rows[s][guides.COUPLING], [c[:, i + 1] for i in range(per_field)]
-                )
-                stacked = jnp.stack([value_c, *moments_c], axis=1)
-                new_tables[s][COUPLING_STATE] = _scatter(
-                    tables[s][COUPLING_STATE], into, stacked, distinct
-                )
+        new_tables = _updated_tables(
+            RowUpdate(row_optimizer, schedule(state.step), (state.step + 1).astype(jnp.float32)),
+            tables,
+            rows,
+            coupling,
+            g_rows,
+            uniq if ok is None else {s: uniq[s] + jnp.where(ok, 0, sparse[s].rows) for s in uniq},
+            distinct,
+        )
         params = {**new_dense, **new_tables}
         opt_state = {"dense": dense_opt}
         return TrainState(state.step + 1, params, opt_state, state.rng), value
 
-    in_shardings: tuple[Any, ...] = (
-        state_shardings,
-        dict(batch_shardings),
-        dict(counts_shardings),
-    )
+    in_shardings: tuple[Any, ...] = (state_shardings, dict(batch_shardings), dict(counts_shardings))
     if prior_shardings is not None:
         in_shardings = (*in_shardings, prior_shardings)
+    replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
     return jax.jit(
         step,
         in_shardings=in_shardings,
