@@ -6,37 +6,19 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-import numpyro.distributions as dist
 import pytest
 from numpyro import handlers
 
-from blayers import axes as ax
-from blayers import layers as L
 from train.config import ConfigError
 from train.model import Columns, build_model, service_layers
 
-
-class ScaledSumLayer(L.BLayer):
-    r"""A layer made outside the package: :math:`\beta \sim Normal(0, 1)`, output
-    :math:`\beta \sum_j x_j`."""
-
-    input_kind = "dense"
-
-    def __init__(self, prior_scale: float = 1.0) -> None:
-        self.prior_scale = float(prior_scale)
-
-    def __call__(self, name: str, x: jnp.ndarray) -> jnp.ndarray:
-        beta = self._sample(name, "beta", dist.Normal(0.0, self.prior_scale), (1,), (ax.UNITS,))
-        return jnp.sum(x, axis=1, keepdims=True) * beta
+USER_LAYER = "tests.user_models.ScaledSumLayer"
 
 
-def test_a_layer_declared_outside_the_package_is_a_service_term(monkeypatch):
-    monkeypatch.setattr(L, "ScaledSumLayer", ScaledSumLayer, raising=False)
+def test_a_layer_declared_outside_the_package_is_a_service_term():
     cfg = {
         "link": "gaussian",
-        "terms": [
-            {"layer": "ScaledSumLayer", "name": "s", "inputs": ["a", "b"], "prior_scale": 2.0}
-        ],
+        "terms": [{"layer": USER_LAYER, "name": "s", "inputs": ["a", "b"], "prior_scale": 2.0}],
     }
     model = build_model(cfg, Columns(("a", "b"), ()), {})
     (term,) = model.terms
@@ -79,3 +61,18 @@ def test_the_declarations_cover_every_service_layer_and_nothing_else():
             Columns(("a",), ()),
             {},
         )
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        ("tests.user_models.NoSuchLayer", "cannot import layer 'tests.user_models.NoSuchLayer'"),
+        ("tests.user_models.random_intercepts", "must be a blayers.layers.BLayer subclass"),
+        ("blayers.layers.PSplineLayer", "a smooth term's domain is fixed per layer"),
+        ("ScaledSumLayer", "unknown layer 'ScaledSumLayer'.*import path"),
+    ],
+)
+def test_a_user_layer_that_cannot_be_a_term_is_refused_naming_the_term(layer, message):
+    cfg = {"link": "gaussian", "terms": [{"layer": layer, "name": "s", "inputs": ["a"]}]}
+    with pytest.raises(ConfigError, match=rf"model.terms\[s\]: .*{message}"):
+        build_model(cfg, Columns(("a",), ()), {})

@@ -197,6 +197,25 @@ def test_user_model_target(dataset, tmp_path):
     assert "RandomEffectsLayer_mine_theta.loc" in params
 
 
+def test_a_users_own_layer_by_import_path_trains_and_restores_only_when_trusted(dataset, tmp_path):
+    """A term's layer may be a class of the user's own (``layer: my_pkg.MyLayer``): the run
+    trains it, and restoring it (which imports it) needs ``trust_model`` to name it."""
+    layer = "tests.user_models.ScaledSumLayer"
+    terms = [
+        {"layer": "InterceptLayer", "name": "bias"},
+        {"layer": layer, "name": "sum", "inputs": ["x1", "x2"], "prior_scale": 0.5},
+        {"layer": "RandomEffectsLayer", "name": "user", "inputs": ["user"]},
+    ]
+    run = tmp_path / "run"
+    loop.train(small_config(dataset, run, **{"model.terms": terms}), log=lambda _: None)
+    with pytest.raises(ConfigError, match=rf"trust_model={layer}"):
+        load_params(run)
+    params = load_params(run, trust_model=f"some.other.fn, {layer}")
+    assert params["ScaledSumLayer_sum_beta.loc"].shape == (1,)
+    sites = {r["site"] for r in summarize(run, draws=50, trust_model=layer)}
+    assert "ScaledSumLayer_sum_beta" in sites
+
+
 # ------------------------------------------------------------------ bad input, before any step
 
 

@@ -23,6 +23,7 @@ draws or differentiates a whole table.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -52,6 +53,42 @@ def service_layers() -> dict[str, type[L.BLayer]]:
         for name, cls in vars(L).items()
         if inspect.isclass(cls) and issubclass(cls, L.BLayer) and cls.input_kind is not None
     }
+
+
+def user_layer_paths(terms: Sequence[Any]) -> list[str]:
+    """The import paths (``package.module.Class``) of the configured terms' layers of the
+    user's own: building the model imports them."""
+    return [
+        str(t["layer"])
+        for t in terms
+        if isinstance(t, Mapping) and isinstance(t.get("layer"), str) and "." in t["layer"]
+    ]
+
+
+def layer_class(name: str, where: str) -> type[L.BLayer]:
+    """A term's layer class: a :mod:`blayers.layers` class by name, or a layer of the
+    user's own by import path (``my_pkg.layers.MyLayer``), a :class:`blayers.layers.BLayer`
+    that declares its ``input_kind``."""
+    layers = service_layers()
+    if name in layers:
+        return layers[name]
+    if "." not in name:
+        raise ConfigError(
+            f"{where}: unknown layer {name!r}; choose one of {sorted(layers)}, or give the "
+            "import path of a layer of your own (my_pkg.layers.MyLayer)"
+        )
+    module, _, attr = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"{where}: cannot import layer {name!r} ({err})") from None
+    kinds = sorted(k for k in TERM_BUILDERS if k != "smooth")
+    if not (inspect.isclass(cls) and issubclass(cls, L.BLayer) and cls.input_kind in kinds):
+        raise ConfigError(
+            f"{where}: {name} must be a blayers.layers.BLayer subclass whose input_kind is one "
+            f"of {kinds} (a smooth term's domain is fixed per layer: use a shipped one)"
+        )
+    return cls
 
 
 TERM_KEYS = {"layer", "name", "inputs", "z_inputs", "slopes", "sparse"}
@@ -265,10 +302,7 @@ def _parse_term(spec: Mapping[str, Any], columns: Columns) -> _TermConfig:
     where = f"model.terms[{name or layer_name}]"
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}: every term needs a non-empty 'name'")
-    layers = service_layers()
-    cls = layers.get(str(layer_name))
-    if cls is None:
-        raise ConfigError(f"{where}: unknown layer {layer_name!r}; choose one of {sorted(layers)}")
+    cls = layer_class(str(layer_name), where)
     inputs = list(spec.get("inputs") or [])
     if cls is L.FMLayer and inputs and all(c in columns.categorical for c in inputs):
         cls = L.CategoricalFMLayer
@@ -490,11 +524,12 @@ def ordered_columns(model_cfg: ModelConfig | Mapping[str, Any]) -> set[str]:
     rows are adjacent periods. The out-of-vocabulary row comes right after the last period,
     so an unseen (later) period continues the series (for AR1Layer, a forecast: states past
     the last period follow the recursion)."""
-    layers = service_layers()
     out: set[str] = set()
     for spec in _get(model_cfg, "terms") or []:
-        cls = layers.get(str(spec.get("layer"))) if isinstance(spec, Mapping) else None
-        if cls is not None and cls.ordered:
+        if not isinstance(spec, Mapping):
+            continue
+        cls = layer_class(str(spec.get("layer")), f"model.terms[{spec.get('name')}]")
+        if cls.ordered:
             out.update(spec.get("inputs") or [])
     return out
 

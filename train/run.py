@@ -16,6 +16,7 @@ from typing import Any
 
 from . import checkpoint as ckpt
 from .config import ConfigError, from_container, with_saved_defaults
+from .model import user_layer_paths
 from .plan import ShardingPlan
 from .setup import Setup, fresh_state, make_setup
 from .state import TrainState
@@ -111,14 +112,20 @@ def restore_run(
 
 
 def check_trusted(meta: Mapping[str, Any], run_dir: Path, trust_model: str | None) -> None:
-    """Refuse a run whose metadata names a model function (``model._target_``) other than
-    ``trust_model``: building the model imports it, and metadata is only as trustworthy as
-    whoever could write the run directory."""
+    """Refuse a run whose metadata names code of the user's own (a model function,
+    ``model._target_``, or a term's layer given by import path) that ``trust_model`` (one
+    import path, or several joined by commas) does not name: building the model imports
+    it, and metadata is only as trustworthy as whoever could write the run directory."""
     model = meta.get("config", {}).get("model") or {}
-    target = model.get("_target_") if isinstance(model, Mapping) else None
-    if target and target != trust_model:
+    if not isinstance(model, Mapping):
+        return
+    imported = [model["_target_"]] if model.get("_target_") else []
+    imported += user_layer_paths(model.get("terms") or [])
+    trusted = {p.strip() for p in (trust_model or "").split(",") if p.strip()}
+    untrusted = [p for p in imported if p not in trusted]
+    if untrusted:
         raise ConfigError(
-            f"trust_model: {run_dir} was trained with a model of the user's own "
-            f"(model._target_={target!r}); restoring it imports that code, so pass "
-            f"trust_model={target} if it is yours"
+            f"trust_model: {run_dir} was trained with code of the user's own "
+            f"({', '.join(untrusted)}); restoring it imports that code, so pass "
+            f"trust_model={','.join(imported)} if it is yours"
         )

@@ -78,6 +78,8 @@ def starting_scales(
             and features is not None
             and len(features.total_sq)
             and t.numeric_idx
+            # one coefficient row per input (a layer of the user's own may hold others)
+            and sites[beta].unconstrained_shape[:1] == (len(t.numeric_idx),)
         ):
             second = features.mean_sq[list(t.numeric_idx)]
             sd = 1.0 / np.sqrt(num_data * info * second + 1.0)
