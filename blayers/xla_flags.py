@@ -10,16 +10,18 @@ d_i`, one atomic add per id on a GPU. Categorical data is heavy-tailed, so thous
 batch's adds can go to its hottest rows. The LLVM in jaxlib 0.10.2 and later lowers a float
 atomic add to a compare-and-swap retry loop unless the kernel flushes subnormals (PTX's
 ``atom.add.f32`` on global memory always flushes them), and under that contention a retry
-loop grows much faster than the batch (jax issue 38806). On one H200 with jaxlib 0.11.2 a
-random-effects step at 10^7 categories took 20-21 ms at batch 65,536 against 0.5-0.6 ms at
-4,096, hand-written NumPyro's as this project's. The option keeps the native instruction, at
-the price of a partial sum below ~1.2e-38 flushed to zero inside that one add.
+loop grows much faster than the batch (jax issue 38806): a large batch's step became many
+times slower than a small one's, hand-written NumPyro's as this project's. The option keeps
+the native instruction, at the price of a partial sum below ~1.2e-38 flushed to zero inside
+that one add.
 
 **CPU reductions** (``--xla_cpu_experimental_ynn_fusion_type=-reduce``). XLA:CPU hands small
 reductions to YNNPACK, where each costs far more than the arithmetic (jax issue 37465): a
-dense categorical-FM step at 10^3 categories spent ~1 ms of its 1.5 ms in three of them. The
-flag keeps reductions in XLA's own code: that step took 1.1-1.2 ms against 1.9-2.0 ms (2-core
-CPU, ``benchmarks/train_throughput.py``), random-effects and embedding steps unchanged.
+dense categorical-FM step at small tables spent most of its time in three of them. The flag
+keeps reductions in XLA's own code, which made that step faster and left random-effects and
+embedding steps unchanged.
+
+The measurements: ``benchmarks/results/design_measurements.md``.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ It is safe across versions and machines: JAX keys each entry by the program, the
 jaxlib versions, the backend and device kinds and the compile options, so an upgrade or
 another accelerator only misses. The directory is the user's own (created ``0700``): JAX
 treats what it reads there as trusted code. Every program is kept, however quick to compile
-(:data:`MIN_COMPILE_SECONDS`): a job compiles many small ones (the model's description alone,
-~70 of ~30 ms each), and from the cache the default job's setup took 1.0 s against 3.5 s
-when only those over 0.2 s were kept, for 2.0 MB of entries against 1.1 MB. The cache is
+(:data:`MIN_COMPILE_SECONDS`): a job compiles many small ones (the model's description
+alone compiles dozens), and keeping them all cut the default job's setup from the cache by
+more than half for about twice the entries' bytes (``benchmarks/results/
+design_measurements.md``). The cache is
 capped at :data:`MAX_BYTES` (the least recently used entries go first). A cache that cannot
 be created is skipped with one line, never an error.
 """

@@ -3,20 +3,19 @@ pipeline's threads on cores of their own, XLA's thread pool on the rest.
 
 XLA:CPU runs each step on an intra-op thread pool sized to the cores the creating thread may
 use, and by default both it and the pipeline's threads float over every core. How that pays
-depends on the step, measured on a 2-core machine (``benchmarks/train_throughput.py``, batch
-4096, 10^6 categories, row-sparse):
+depends on the step (``benchmarks/train_throughput.py``; figures in
+``benchmarks/results/design_measurements.md``):
 
-- a step as cheap as preparing its batch (random effects, ~0.25 ms): split over two threads
-  its few hundred small kernels cost twice the CPU and no time, and take the core the pipeline
-  needs. Split, step-only 0.25 → 0.21 ms and end to end 0.51 → 0.36 ms per step.
-- heavier steps use the second core: end to end, embedding (dim 8) 1.15 → 1.27 ms, FM
-  (rank 8) 2.96 → 3.57 ms, the default job 8.5 → 11.8 ms.
+- a step as cheap as preparing its batch (random effects): split over two threads its few
+  hundred small kernels cost twice the CPU and no time, and take the core the pipeline needs.
+  Split, both step-only and end to end are faster.
+- heavier steps (embedding, FM, the default job) use the second core and are slower split.
 
 So it is off by default. :func:`reserve` creates JAX's backend while the calling thread may
 use only the compute cores, so the pool is sized and placed there; the calling thread then gets
 all its cores back. :meth:`CoreSplit.pin_data_thread` moves a pipeline thread onto the data
 cores. Moving an existing pool's threads afterwards does not do the same: two pool threads
-sharing one core made the step slower (0.41 ms), not faster.
+sharing one core made the step slower, not faster.
 """
 
 from __future__ import annotations

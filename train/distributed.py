@@ -251,8 +251,8 @@ def step_inputs(
 ) -> dict[str, jax.Array | np.ndarray]:
     """A batch for a step jitted with ``in_shardings``. With one process the rows already are
     the global batch and stay numpy arrays: the step's C++ argument path places them by its
-    ``in_shardings`` at a fraction of a separate ``device_put``'s cost per array (XLA:CPU:
-    ~0.3 ms saved per six-array batch). Every batch has fresh buffers, never written after."""
+    ``in_shardings`` at a fraction of a separate ``device_put``'s cost per array. Every batch
+    has fresh buffers, never written after."""
     if jax.process_count() == 1:
         return {k: np.asarray(v) for k, v in local.items() if k in shardings}
     return global_batch(local, shardings)

@@ -7,38 +7,27 @@ on it), at one float per row (3 with a sparse row's optimizer moments). FM facto
 tie: their effect is a product.
 
 Rows were also tied to every dense coefficient once (a row's conditional mean is linear in
-them for a gaussian likelihood). On the default job's data against NUTS
-(``benchmarks/main_job_vs_nuts.py``, 100,000 rows, 16,000 steps) that made the coefficients'
-posterior sds 0.45–0.91× NUTS's, against 0.88–1.29× tied to the intercept only (mean-field:
-0.87–0.96×), with the scales unchanged; and it cost a 10⁷-row sparse table 99 more floats
-per row for 32 coefficients.
+them for a gaussian likelihood). Against NUTS on the default job's data
+(``benchmarks/main_job_vs_nuts.py``) that made the coefficients' posterior sds far narrower
+than NUTS's, where tying to the intercept only keeps them near it, with the scales
+unchanged; and it cost a sparse table one more float per row per coefficient.
 
-Measured against NUTS and not adopted (``tests/test_posterior_vs_nuts.py``'s data, 3,000
-steps): rows also following their own table's scale, linearly, took the scales' posterior
-sds from 0.87–0.90× NUTS's to 0.70–0.75× on the gaussian target; a row spread that follows
-the scale's draw multiplicatively (non-centred rows, learned per row) moved gaussian and
-poisson by −0.03 to −0.06 and the weakly identified logit scale from 0.35× to 0.40–0.44×;
-both together reach 0.62× on logit (0.77× at 10,000 steps) but 0.61–0.72× on the others.
+Measured against NUTS and not adopted (``tests/test_posterior_vs_nuts.py``'s data): rows also
+following their own table's scale, linearly, narrowed the scales' posterior sds further
+below NUTS's; a row spread that follows the scale's draw multiplicatively (non-centred rows)
+helped the weakly identified logit scale a little and moved the others; both together were
+worse on every target.
 
 Categorical-FM factors are, by default (``optim.fm_rows: free``), a Normal of their own, not
-conditioned on the FM's scale as random-effect rows are (``site``). Against NUTS on the
-default job's model (``benchmarks/fm_scale_vs_nuts.py``, logit, rank 4, 4,000 steps), the
-FM scale's mean as a ratio of NUTS's:
+conditioned on the FM's scale as random-effect rows are (``site``). Conditioned on the scale,
+the factors follow it down instead of pulling it up to the interaction they carry, and the
+other globals move with it (``benchmarks/fm_scale_vs_nuts.py``: the FM scale at a quarter of
+NUTS's where the data identifies an interaction). Free factors find an interaction the data
+identifies; with none, or a weakly identified one, every guide tried is far from NUTS
+(hand-written NumPyro's ``AutoNormal`` too), and the run's convergence check says the scale
+is still moving.
 
-=======================================================  =====  =====
-data                                                     free   site
-=======================================================  =====  =====
-40,000 rows, 100 × 40 levels, true FM scale 0.5          0.97   0.23
-8,000 rows, 100 × 40 levels, true FM scale 0.5           0.42   0.24
-8,000 rows, 400 × 100 levels, no interaction (NUTS 0.13) 1.99   0.90
-=======================================================  =====  =====
-
-Conditioned on the scale, the factors follow it down instead of pulling it up to the
-interaction they carry, and the other globals move with it (intercept 0.97× NUTS's against
-1.01× free, on the 40,000 rows). Free factors find an interaction the data identifies; with
-none, or a weakly identified one, every guide tried is far from NUTS (hand-written NumPyro's
-``AutoNormal`` too: 2.15× and 0.43×), and the run's convergence check says the scale is
-still moving.
+The measurements: ``benchmarks/results/design_measurements.md``.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ Whatever the policy, a non-finite state is never checkpointed (``loop.save_finit
   rerun resumes from the last good checkpoint.
 - ``skip``: a step whose loss or any gradient is not finite changes nothing — parameters and
   optimizer moments keep their values, the step counter moves on (so the next step draws
-  afresh). The update runs under a ``lax.cond`` (a select per leaf made a cheap step 3×
-  slower on CPU); row-sparse tables are left alone by moving the step's scatter indices past
-  the table, where the scatter drops them. A skipped step's loss is reported as NaN, which is
-  how the loop counts skipped steps (on the device, without a sync per step).
+  afresh). The update runs under a ``lax.cond`` (a select per leaf made a cheap step several times
+  slower on CPU); row-sparse tables are left alone by moving the step's scatter indices past the
+  table, where the scatter drops them. A skipped step's loss is reported as NaN, which is how the
+  loop counts skipped steps (on the device, without a sync per step).
   ``max_skipped`` in a row stop the run as ``stop`` would: a run that can no longer take a
   finite step is not training.
 - ``rollback``: restore the last good checkpoint (the start, if none was saved) and go on with
@@ -44,8 +44,8 @@ def apply_if_finite(
 ) -> tuple[Any, jax.Array, jax.Array]:
     """``(update() or unchanged(), reported loss, ok)`` for a step under ``skip``: one
     ``lax.cond`` on whether the loss and every gradient are finite (a select per leaf made a
-    cheap step 3× slower on CPU). A skipped step's loss is NaN, even where only a gradient was
-    not finite: that is what :class:`SkipCount` counts."""
+    cheap step several times slower on CPU). A skipped step's loss is NaN, even where only a
+    gradient was not finite: that is what :class:`SkipCount` counts."""
     ok = jnp.isfinite(loss) & all_finite(grads)
     return jax.lax.cond(ok, update, unchanged), jnp.where(ok, loss, jnp.nan), ok
 

@@ -107,7 +107,7 @@ class StepBatches:
         return self.transform(batch) if self.transform is not None else batch
 
 
-STEPS_PER_ELEMENT = 4  # steps per grain element: its per-element cost (~0.1 ms) is shared
+STEPS_PER_ELEMENT = 4  # steps per grain element, which share its fixed per-element cost
 
 
 def iterate(

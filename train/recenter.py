@@ -251,9 +251,8 @@ def couple(
     .. math:: c_t = \frac{1}{(1 + Q)(1 - \bar k_t)}, \qquad
         Q = \sum_s \frac{\bar k_s}{1 - \bar k_s}
 
-    On the default job's 20,000-row subsample (``benchmarks/main_job_vs_nuts.py``'s data, the
-    Laplace approximation at NUTS's scales) these ties give the intercept a sd of 0.0378
-    against the exact 0.0383, where no ties give 0.0167.
+    On the default job's data these ties give the intercept nearly its exact sd, where no
+    ties give well under half of it (``benchmarks/results/design_measurements.md``).
 
     The intercept's deviation is then scaled up to the variance these ties give it,
     :math:`v = (N I / (1 + Q) + p_0)^{-1}` under the same approximation, where it is below

@@ -3,13 +3,12 @@
 
 A table trained row-sparse keeps everything a step reads and writes for one row together:
 ``params[site] = {"row_state": (rows, F, *event)}`` whose fields along axis 1 are ``loc``,
-``raw_scale`` and then the row optimizer's moments (:func:`row_state_fields`). A step then
-gathers and scatters each touched row once, one or a few cache lines, instead of six arrays
-at six scattered places — at 10^7 rows that cut the row update from ~100 µs to ~20 µs per
-step. A table whose rows a structured guide couples to the globals adds
-``{"coupling_state": (rows, 1 + moments, *event, D_r)}``: the rows' :math:`A_r` and their
-moments (one more gather and scatter per step). :func:`guide_params` gives the usual
-``{site: {"loc", "raw_scale"[, "coupling"]}}`` view.
+``raw_scale`` and then the row optimizer's moments (:func:`row_state_fields`). A step then gathers
+and scatters each touched row once, one or a few cache lines, instead of six arrays at six scattered
+places, which made the row update at large tables several times faster. A table whose rows a
+structured guide couples to the globals adds ``{"coupling_state": (rows, 1 + moments, *event,
+D_r)}``: the rows' :math:`A_r` and their moments (one more gather and scatter per step).
+:func:`guide_params` gives the usual ``{site: {"loc", "raw_scale"[, "coupling"]}}`` view.
 """
 
 from __future__ import annotations
@@ -144,9 +143,9 @@ def make_optimizer(
     ``optim.coupling_lr_factor`` times the rate of the rest. Its gradient is a single draw's
     :math:`\nabla_z \log p \, \varepsilon^\top`, noise of the size of the posterior's
     precision, and the entropy does not restrain it. At the full rate its steps inflated the
-    globals' spread on correlated coefficients (benchmarks/coupling_rate.py, 15 inputs, 2,000
-    rows: the coefficients' sds 2.5× the exact ones after 5,000 steps at lr 0.01; at lr 0.03
-    sigma came out 20× too large). At 0.03 of the rate they are 1.00–1.16× exact."""
+    globals' spread on correlated coefficients far past the exact posterior's; at 0.03 of
+    the rate they match it (``benchmarks/coupling_rate.py``; figures in
+    ``benchmarks/results/design_measurements.md``)."""
     schedule = make_schedule(cfg, total_steps, lr_scale)
     if cfg.name not in OPTIMIZERS:  # refused before any data pass too (train.settings)
         raise ValueError(f"optim.name={cfg.name!r}: choose one of {sorted(OPTIMIZERS)}")
