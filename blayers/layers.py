@@ -372,12 +372,17 @@ class FMLayer(_HierarchicalLayer):
             (ax.FEATURES, ax.RANK, ax.UNITS),
             scale,
         )
+        return activation(self._interactions(x, theta))
+
+    @staticmethod
+    def _interactions(x: jax.Array, theta: jax.Array) -> jax.Array:
+        """The pairwise term from the power sums :math:`p_1, p_2` (class docstring)."""
         xv = jnp.einsum("nd,dlu->nlu", x, theta)
         x2v2 = jnp.einsum("nd,dlu->nlu", x**2, theta**2)
-        return activation(_fm2(xv, x2v2))
+        return _fm2(xv, x2v2)
 
 
-class FM3Layer(_HierarchicalLayer):
+class FM3Layer(FMLayer):
     r"""Bayesian order-3 factorization machine layer with adaptive prior (Blondel et al. 2016).
 
     .. math::
@@ -390,42 +395,15 @@ class FM3Layer(_HierarchicalLayer):
         \text{output} = \sum_l \frac{p_1^3 - 3 p_2 p_1 + 2 p_3}{6}
         = \sum_l \sum_{i<j<k} x_i x_j x_k \theta_{il}\theta_{jl}\theta_{kl}
 
-    Sites: ``FM3Layer_{name}_scale``, ``FM3Layer_{name}_theta`` ``(d, l, u)``.
+    Sites: ``FM3Layer_{name}_scale``, ``FM3Layer_{name}_theta`` ``(d, l, u)``. Called as
+    :class:`FMLayer` is.
     """
 
-    input_kind: ClassVar[str | None] = "dense"
-
-    def __call__(
-        self,
-        name: str,
-        x: jax.Array,
-        low_rank_dim: int,
-        units: int = 1,
-        activation: Activation = identity,
-    ) -> jax.Array:
-        """Forward pass through the order-3 factorization machine.
-
-        Args:
-            name: Variable name scope.
-            x: Input matrix of shape ``(n, d)``.
-            low_rank_dim: Dimensionality ``l`` of the factors.
-            units: Number of outputs.
-            activation: Applied to the output.
-
-        Returns:
-            ``(n, u)``.
-        """
-        x = as_2d(x, self._site(name, "x"))
-        scale = self._scale(name)
-        theta = self._coef(
-            name,
-            "theta",
-            (x.shape[1], low_rank_dim, units),
-            (ax.FEATURES, ax.RANK, ax.UNITS),
-            scale,
-        )
+    @staticmethod
+    def _interactions(x: jax.Array, theta: jax.Array) -> jax.Array:
+        """The order-3 term from the power sums :math:`p_1, p_2, p_3` (class docstring)."""
         p1, p2, p3 = (jnp.einsum("nd,dlu->nlu", x**k, theta**k) for k in (1, 2, 3))
-        return activation(_fm3(p1, p2, p3))
+        return _fm3(p1, p2, p3)
 
 
 class LowRankInteractionLayer(_HierarchicalLayer):
