@@ -50,11 +50,11 @@ SLOW_FILES = (
     "test_guides.py",
     "test_faults.py",
     "test_fixed_effects.py",
-    "test_service_train.py",
+    "test_loop.py",
     "test_compile_cache.py",
     "test_fm_rows.py",
     "test_ordered_tables.py",
-    "test_smooth_service.py",
+    "test_smooth.py",
     "test_coupling_rate.py",
 )
 

@@ -1,6 +1,6 @@
 """A model written down (blayers.latex, train.describe): every prior as the model draws it,
 the hierarchy by symbol, and the likelihood of every link. The service's dry run and report
-are tested with them (tests/test_service_train.py, tests/test_report.py)."""
+are tested with them (tests/test_loop.py, tests/test_report.py)."""
 
 from __future__ import annotations
 

@@ -471,6 +471,7 @@ def build_term(
     """One configured term, validated against its layer's signatures and declarations
     (:attr:`blayers.layers.BLayer.input_kind` picks the builder)."""
     t = _parse_term(spec, columns)
+    _sparse_rule(t)  # a sparse setting on any term is checked, not only on tables
     return TERM_BUILDERS[t.cls.input_kind](t, table_sizes, pad_multiple)
 
 
