@@ -195,9 +195,16 @@ def _train(
     counts = {c: v.counts for c, v in vocabs.items()}
     pad_multiple = saved.get("table_pad_multiple") if saved else None
     setup = make_setup(
-        cfg, sizes, store.num_rows, plan, pad_multiple, store.target_stats, store.feature_stats,
-        counts, store.category_sums,
-    )  # fmt: skip
+        cfg,
+        sizes,
+        store.num_rows,
+        plan,
+        pad_multiple,
+        store.target_stats,
+        store.feature_stats,
+        counts,
+        store.category_sums,
+    )
     if latest is None and jax.process_index() == 0:
         link_kwargs = configured_link_kwargs(cfg.model)
         for line in prior_warnings(

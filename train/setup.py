@@ -159,9 +159,15 @@ def make_setup(
     )
     guide = service_guide(str(cfg.optim.guide), terms, sites, str(cfg.optim.fm_rows))
     init = init_fn(
-        guide, optimizer, cfg.train.seed, cfg.optim.guide_init_scale, frozenset(sparse),
-        cfg.optim.name, start, scales,
-    )  # fmt: skip
+        guide,
+        optimizer,
+        cfg.train.seed,
+        cfg.optim.guide_init_scale,
+        frozenset(sparse),
+        cfg.optim.name,
+        start,
+        scales,
+    )
     abstract = jax.eval_shape(init)
     row_start = None
     if vocab_counts is not None:
