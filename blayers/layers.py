@@ -111,6 +111,14 @@ class BLayer(ABC):
     pairs_within: ClassVar[bool] = False  # a pair layer that, without z, pairs its inputs
     # a table layer whose rows are dotted with numeric columns the config names (``slopes``)
     takes_slopes: ClassVar[bool] = False
+    # a table whose rows are Normal(0, λ) under the layer's own scale λ, so a guide can
+    # draw them given λ; ``rows_additive``: and they add to the linear predictor, so the
+    # table's mean trades with the intercept (the service recenters such tables)
+    rows_scaled: ClassVar[bool] = False
+    rows_additive: ClassVar[bool] = False
+    # a table whose level effects are a path built from its rows (``"cumsum"``: the rows are
+    # increments), not the rows themselves
+    rows_path: ClassVar[str | None] = None
     # call arguments the service cannot derive from the data: a config must give them
     required_call_args: ClassVar[tuple[str, ...]] = ()
 
@@ -627,6 +635,8 @@ class EmbeddingLayer(_HierarchicalLayer):
 
     input_kind: ClassVar[str | None] = "table"
     takes_slopes: ClassVar[bool] = True
+    rows_scaled: ClassVar[bool] = True
+    rows_additive: ClassVar[bool] = True
     required_call_args: ClassVar[tuple[str, ...]] = ("embedding_dim",)
     gatherable: ClassVar[bool] = True
 
@@ -668,6 +678,8 @@ class RandomEffectsLayer(_HierarchicalLayer):
     """
 
     input_kind: ClassVar[str | None] = "table"
+    rows_scaled: ClassVar[bool] = True
+    rows_additive: ClassVar[bool] = True
     gatherable: ClassVar[bool] = True
 
     def __call__(self, name: str, x: jax.Array, num_categories: int) -> jax.Array:
@@ -1249,6 +1261,7 @@ class RandomWalkLayer(_HierarchicalLayer):
     """
 
     input_kind: ClassVar[str | None] = "table"
+    rows_path: ClassVar[str | None] = "cumsum"
     required_call_args: ClassVar[tuple[str, ...]] = ("embedding_dim",)
     ordered: ClassVar[bool] = True
 
@@ -1312,6 +1325,7 @@ class CategoricalFMLayer(_HierarchicalLayer):
     """
 
     input_kind: ClassVar[str | None] = "categorical_fm"
+    rows_scaled: ClassVar[bool] = True
     gatherable: ClassVar[bool] = True
 
     def __call__(

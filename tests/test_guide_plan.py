@@ -6,7 +6,7 @@ import pytest
 
 from blayers import guides
 from train.guide_plan import (
-    CONDITIONAL_TABLES,
+    conditioned,
     fm_rows_in_effect,
     normal_table,
     service_guide,
@@ -46,7 +46,7 @@ def test_only_tables_of_normal_rows_under_a_log_scale_are_shiftable(model_and_si
     assert found["vs"] is None  # slopes: rows times x, not added to the predictor
     assert found["fm"] is None and found["bias"] is None and found["w"] is None
     fm = next(t for t in terms if t.name == "fm")
-    assert normal_table(fm, sites, CONDITIONAL_TABLES) == (
+    assert normal_table(fm, sites, conditioned) == (
         "CategoricalFMLayer_fm_theta",
         "CategoricalFMLayer_fm_scale",
     )

@@ -22,8 +22,6 @@ if TYPE_CHECKING:  # the report reads the written files without importing JAX
     from .model import Columns, Term
 
 TEXT_FILE, LATEX_FILE = "model.txt", "model.tex"
-# table layers whose level effects are a path built from their rows, not the rows themselves
-ORDERED_LAYERS = {"RandomWalkLayer": "cumsum"}
 
 
 def _term_piece(term: Term, columns: Columns, sites: set[str]) -> tuple[str, str]:
@@ -57,8 +55,8 @@ def _term_piece(term: Term, columns: Columns, sites: set[str]) -> tuple[str, str
                 r"\mathrm{FM}(" + ", ".join(r[0] for r in rows) + ")",
                 "FM(" + ", ".join(r[1] for r in rows) + ")",
             )
-        if term.layer_name in ORDERED_LAYERS:  # a path over the ordered levels, read at t
-            op = ORDERED_LAYERS[term.layer_name]
+        if term.layer.rows_path:  # a path over the ordered levels, read at t
+            op = term.layer.rows_path
             c = categorical[0]
             return rf"\mathrm{{{op}}}({tex})[\mathrm{{{c}}}_i]", f"{op}({txt})[{c}_i]"
         if slopes:

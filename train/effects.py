@@ -38,7 +38,13 @@ from .state import guide_rows
 
 QUANTILES = (0.05, 0.5, 0.95)
 TABLE_KINDS = ("table", "categorical_fm")
-UNSUPPORTED = {"RandomWalkLayer": "its rows are increments; positions are their cumulative sum"}
+
+
+def unsupported(term: Term) -> str | None:
+    """Why per-level effects of ``term`` are not written, or ``None`` when they are: a table
+    whose levels are a path built from its rows (:attr:`blayers.layers.BLayer.rows_path`)."""
+    path = term.layer.rows_path
+    return f"its rows are increments; positions are their {path}" if path else None
 
 
 def table_terms(terms: Sequence[Term]) -> dict[str, Term]:
@@ -54,10 +60,10 @@ def find_term(terms: Sequence[Term], name: str) -> Term:
             f"term={name!r} is not a table term of this run; choose one of {sorted(tables)}"
         )
     term = tables[name]
-    if term.layer_name in UNSUPPORTED:
+    if unsupported(term):
         raise ConfigError(
             f"term={name!r}: per-level effects of a {term.layer_name} are not written "
-            f"({UNSUPPORTED[term.layer_name]})"
+            f"({unsupported(term)})"
         )
     return term
 

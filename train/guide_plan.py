@@ -32,7 +32,7 @@ The measurements: ``benchmarks/results/design_measurements.md``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpyro.distributions as dists
@@ -41,24 +41,38 @@ from numpyro.distributions.transforms import ExpTransform
 
 from blayers import guides
 
-# tables whose rows add to the predictor linearly: a table mean trades with the intercept
-SHIFTABLE_TABLES = ("RandomEffectsLayer", "EmbeddingLayer")
-# tables whose rows a conditional guide conditions on their scale: the linear ones and the
-# categorical FM's factors (a product, so never shifted)
-CONDITIONAL_TABLES = (*SHIFTABLE_TABLES, "CategoricalFMLayer")
-FM_TABLES = ("CategoricalFMLayer",)
+TableKind = Callable[[type], bool]
+
+
+def shiftable(layer: type) -> bool:
+    """Tables whose rows add to the predictor linearly: a table mean trades with the
+    intercept (:attr:`blayers.layers.BLayer.rows_additive`)."""
+    return bool(getattr(layer, "rows_additive", False))
+
+
+def conditioned(layer: type) -> bool:
+    """Tables whose rows a conditional guide conditions on their scale: the linear ones and
+    the categorical FM's factors (:attr:`blayers.layers.BLayer.rows_scaled`)."""
+    return bool(getattr(layer, "rows_scaled", False))
+
+
+def fm_factors(layer: type) -> bool:
+    """Scaled tables whose rows enter as a product (never shifted): FM factors."""
+    return conditioned(layer) and not shiftable(layer)
+
+
 FM_ROWS = ("free", "site")  # optim.fm_rows
 
 
 def normal_table(
-    term: Any, sites: Mapping[str, guides.LatentSite], layers: Sequence[str] = SHIFTABLE_TABLES
+    term: Any, sites: Mapping[str, guides.LatentSite], layers: TableKind = shiftable
 ) -> tuple[str, str] | None:
     """``(rows' site, scale site)`` of a table term of one of ``layers`` whose rows have the
     default ``Normal(0, λ)`` prior under a log-scale λ (random effects, slope-free
     embeddings, categorical FM factors), else ``None``. With the default ``layers``: the
-    tables that recentering moves; with ``CONDITIONAL_TABLES``: those a conditional guide
+    tables that recentering moves; with ``conditioned``: those a conditional guide
     conditions."""
-    if term.kind not in ("table", "categorical_fm") or term.layer_name not in layers:
+    if term.kind not in ("table", "categorical_fm") or not layers(type(term.layer)):
         return None
     if term.slopes_idx:
         return None
@@ -82,10 +96,8 @@ def service_guide(
     tables = [t for t in terms if t.kind == "table"]
     intercept = [f"{t.layer_name}_{t.name}_beta" for t in terms if t.kind == "intercept"]
     follows = {t.table_site: intercept for t in tables} if intercept else {}
-    fm = {found[0] for t in terms if (found := normal_table(t, sites, FM_TABLES))}
-    conditional = dict(
-        found for t in terms if (found := normal_table(t, sites, CONDITIONAL_TABLES))
-    )
+    fm = {found[0] for t in terms if (found := normal_table(t, sites, fm_factors))}
+    conditional = dict(found for t in terms if (found := normal_table(t, sites, conditioned)))
     if fm_rows == "free":
         conditional = {k: v for k, v in conditional.items() if k not in fm}
     return guides.make_guide(family, sites, list(follows), follows, conditional)
@@ -96,5 +108,5 @@ def fm_rows_in_effect(
 ) -> str:
     """``fm_rows`` where it changes anything (a conditional guide over a model with a
     categorical FM), else ``site``: what a checkpoint's fingerprint records."""
-    has_fm = any(normal_table(t, sites, FM_TABLES) for t in terms)
+    has_fm = any(normal_table(t, sites, fm_factors) for t in terms)
     return fm_rows if family == "conditional" and has_fm else "site"

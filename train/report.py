@@ -185,7 +185,7 @@ def _table_terms(plt: Any, run_dir: Path) -> list[str]:
         return [f"<p>(not drawn: {html.escape(str(err))})</p>"]
     parts = []
     for name, term in effects_lib.table_terms(setup.model.terms).items():
-        if term.layer_name in effects_lib.UNSUPPORTED:
+        if effects_lib.unsupported(term):
             continue
         got = _effect_sample(effects_lib.effect_batches(setup, state, run_dir / "vocab", name))
         if not got.num_rows:
