@@ -16,6 +16,7 @@ from blayers import guides, links
 from .config import (
     Config,
     ConfigError,
+    NonFiniteConfig,
     ScoreConfig,
     from_container,
     to_container,
@@ -68,7 +69,7 @@ def check_run_settings(cfg: Config) -> None:
     check_non_finite_settings(cfg.train.non_finite)
 
 
-def check_non_finite_settings(nf: Any) -> None:
+def check_non_finite_settings(nf: NonFiniteConfig) -> None:
     """``train.non_finite``: the policy and its limits."""
     if nf.policy not in POLICIES:
         raise ConfigError(f"train.non_finite.policy={nf.policy!r}: choose one of {list(POLICIES)}")
