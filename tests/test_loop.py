@@ -278,40 +278,6 @@ def test_failed_start_leaves_existing_checkpoint_untouched(dataset, tmp_path):
         np.testing.assert_array_equal(before[k], after[k])
 
 
-def test_wait_clock_counts_only_the_time_spent_waiting_for_batches(monkeypatch):
-    clock = {"now": 0.0}
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock["now"])
-
-    def batches():
-        for wait in (5.0, 1.0, 1.0, 0.0, 2.0):  # the first: the pipeline starting up
-            clock["now"] += wait
-            yield wait
-
-    waits = loop.WaitClock(batches())
-    assert next(waits) == 5.0
-    clock["now"] += 3.0  # a step, compiling
-    assert waits.lap() == 5.0  # first lap: its waits are the start-up, not the run's
-    for _ in range(3):
-        next(waits)
-        clock["now"] += 1.0  # a step
-    assert waits.lap() == 2.0
-    assert waits.total_fraction() == 2.0 / 5.0
-    next(waits)  # waits 2.0
-    clock["now"] += 1.0
-    assert waits.lap() == 2.0
-    assert waits.total_fraction() == 4.0 / 8.0
-    with pytest.raises(StopIteration):
-        next(waits)
-
-
-def test_input_bound_runs_are_told_so():
-    assert loop.input_bound_hint(0.1, dedicated=False) is None
-    line = loop.input_bound_hint(0.45, dedicated=False)
-    assert line.startswith("the data pipeline held training up 45% of the time")
-    # these tests run on 8 CPU devices, where dedicated cores do not apply
-    assert "dedicated_cores" not in line
-
-
 def test_report_shows_training_rate_and_input_wait(dataset, tmp_path):
     from train import report
 

@@ -15,7 +15,7 @@ import pytest
 from tests.service_helpers import SMALL_TERMS, load_params, small_config, small_dataset
 from train import checkpoint as ckpt
 from train import data as data_lib
-from train import loop, pipeline
+from train import loop, pipeline, segments
 from train import setup as train_setup
 from train import step as step_lib
 from train.config import ConfigError
@@ -45,7 +45,7 @@ def _poison(target):
 def _poisoned_batches(monkeypatch, steps: set[int], times: int = 1) -> list[int]:
     """Feed a NaN target at the given (0-based) steps, the first ``times`` each is reached;
     returns the steps poisoned, in order."""
-    original = loop.device_batches
+    original = segments.device_batches
     hits: list[int] = []
 
     def batches(store, cfg, prepare, shardings, first, total, cores=None):
@@ -56,7 +56,7 @@ def _poisoned_batches(monkeypatch, steps: set[int], times: int = 1) -> list[int]
                 batch = {**batch, "target": _poison(batch["target"])}
             yield batch
 
-    monkeypatch.setattr(loop, "device_batches", batches)
+    monkeypatch.setattr(segments, "device_batches", batches)
     return hits
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import pytest
 
+from train import trainer
 from train.trainer import Progress, Trainer
 
 
@@ -60,3 +62,29 @@ def test_a_caller_may_replace_the_state_between_yielded_steps():
         progress.state = 10 * progress.state
     assert states == [1, 11, 111]
     assert trainer.run(Progress(0, 5), []).state == 5  # no batch: the progress as given
+
+
+def test_wait_clock_counts_only_the_time_spent_waiting_for_batches(monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock["now"])
+
+    def batches():
+        for wait in (5.0, 1.0, 1.0, 0.0, 2.0):  # the first: the pipeline starting up
+            clock["now"] += wait
+            yield wait
+
+    waits = trainer.WaitClock(batches())
+    assert next(waits) == 5.0
+    clock["now"] += 3.0  # a step, compiling
+    assert waits.lap() == 5.0  # first lap: its waits are the start-up, not the run's
+    for _ in range(3):
+        next(waits)
+        clock["now"] += 1.0  # a step
+    assert waits.lap() == 2.0
+    assert waits.total_fraction() == 2.0 / 5.0
+    next(waits)  # waits 2.0
+    clock["now"] += 1.0
+    assert waits.lap() == 2.0
+    assert waits.total_fraction() == 4.0 / 8.0
+    with pytest.raises(StopIteration):
+        next(waits)

@@ -1,6 +1,6 @@
 r"""What a run does when its loss or state stops being finite: ``train.non_finite``.
 
-Whatever the policy, a non-finite state is never checkpointed (``loop.save_finite``).
+Whatever the policy, a non-finite state is never checkpointed (``segments.save_finite``).
 
 - ``stop`` (the default): stop, naming the step and the first non-finite site and the fix; a
   rerun resumes from the last good checkpoint.

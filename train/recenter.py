@@ -28,7 +28,7 @@ into :math:`b`). Its minimiser, with :math:`S_j = \sum_r w_r m_{rj}`, :math:`c =
 
 :math:`\delta = 0` is a candidate, so the move never lowers the ELBO; it is applied to each
 table in turn (a Gauss–Seidel sweep) every ``optim.recenter_every`` steps (at most once per
-``rows / batch_size`` steps, see :func:`train.loop.make_run_recenter`), on dense and row-sparse
+``rows / batch_size`` steps, see :func:`train.segments.make_run_recenter`), on dense and row-sparse
 tables alike. It is a deterministic function of the state, so resume stays exact,
 and it is not part of the stochastic gradient, so the row-sparse ELBO estimate stays
 unbiased. Its cost is one pass over each table's locs.
