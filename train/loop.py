@@ -29,6 +29,7 @@ from . import (
     smooth,
     warm_start,
 )
+from . import vocab as vocab_lib
 from .config import (
     SAVED_DEFAULTS,
     Config,
@@ -179,24 +180,9 @@ def _train(
         cfg = keep_saved_settings(cfg, saved, log)
         check_resume_settings(saved.get("config", {}), cfg)
     counts = {c: v.counts for c, v in vocabs.items()}
-    pad_multiple = saved.get("table_pad_multiple") if saved else None
-    setup = make_setup(
-        cfg,
-        sizes,
-        store.num_rows,
-        plan,
-        pad_multiple,
-        store.target_stats,
-        store.feature_stats,
-        counts,
-        store.category_sums,
-    )
+    setup = _job_setup(cfg, plan, store, vocabs, saved)
     if latest is None and jax.process_index() == 0:
-        link_kwargs = configured_link_kwargs(cfg.model)
-        for line in prior_warnings(
-            setup.model.terms, str(cfg.model.link), link_kwargs, store.target_stats
-        ):
-            log(f"warning: {line}")
+        _warn_priors(cfg, setup, store, log)
     statements = describe.describe(cfg.model, setup.columns)
     if cfg.dry_run:
         return _dry_run(plan, setup, statements, log)
@@ -223,6 +209,37 @@ def _train(
     progress, setup, tracker, batches = train_segments(run, setup, state, tracker)
     clock.mark("steps")
     return finish(run, progress, setup, tracker, batches)
+
+
+def _job_setup(
+    cfg: Config,
+    plan: ShardingPlan,
+    store: Store,
+    vocabs: Mapping[str, vocab_lib.Vocab],
+    saved: Mapping[str, Any] | None,
+) -> Setup:
+    """The job's setup from the store's statistics and the vocabularies, with the table
+    padding the run started with (``saved``) where it is resumed."""
+    return make_setup(
+        cfg,
+        {c: v.size for c, v in vocabs.items()},
+        store.num_rows,
+        plan,
+        saved.get("table_pad_multiple") if saved else None,
+        store.target_stats,
+        store.feature_stats,
+        {c: v.counts for c, v in vocabs.items()},
+        store.category_sums,
+    )
+
+
+def _warn_priors(cfg: Config, setup: Setup, store: Store, log: Callable[[str], None]) -> None:
+    """One line per prior that is badly scaled for the target (:func:`prior_warnings`)."""
+    link_kwargs = configured_link_kwargs(cfg.model)
+    for line in prior_warnings(
+        setup.model.terms, str(cfg.model.link), link_kwargs, store.target_stats
+    ):
+        log(f"warning: {line}")
 
 
 def _continued_run(

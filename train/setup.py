@@ -158,16 +158,7 @@ def make_setup(
         cfg, terms, sites, columns, table_sizes, num_data, stats, feature_stats
     )
     guide = service_guide(str(cfg.optim.guide), terms, sites, str(cfg.optim.fm_rows))
-    init = init_fn(
-        guide,
-        optimizer,
-        cfg.train.seed,
-        cfg.optim.guide_init_scale,
-        frozenset(sparse),
-        cfg.optim.name,
-        start,
-        scales,
-    )
+    init = _state_init(cfg, guide, optimizer, frozenset(sparse), start, scales)
     abstract = jax.eval_shape(init)
     row_start = None
     if vocab_counts is not None:
@@ -199,6 +190,27 @@ def make_setup(
             str(cfg.model.link), configured_link_kwargs(cfg.model), stats
         ),
         antithetic=bool(cfg.optim.antithetic),
+    )
+
+
+def _state_init(
+    cfg: Config,
+    guide: guides.MeanFieldGuide,
+    optimizer: Any,
+    sparse: frozenset[str],
+    start: Mapping[str, Any],
+    scales: Mapping[str, Any],
+) -> Callable[[], TrainState]:
+    """The state initializer (:func:`train.state.init_fn`) from the run's settings."""
+    return init_fn(
+        guide,
+        optimizer,
+        cfg.train.seed,
+        cfg.optim.guide_init_scale,
+        sparse,
+        cfg.optim.name,
+        start,
+        scales,
     )
 
 
