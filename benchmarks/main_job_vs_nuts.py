@@ -16,6 +16,9 @@ subsample keeps the long tail's character: most users in it have one or two rows
 
     .venv/bin/python benchmarks/main_job_vs_nuts.py [--rows 40000] [--steps 4000]
         [--guides conditional,structured] [--samples 500] [--nuts-cache nuts.json]
+        [--tables user,item,region]
+
+``--tables``: keep random effects for these columns only (the crossing's share of a gap).
 
 ``--nuts-cache``: NUTS's summaries are read from that file when it exists (for the same rows
 and samples), else written there, so several guides or step counts compare against one NUTS
@@ -60,10 +63,12 @@ def subsample(rows: int, path: Path) -> pa.Table:
     return table
 
 
-def nuts(table: pa.Table, samples: int) -> dict[str, tuple[float, float]]:
+def nuts(
+    table: pa.Table, samples: int, tables: list[str] = CATEGORICAL
+) -> dict[str, tuple[float, float]]:
     x = np.stack([table[c].to_numpy() for c in NUMERIC], axis=1).astype(np.float32)
     ids, sizes = {}, {}
-    for c in CATEGORICAL:
+    for c in tables:
         codes = pc.dictionary_encode(table[c]).combine_chunks()
         ids[c] = codes.indices.to_numpy().astype(np.int32)
         sizes[c] = len(codes.dictionary) + 1  # + the service's out-of-vocabulary row
@@ -71,11 +76,11 @@ def nuts(table: pa.Table, samples: int) -> dict[str, tuple[float, float]]:
 
     def model(x, ids, y):
         mu = InterceptLayer()("bias") + AdaptiveLayer()("dense", x)
-        for c in CATEGORICAL:
+        for c in tables:
             mu = mu + RandomEffectsLayer()(c, ids[c], sizes[c])
         return logit_link(mu, y)
 
-    thetas = {f"RandomEffectsLayer_{c}_theta": LocScaleReparam(0) for c in CATEGORICAL}
+    thetas = {f"RandomEffectsLayer_{c}_theta": LocScaleReparam(0) for c in tables}
     mcmc = MCMC(
         NUTS(handlers.reparam(model, config=thetas)),
         num_warmup=samples // 2,
@@ -94,14 +99,25 @@ def nuts(table: pa.Table, samples: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+def table_terms(tables: list[str]) -> list[str]:
+    """The service's settings for the job's model with random effects for ``tables`` only."""
+    terms = [
+        "{layer:InterceptLayer,name:bias}",
+        "{layer:AdaptiveLayer,name:dense,inputs:[x1,x2,x3,x4]}",
+        *(f"{{layer:RandomEffectsLayer,name:{c},inputs:[{c}]}}" for c in tables),
+    ]
+    return [f"data.categorical=[{','.join(tables)}]", f"model.terms=[{','.join(terms)}]"]
+
+
 def service(
-    path: Path, run_dir: Path, guide: str, steps: int, extra: list[str]
+    path: Path, run_dir: Path, guide: str, steps: int, extra: list[str], tables: list[str]
 ) -> dict[str, tuple[float, float]]:
     run = api.fit(
         [
             f"run_dir={run_dir}",
             f"data.path={path}",
             "model=random_effects",
+            *table_terms(tables),
             "data.batch_size=2048",
             f"train.steps={steps}",
             f"checkpoint.every={steps}",
@@ -127,6 +143,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--guides", default="conditional,structured")
     parser.add_argument("--nuts-cache", type=Path, default=None)
+    parser.add_argument(
+        "--tables", default=",".join(CATEGORICAL), help="the random-effect tables to keep"
+    )
     parser.add_argument("override", nargs="*", help="more service settings, key=value")
     args = parser.parse_args()
     if not DATA.exists():
@@ -137,7 +156,8 @@ def main() -> None:
         table = subsample(args.rows, path)
         users = len(pc.unique(table["user"]))
         print(f"{args.rows:,} rows: {users:,} users, {len(pc.unique(table['item'])):,} items")
-        key = f"{args.rows}:{args.samples}"
+        tables = args.tables.split(",")
+        key = f"{args.rows}:{args.samples}" + ("" if tables == CATEGORICAL else f":{args.tables}")
         cached = {}
         if args.nuts_cache is not None and args.nuts_cache.exists():
             cached = json.loads(args.nuts_cache.read_text())
@@ -145,14 +165,14 @@ def main() -> None:
             exact = {k: tuple(v) for k, v in cached[key].items()}
         else:
             start = time.perf_counter()
-            exact = nuts(table, args.samples)
+            exact = nuts(table, args.samples, tables)
             print(f"NUTS: {time.perf_counter() - start:.0f} s", flush=True)
             if args.nuts_cache is not None:
                 args.nuts_cache.write_text(json.dumps({**cached, key: exact}))
         fits = {}
         for g in families:
             start = time.perf_counter()
-            fits[g] = service(path, Path(tmp) / g, g, args.steps, args.override)
+            fits[g] = service(path, Path(tmp) / g, g, args.steps, args.override, tables)
             print(f"{g}: {time.perf_counter() - start:.0f} s", flush=True)
     print(f"{'site':<36}{'NUTS':>18}" + "".join(f"{g:>36}" for g in families))
     for site, (mean, sd) in exact.items():

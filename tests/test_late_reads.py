@@ -14,6 +14,8 @@ from train import late_reads
 def test_only_the_three_kinds_of_late_noise_are_dropped(caplog, monkeypatch):
     # the flag makes the CLI skip interpreter shutdown: put it back for the tests after
     monkeypatch.setattr(late_reads, "_failed", False)
+    # installed afresh over this test's hook, whatever an earlier restore in this process did
+    monkeypatch.setattr(late_reads, "_hooked", False)
     seen = []
     previous = sys.unraisablehook
     sys.unraisablehook = seen.append
