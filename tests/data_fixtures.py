@@ -27,6 +27,12 @@ def make_prepared(tmp_path_factory):
             "y": rng.integers(0, 2, N),
         }
     )
+    store, vocabs = _stored(table, base)
+    return table, store, vocabs
+
+
+def _stored(table: pa.Table, base):
+    """``table`` written as Parquet in 300-row groups and prepared as a run's store."""
     pq.write_table(table, base / "a.parquet", row_group_size=300)
     cfg = OmegaConf.structured(
         DataConfig(
@@ -37,8 +43,7 @@ def make_prepared(tmp_path_factory):
             batch_size=64,
         )
     )
-    store, vocabs = data_lib.prepare(cfg, base / "run", "logit")
-    return table, store, vocabs
+    return data_lib.prepare(cfg, base / "run", "logit")
 
 
 def make_chunked(tmp_path_factory, prepared):
@@ -47,18 +52,7 @@ def make_chunked(tmp_path_factory, prepared):
     patch = pytest.MonkeyPatch()
     patch.setattr(store_lib, "CHUNK_ROWS", 300)
     try:
-        table = prepared[0]
-        pq.write_table(table, base / "a.parquet", row_group_size=300)
-        cfg = OmegaConf.structured(
-            DataConfig(
-                path=str(base / "a.parquet"),
-                numeric=["row", "x"],
-                categorical=["city"],
-                target="y",
-                batch_size=64,
-            )
-        )
-        store, _ = data_lib.prepare(cfg, base / "run", "logit")
+        store, _ = _stored(prepared[0], base)
     finally:
         patch.undo()
     assert store._offsets.tolist() == [0, 300, 600, 900, 1000]
