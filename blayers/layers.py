@@ -119,6 +119,9 @@ class BLayer(ABC):
     # a table whose level effects are a path built from its rows (``"cumsum"``: the rows are
     # increments), not the rows themselves
     rows_path: ClassVar[str | None] = None
+    # a smooth layer's input domain, which the service fixes from the training data:
+    # ``"knots"`` (a spline basis over a range) or ``"boundary"`` (a centre and half-width)
+    domain: ClassVar[str | None] = None
     # call arguments the service cannot derive from the data: a config must give them
     required_call_args: ClassVar[tuple[str, ...]] = ()
 
@@ -1002,6 +1005,7 @@ class PSplineLayer(BLayer):
     """
 
     input_kind: ClassVar[str | None] = "smooth"
+    domain: ClassVar[str | None] = "knots"
 
     def __init__(
         self,
@@ -1144,6 +1148,7 @@ class HSGPLayer(BLayer):
     """
 
     input_kind: ClassVar[str | None] = "smooth"
+    domain: ClassVar[str | None] = "boundary"
     required_call_args: ClassVar[tuple[str, ...]] = ("m",)
 
     def __init__(

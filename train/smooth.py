@@ -21,21 +21,34 @@ the boundary value may be what the user wants, to tame outliers).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 
+from blayers import layers
 from blayers.splines import even_knots
 from blayers.start import FeatureStats
 
 from .config import ConfigError
 
+# the config keys of each kind of domain (:attr:`blayers.layers.BLayer.domain`)
+DOMAIN_KEYS = {"knots": frozenset({"range", "num_knots"}), "boundary": frozenset({"center"})}
+# by layer name, from the layers' own declarations
 SMOOTH_KEYS = {
-    "PSplineLayer": frozenset({"range", "num_knots"}),
-    "HSGPLayer": frozenset({"center"}),
+    name: DOMAIN_KEYS[cls.domain]
+    for name, cls in vars(layers).items()
+    if inspect.isclass(cls) and issubclass(cls, layers.BLayer) and cls.domain in DOMAIN_KEYS
 }
 SMOOTH = frozenset(SMOOTH_KEYS)  # the layers whose input_kind is "smooth" (tested)
+
+
+def _knots(spec: Mapping[str, Any]) -> bool:
+    """Whether a smooth term's domain is a spline's knots (else a centre and half-width)."""
+    return getattr(getattr(layers, str(spec.get("layer")), None), "domain", None) == "knots"
+
+
 DEFAULT_NUM_KNOTS = 20
 BOUNDARY_FACTOR = 1.5  # L as a multiple of the data's half range (upstream's hsgp_L default)
 PLACEHOLDER = (0.0, 1.0)  # the range a check before the data is read builds with
@@ -79,7 +92,7 @@ def _fill(
             f"{where}: column {column!r} is constant ({low:g}) in the training data; a smooth "
             "term needs an input that varies"
         )
-    if spec["layer"] == "PSplineLayer":
+    if _knots(spec):
         if "knots" in spec:
             return
         if "range" not in spec:
@@ -128,7 +141,7 @@ def domain(spec: Mapping[str, Any], degree: int) -> dict[str, Any]:
     """The call arguments a resolved smooth term adds: ``knots`` for a P-spline (unless the
     config gives them), and the HSGP's ``L``; ``center`` is the term's own."""
     where = f"model.terms[{spec.get('name')}]"
-    if spec["layer"] == "PSplineLayer":
+    if _knots(spec):
         if "knots" in spec:
             return {"knots": jnp.asarray(spec["knots"], jnp.float32)}
         if "range" not in spec:
