@@ -382,9 +382,9 @@ def _pair_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: int
     )
 
 
-def _sparse_rule(t: _TermConfig) -> Callable[[int], bool]:
-    """Whether a table of ``rows`` rows trains row-sparse, by the term's ``sparse`` setting:
-    true, false, or ``auto`` (from :data:`SPARSE_AUTO_ROWS` rows up)."""
+def _check_sparse(t: _TermConfig) -> None:
+    """The term's ``sparse`` setting: true, false or ``auto``; true only on a table that can
+    be gathered row-sparse."""
     setting = t.spec.get("sparse", "auto")
     if setting not in (True, False, "auto"):
         raise t.error(f"sparse must be true, false or auto, got {setting!r}")
@@ -394,8 +394,14 @@ def _sparse_rule(t: _TermConfig) -> Callable[[int], bool]:
             f"sparse: true needs a table term ({gatherable}); {t.layer_name} "
             "reads all of its rows each step"
         )
-    return lambda rows: (
-        t.cls.gatherable and (setting is True or (setting == "auto" and rows >= SPARSE_AUTO_ROWS))
+
+
+def _wants_sparse(t: _TermConfig, rows: int) -> bool:
+    """Whether the term's table of ``rows`` rows trains row-sparse: ``sparse: true``, or
+    ``auto`` (the default) from :data:`SPARSE_AUTO_ROWS` rows up."""
+    setting = t.spec.get("sparse", "auto")
+    return t.cls.gatherable and (
+        setting is True or (setting == "auto" and rows >= SPARSE_AUTO_ROWS)
     )
 
 
@@ -407,7 +413,6 @@ def _field_rows(t: _TermConfig, table_sizes: Mapping[str, int]) -> tuple[int, ..
 
 def _categorical_fm_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: int) -> Term:
     sizes = _field_rows(t, table_sizes)
-    wants_sparse = _sparse_rule(t)
     if len(t.inputs) < 2:
         raise t.error("an FM over categorical fields needs >= 2 inputs")
     padded = (*sizes[:-1], pad_to_multiple(sum(sizes), pad_multiple) - sum(sizes[:-1]))
@@ -418,13 +423,12 @@ def _categorical_fm_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_mul
         categorical_idx=_indices(t.inputs, t.columns.categorical, "categorical", t.where),
         call_kwargs=t.call_kw,
         num_categories=padded,
-        sparse=wants_sparse(sum(padded)),
+        sparse=_wants_sparse(t, sum(padded)),
     )
 
 
 def _table_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: int) -> Term:
     sizes = _field_rows(t, table_sizes)
-    wants_sparse = _sparse_rule(t)
     if len(t.inputs) != 1:
         raise t.error(f"{t.layer_name} takes exactly one categorical input")
     slopes = list(t.spec.get("slopes") or [])
@@ -448,7 +452,7 @@ def _table_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: in
         slopes_idx=t.numeric_idx(slopes),
         call_kwargs=call_kw,
         num_categories=(rows,),
-        sparse=wants_sparse(rows),
+        sparse=_wants_sparse(t, rows),
     )
 
 
@@ -471,7 +475,7 @@ def build_term(
     """One configured term, validated against its layer's signatures and declarations
     (:attr:`blayers.layers.BLayer.input_kind` picks the builder)."""
     t = _parse_term(spec, columns)
-    _sparse_rule(t)  # a sparse setting on any term is checked, not only on tables
+    _check_sparse(t)  # on any term, not only on tables
     return TERM_BUILDERS[t.cls.input_kind](t, table_sizes, pad_multiple)
 
 
