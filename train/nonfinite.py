@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from .state import NonFiniteError
 
@@ -48,6 +49,30 @@ def apply_if_finite(
     gradient was not finite: that is what :class:`SkipCount` counts."""
     ok = jnp.isfinite(loss) & all_finite(grads)
     return jax.lax.cond(ok, update, unchanged), jnp.where(ok, loss, jnp.nan), ok
+
+
+def optimizer_step(
+    optimizer: optax.GradientTransformation,
+    params: Any,
+    opt_state: Any,
+    grads: Any,
+    loss: jax.Array,
+    skip_non_finite: bool,
+    checked: Any = None,
+) -> tuple[tuple[Any, Any], jax.Array, jax.Array | None]:
+    """``((params, opt_state), reported loss, ok)`` after one optimizer step on ``grads``.
+    Under ``skip_non_finite`` the step is :func:`apply_if_finite` on the loss and ``checked``
+    (default: ``grads``; the row-sparse step adds its row gradients); else it is applied
+    and ``ok`` is ``None``."""
+
+    def update() -> tuple[Any, Any]:
+        updates, new_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_state
+
+    if skip_non_finite:
+        guarded = grads if checked is None else checked
+        return apply_if_finite(loss, guarded, update, lambda: (params, opt_state))
+    return update(), loss, None
 
 
 @jax.jit

@@ -36,7 +36,7 @@ from blayers import guides, posterior_prior
 from . import prior_from
 from .dedup import COUNT, LOCAL, UNIQ, TableRows
 from .model import GatheredRows
-from .nonfinite import apply_if_finite
+from .nonfinite import optimizer_step
 from .state import (
     COUPLING_STATE,
     ROW_STATE,
@@ -182,28 +182,6 @@ def batch_rows(
     return uniq, local, weights
 
 
-def _dense_update(
-    optimizer: optax.GradientTransformation,
-    dense: guides.Params,
-    opt_state: Any,
-    g_dense: guides.Params,
-    g_rows: Any,
-    value: jax.Array,
-    skip_non_finite: bool,
-) -> tuple[tuple[guides.Params, Any], jax.Array, jax.Array | None]:
-    """The dense parameters' optimizer step, with the loss and, under ``skip_non_finite``,
-    whether the step was applied (a non-finite loss or gradient keeps the old state:
-    :func:`train.nonfinite.apply_if_finite`); ``None`` otherwise."""
-
-    def update() -> tuple[guides.Params, Any]:
-        updates, opt = optimizer.update(g_dense, opt_state, dense)
-        return optax.apply_updates(dense, updates), opt
-
-    if skip_non_finite:
-        return apply_if_finite(value, (g_dense, g_rows), update, lambda: (dense, opt_state))
-    return update(), value, None
-
-
 def _gather_tables(
     tables: Mapping[str, Any], uniq: Mapping[str, jax.Array], distinct: bool
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
@@ -342,14 +320,14 @@ def make_sparse_step(
             dense, gathered, key, batch, local, weights, day1
         )
 
-        (new_dense, dense_opt), value, ok = _dense_update(
+        (new_dense, dense_opt), value, ok = optimizer_step(
             dense_optimizer,
             dense,
             state.opt_state["dense"],
             g_dense,
-            g_rows,
             value,
             skip_non_finite,
+            checked=(g_dense, g_rows),
         )
 
         new_tables = _updated_tables(

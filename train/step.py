@@ -18,7 +18,7 @@ from . import (
     prior_from,
 )
 from .dedup import host_rows
-from .nonfinite import apply_if_finite
+from .nonfinite import optimizer_step
 from .plan import row_sharding
 from .setup import Setup
 from .sparse import (
@@ -90,16 +90,9 @@ def make_step(
         key = jax.random.fold_in(state.rng, state.step)
         value, grads = jax.value_and_grad(loss)(state.params, key, batch, prior)
 
-        def update() -> tuple[guides.Params, Any]:
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state
-
-        if skip_non_finite:
-            (params, opt_state), value, _ = apply_if_finite(
-                value, grads, update, lambda: (state.params, state.opt_state)
-            )
-        else:
-            params, opt_state = update()
+        (params, opt_state), value, _ = optimizer_step(
+            optimizer, state.params, state.opt_state, grads, value, skip_non_finite
+        )
         return TrainState(state.step + 1, params, opt_state, state.rng), value
 
     in_shardings: tuple[Any, ...] = (state_shardings, dict(batch_shardings))
