@@ -405,14 +405,17 @@ def _wants_sparse(t: _TermConfig, rows: int) -> bool:
     )
 
 
-def _field_rows(t: _TermConfig, table_sizes: Mapping[str, int]) -> tuple[int, ...]:
-    """Rows of each input field's table: its vocabulary plus the field's OOV row."""
-    _indices(t.inputs, t.columns.categorical, "categorical", t.where)
-    return tuple(table_sizes[c] + 1 for c in t.inputs)
+def _field_rows(
+    t: _TermConfig, table_sizes: Mapping[str, int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The input fields' categorical columns, and the rows of each field's table: its
+    vocabulary plus the field's OOV row."""
+    idx = _indices(t.inputs, t.columns.categorical, "categorical", t.where)
+    return idx, tuple(table_sizes[c] + 1 for c in t.inputs)
 
 
 def _categorical_fm_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: int) -> Term:
-    sizes = _field_rows(t, table_sizes)
+    cat_idx, sizes = _field_rows(t, table_sizes)
     if len(t.inputs) < 2:
         raise t.error("an FM over categorical fields needs >= 2 inputs")
     padded = (*sizes[:-1], pad_to_multiple(sum(sizes), pad_multiple) - sum(sizes[:-1]))
@@ -420,7 +423,7 @@ def _categorical_fm_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_mul
         t.layer,
         "categorical_fm",
         t.name,
-        categorical_idx=_indices(t.inputs, t.columns.categorical, "categorical", t.where),
+        categorical_idx=cat_idx,
         call_kwargs=t.call_kw,
         num_categories=padded,
         sparse=_wants_sparse(t, sum(padded)),
@@ -428,7 +431,7 @@ def _categorical_fm_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_mul
 
 
 def _table_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: int) -> Term:
-    sizes = _field_rows(t, table_sizes)
+    cat_idx, sizes = _field_rows(t, table_sizes)
     if len(t.inputs) != 1:
         raise t.error(f"{t.layer_name} takes exactly one categorical input")
     slopes = list(t.spec.get("slopes") or [])
@@ -448,7 +451,7 @@ def _table_term(t: _TermConfig, table_sizes: Mapping[str, int], pad_multiple: in
         t.layer,
         "table",
         t.name,
-        categorical_idx=_indices(t.inputs, t.columns.categorical, "categorical", t.where),
+        categorical_idx=cat_idx,
         slopes_idx=t.numeric_idx(slopes),
         call_kwargs=call_kw,
         num_categories=(rows,),
