@@ -14,6 +14,7 @@ import pytest
 
 from blayers import xla_flags
 from blayers.xla_flags import (
+    CPU_KERNELS,
     CPU_REDUCTIONS,
     EXTRA_OPTIONS,
     GPU_ATOMICS,
@@ -27,11 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def knows_both(tmp_path: Path) -> Path:
-    """A stand-in library whose compiler registers both settings' names."""
+    """A stand-in library whose compiler registers every setting's name."""
     lib = tmp_path / "libcompiler.so"
-    lib.write_bytes(
-        b"\x7fELF...\x00" + GPU_ATOMICS.name.encode() + b"\x00" + CPU_REDUCTIONS.name.encode()
-    )
+    names = (GPU_ATOMICS.name, CPU_REDUCTIONS.name, CPU_KERNELS.name)
+    lib.write_bytes(b"\x7fELF...\x00" + b"\x00".join(n.encode() for n in names))
     return lib
 
 
@@ -75,15 +75,16 @@ def test_each_setting_needs_its_name_in_the_compilers_that_read_it(
         return done, env["XLA_FLAGS"]
 
     assert added([], [knows_neither]) == ([], "--a=1")  # neither known: nothing added
-    # no CUDA plugin: the CPU setting only
-    assert added([], [knows_both]) == ([CPU_REDUCTIONS], f"--a=1 {CPU_REDUCTIONS.flag}")
-    # a plugin whose compiler lacks the option: the CPU setting only
-    assert added([knows_neither], [knows_both])[0] == [CPU_REDUCTIONS]
+    cpu = f"{CPU_REDUCTIONS.flag} {CPU_KERNELS.flag}"
+    # no CUDA plugin: the CPU settings only
+    assert added([], [knows_both]) == ([CPU_REDUCTIONS, CPU_KERNELS], f"--a=1 {cpu}")
+    # a plugin whose compiler lacks the option: the CPU settings only
+    assert added([knows_neither], [knows_both])[0] == [CPU_REDUCTIONS, CPU_KERNELS]
     # a plugin that knows it but a jaxlib that does not: nothing (jaxlib reads the flags too)
     assert added([knows_both], [knows_neither]) == ([], "--a=1")
     done, flags = added([knows_both], [knows_both])
-    assert done == [GPU_ATOMICS, CPU_REDUCTIONS]
-    assert flags == f"--a=1 {EXTRA_OPTIONS}{GPU_ATOMICS.flag} {CPU_REDUCTIONS.flag}"
+    assert done == [GPU_ATOMICS, CPU_REDUCTIONS, CPU_KERNELS]
+    assert flags == f"--a=1 {EXTRA_OPTIONS}{GPU_ATOMICS.flag} {cpu}"
 
 
 @pytest.mark.parametrize(
@@ -92,8 +93,9 @@ def test_each_setting_needs_its_name_in_the_compilers_that_read_it(
         (f"{EXTRA_OPTIONS}-nvptx-allow-ftz-atomics", [GPU_ATOMICS]),
         ("--xla_gpu_ftz=false", [GPU_ATOMICS]),
         ("--xla_cpu_experimental_ynn_fusion_type=", [CPU_REDUCTIONS]),
+        ("--xla_cpu_use_fusion_emitters=true", [CPU_KERNELS]),
     ],
-    ids=["atomics set", "ftz chosen", "ynn chosen"],
+    ids=["atomics set", "ftz chosen", "ynn chosen", "emitters chosen"],
 )
 def test_the_users_choice_is_kept(flags: str, kept: list, knows_both: Path) -> None:
     env = {"XLA_FLAGS": flags}
@@ -116,7 +118,7 @@ def test_after_the_backends_started_it_warns_and_changes_nothing(knows_both: Pat
 
 
 def test_import_blayers_sets_what_this_jaxlib_knows_and_it_compiles(knows_both: Path) -> None:
-    """A fresh process: ``import blayers`` adds the CPU setting (this jaxlib knows it), the
+    """A fresh process: ``import blayers`` adds the CPU settings (this jaxlib knows them), the
     GPU option is added too given a plugin that knows it, and the installed jaxlib accepts
     both (a flag it did not know would end the process) and computes a scatter-add with
     repeated ids and a reduction exactly."""
@@ -143,6 +145,7 @@ def test_import_blayers_sets_what_this_jaxlib_knows_and_it_compiles(knows_both: 
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     after_import, flags, result = (part.strip() for part in proc.stdout.split("|"))
-    assert after_import == f"--xla_force_host_platform_device_count=2 {CPU_REDUCTIONS.flag}"
+    cpu = f"{CPU_REDUCTIONS.flag} {CPU_KERNELS.flag}"
+    assert after_import == f"--xla_force_host_platform_device_count=2 {cpu}"
     assert flags == f"{after_import} {EXTRA_OPTIONS}{GPU_ATOMICS.flag}"
     assert result == "[0.5, 0.5, 0.0, 2.0, 0.0] 499500.0"
