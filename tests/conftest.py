@@ -10,10 +10,6 @@ os.environ["XLA_FLAGS"] = " ".join(
         "--xla_force_host_platform_device_count=8",
         # a collective that lost a participant fails the test fast instead of hanging it
         "--xla_cpu_collective_call_terminate_timeout_seconds=120",
-        # the suite compiles hundreds of small programs and runs most only briefly: LLVM's
-        # cheapest pipeline compiles them faster than the steps lose (the fault and recentering
-        # tests: 75 s against 103 s). The same HLO and IEEE semantics, so no assertion changes
-        "--xla_backend_optimization_level=0",
     ]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
