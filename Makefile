@@ -19,7 +19,7 @@ install: $(STAMP)
 # checkpoint and skips finished score parts. Overrides: make train ARGS="train.steps=5000"
 RUN_DIR ?= runs/default
 # Batches of 65,536 on the 1M default rows: minibatch noise biases hierarchical scales low (at
-# the config's 4,096 the user scale settles 5% under exact inference's, at 65,536 1%), and the
+# the config's 4,096 the user scale settles 5% under exact inference's, at 65,536 1.5%), and the
 # run converges by ~1,200 steps (benchmarks/results/main_job_convergence.md). The config keeps
 # 4,096, which any dataset of more rows than that can run.
 MAIN_JOB ?= data.batch_size=65536 train.steps=1500

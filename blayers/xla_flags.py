@@ -24,7 +24,7 @@ embedding steps unchanged.
 **CPU kernels** (``--xla_cpu_use_fusion_emitters=false``). XLA:CPU's fusion emitters compile
 each of a step's several hundred small fusions as its own LLVM module, which made compiling a
 training step take most of a small job's start-up. XLA's older loop emitters compile the same
-program in about half the time, and its steps run as fast.
+program in about 60% of the time, and its steps run as fast.
 
 The measurements: ``benchmarks/results/design_measurements.md``.
 """
