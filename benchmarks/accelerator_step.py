@@ -23,6 +23,7 @@ divided by the bandwidth of a large on-device copy measured in the same process.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -32,6 +33,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+# blayers' XLA settings (the GPU scatter-add fix among them) apply only if it is imported
+# before the backend starts, and main() starts it (copy bandwidth) before anything else
+import blayers  # noqa: E402, F401, I001
 import train_throughput as tt  # noqa: E402  (the shared model, data and runners)
 
 
@@ -200,7 +204,8 @@ def main() -> None:
     device = jax.devices()[0]
     bandwidth = copy_bandwidth()
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
-    print(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write, 1 GiB)\n")
+    print(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write, 1 GiB)")
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')}\n")
     modes = args.modes.split(",")
     head = (
         f"{'term':<15}{'c':>10}{'batch':>8}"
