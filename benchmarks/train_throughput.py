@@ -9,6 +9,9 @@ gaussian link, batch 4096, Zipf-distributed ids. Paths:
 
 - ``sparse``   this project, row-sparse step (``sparse: true``)
 - ``dense``    this project, dense step (``sparse: false``)
+- ``dense-mf`` the dense step with what hand-written NumPyro computes: ``optim.guide=mean_field``
+  and ``optim.antithetic=false`` (one draw of independent Normals per step, as ``AutoNormal``
+  with ``Trace_ELBO``), to tell the step's own cost from the default guide's extra work
 - ``numpyro``  hand-written NumPyro: ``plate(subsample_size)``, ``AutoNormal``, optax Adam, jit
 - ``upstream`` upstream ``blayers`` from PyPI, ``Batched_Trace_ELBO`` (own venv, since it is
   also called ``blayers``; ``--skip-upstream`` leaves it out)
@@ -120,7 +123,7 @@ def _time_steps(run_step, steps, repeats, warmup=8):
     return statistics.median(times)
 
 
-def _ours_setup(c, term, sparse):
+def _ours_setup(c, term, sparse, mean_field_one_draw=False):
     import numpy as np
     from omegaconf import OmegaConf
 
@@ -150,6 +153,8 @@ def _ours_setup(c, term, sparse):
         {**table, "sparse": sparse},
     ]
     cfg.mesh.data, cfg.mesh.model = 1, 1
+    if mean_field_one_draw:
+        cfg.optim.guide, cfg.optim.antithetic = "mean_field", False
     sizes = {"g": c - 1, "h": 999}  # + one OOV row each
     setup = make_setup(cfg, sizes, N_DATA, ShardingPlan.from_config(cfg))
     # vocabulary counts (int64, as the service keeps them), built without float64 temporaries:
@@ -164,10 +169,10 @@ def _ours_setup(c, term, sparse):
     return cfg, setup, make_train_step(setup, counts)
 
 
-def worker_ours(c, term, sparse, mode, steps, repeats):
+def worker_ours(c, term, sparse, mode, steps, repeats, mean_field_one_draw=False):
     import jax
 
-    cfg, setup, step = _ours_setup(c, term, sparse)
+    cfg, setup, step = _ours_setup(c, term, sparse, mean_field_one_draw)
     state = jax.jit(setup.init, out_shardings=setup.shardings)()
     if mode == "step":
         return _time_steps(_in_memory_runner(c, step, state), steps, repeats)
@@ -556,8 +561,8 @@ def main() -> None:
     if args.worker:
         path, c, term, mode, steps, repeats = args.worker
         c, steps, repeats = int(c), int(steps), int(repeats)
-        if path in ("sparse", "dense"):
-            sec = worker_ours(c, term, path == "sparse", mode, steps, repeats)
+        if path in ("sparse", "dense", "dense-mf"):
+            sec = worker_ours(c, term, path == "sparse", mode, steps, repeats, path == "dense-mf")
         else:
             sec = worker_numpyro(c, term, steps, repeats)
         rss = peak_memory_mb()
