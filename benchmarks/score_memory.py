@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -89,8 +90,6 @@ def worker_ours(run: str, data: str, draws: int) -> dict:
     from train.config import ScoreConfig
 
     out = CACHE / f"out_{Path(data).stem}"
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
     cfg = OmegaConf.structured(ScoreConfig)
     cfg.run_dir, cfg.output, cfg.data.path, cfg.draws = run, str(out), data, draws
@@ -141,9 +140,26 @@ def worker_predictive(run: str, data: str, draws: int, mem_gb: float) -> dict:
     return {"seconds": time.perf_counter() - t, "rows": table.num_rows}
 
 
-def run_worker(kind: str, run: Path, data: Path, draws: int, mem_gb: float) -> dict:
+def run_worker(
+    kind: str, run: Path, data: Path, draws: int, mem_gb: float, warm: bool = False
+) -> dict:
+    """One side's timing in a fresh process. ``warm``: with a persistent compilation cache of
+    that side's own, filled by an untimed run first (as ``blayers-score`` runs by default, and
+    as a NumPyro user can set JAX's cache); else every program is compiled in the timed run."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
+    if warm:
+        cache = CACHE / f"xla_cache_{kind}"
+        shutil.rmtree(cache, ignore_errors=True)
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        run_worker_env(kind, run, data, draws, mem_gb, env)
+    return run_worker_env(kind, run, data, draws, mem_gb, env)
+
+
+def run_worker_env(
+    kind: str, run: Path, data: Path, draws: int, mem_gb: float, env: dict[str, str]
+) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, str(run), str(data), str(draws), str(mem_gb)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
@@ -164,6 +180,12 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=100)
     parser.add_argument("--peer-mem-gb", type=float, default=16.0)
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="time a second run of each side, its compiled programs read from a persistent "
+        "compilation cache the first filled (default: both compile in the timed run)",
+    )
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -185,11 +207,15 @@ def main() -> None:
         + "".join(f"{k + ' rows/s':>18}{k + ' RSS MB':>17}" for k in kinds)
         + ("  ours/predictive rows/s" if len(kinds) > 1 else "")
     )
+    print(f"compilation: {'cache warm (second run)' if args.warm_cache else 'in the timed run'}")
     print(head)
     print("-" * len(head))
     for rows in (int(float(r)) for r in args.rows.split(",")):
         data = ensure_rows(rows)
-        res = {k: run_worker(k, run, data, args.draws, args.peer_mem_gb) for k in kinds}
+        res = {
+            k: run_worker(k, run, data, args.draws, args.peer_mem_gb, args.warm_cache)
+            for k in kinds
+        }
         cells = ""
         for k in kinds:
             r = res[k]

@@ -465,15 +465,25 @@ class ScoreJob:
 
     def run_batch(self, local: Mapping[str, np.ndarray], key_index: int) -> dict[str, np.ndarray]:
         """The score columns of one device batch (this process's rows, on the host)."""
+        return self.collect(self.dispatch(local, key_index))
+
+    def dispatch(self, local: Mapping[str, np.ndarray], key_index: int) -> dict[str, jax.Array]:
+        """Start scoring one device batch; its outputs stay on device until :meth:`collect`."""
         from . import distributed
 
-        plan = self.setup.plan
         shardings = {"numeric": self.scorer.rows_sharding, "categorical": self.scorer.rows_sharding}
         with distributed.explain_peer_failure("scoring"):
             batch = distributed.global_batch(local, shardings)
-            out = self.scorer.score(
+            return self.scorer.score(
                 self.context, jax.random.fold_in(self.base_key, key_index), batch
             )
+
+    def collect(self, out: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
+        """A dispatched batch's score columns on the host, quantiles finished there."""
+        from . import distributed
+
+        plan = self.setup.plan
+        with distributed.explain_peer_failure("scoring"):
             host = {
                 k: np.asarray(
                     multihost_utils.global_array_to_host_local_array(v, plan.mesh, plan.batch.spec)
@@ -502,13 +512,21 @@ class ScoreJob:
                 self.run_batch(_padding_batch(columns, local_b), 0)
             return {**record, "skipped": True}
         pieces: dict[str, list[np.ndarray]] = {}
-        for i in range(n_batches):
+
+        def start(i: int) -> dict[str, jax.Array]:
             lo, hi = i * local_b, min((i + 1) * local_b, n)
             local = {k: _pad(v[lo:hi], local_b) for k, v in encoded.items()}
             # the key depends on the part and batch only: same draws on any process count
-            out = self.run_batch(local, part.index * 1_000_003 + i)
-            for k, v in out.items():
-                pieces.setdefault(k, []).append(v[: hi - lo])  # padded rows masked out
+            return self.dispatch(local, part.index * 1_000_003 + i)
+
+        # one batch in flight while the host finishes the one before (quantiles, copies)
+        pending = start(0)
+        for i in range(n_batches):
+            following = start(i + 1) if i + 1 < n_batches else None
+            rows = min((i + 1) * local_b, n) - i * local_b
+            for k, v in self.collect(pending).items():
+                pieces.setdefault(k, []).append(v[:rows])  # padded rows masked out
+            pending = following
         result = self._part_table(table, encoded, pieces).replace_schema_metadata(
             {PROVENANCE: made_from}
         )
