@@ -111,6 +111,30 @@ def test_scores_are_reproducible_and_draws_optional(trained, tmp_path):
         assert_allclose(ta[name].to_numpy(), np.quantile(draws, level, axis=1), rtol=1e-5)
 
 
+def test_an_empty_part_scores_to_an_empty_file_and_leaves_the_others_unchanged(trained, tmp_path):
+    # scoring keeps a batch in flight while the host finishes the one before: a part with no
+    # rows must start none (with several processes, every one runs the same device batches)
+    folder = tmp_path / "input"
+    folder.mkdir()
+    table = pq.read_table(trained / "multi.parquet")
+    pq.write_table(table, folder / "a.parquet", row_group_size=700)
+    pq.write_table(table.slice(0, 0), folder / "z_empty.parquet")
+    alone, with_empty = tmp_path / "alone", tmp_path / "with_empty"
+    for data, out in ((folder / "a.parquet", alone), (folder, with_empty)):
+        cfg = score_cfg(trained / "run", data, out, raw_draws=True, draws=7)
+        score_lib.score(cfg, log=lambda _: None)
+    manifest = json.loads((with_empty / "_manifest.json").read_text())
+    assert manifest["num_parts"] == 6 and manifest["rows"] == 3000
+    for i in range(5):
+        name = f"part-{i:05d}.parquet"
+        assert pq.read_table(with_empty / name).equals(pq.read_table(alone / name))
+    empty = pq.read_table(with_empty / "part-00005.parquet")
+    first = pq.read_table(alone / "part-00000.parquet")
+    assert empty.num_rows == 0
+    assert empty.schema.remove_metadata() == first.schema.remove_metadata()
+    assert pq.read_table(with_empty).num_rows == 3000  # the folder reads as one table
+
+
 def random_batch(setup, rows: int, seed: int) -> tuple[dict, dict]:
     """``rows`` examples of the small run's columns (ids among its first 20 categories), and
     every gatherable table's rows flagged as seen in training."""

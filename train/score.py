@@ -519,14 +519,15 @@ class ScoreJob:
             # the key depends on the part and batch only: same draws on any process count
             return self.dispatch(local, part.index * 1_000_003 + i)
 
-        # one batch in flight while the host finishes the one before (quantiles, copies)
-        pending = start(0)
+        # one batch in flight while the host finishes the one before (quantiles, copies); an
+        # empty part dispatches nothing, so every process still runs the same device batches
+        in_flight = [start(0)] if n_batches else []
         for i in range(n_batches):
-            following = start(i + 1) if i + 1 < n_batches else None
+            if i + 1 < n_batches:
+                in_flight.append(start(i + 1))
             rows = min((i + 1) * local_b, n) - i * local_b
-            for k, v in self.collect(pending).items():
+            for k, v in self.collect(in_flight.pop(0)).items():
                 pieces.setdefault(k, []).append(v[:rows])  # padded rows masked out
-            pending = following
         result = self._part_table(table, encoded, pieces).replace_schema_metadata(
             {PROVENANCE: made_from}
         )
@@ -545,11 +546,15 @@ class ScoreJob:
             raise RuntimeError(
                 f"undeclared score columns {sorted(set(pieces) - set(self.produced))}"
             )
-        for k in [c for c in self.produced if c in pieces]:
-            arr = np.concatenate(pieces[k])
-            result = result.append_column(
-                k, pa.array(list(arr)) if arr.ndim == 2 else pa.array(arr)
-            )
+        for k in [c for c in self.produced if c in pieces or table.num_rows == 0]:
+            if k == "unseen_categories":
+                continue
+            if k in pieces:
+                arr = np.concatenate(pieces[k])
+                column = pa.array(list(arr)) if arr.ndim == 2 else pa.array(arr)
+            else:  # a part with no rows still gets every column, so all parts share one schema
+                column = pa.array([], pa.list_(pa.float32()) if k == "draws" else pa.float32())
+            result = result.append_column(k, column)
         categorical = self.setup.columns.categorical
         if categorical:
             flags = np.zeros(table.num_rows, np.int8)
