@@ -513,11 +513,12 @@ class ScoreJob:
             return {**record, "skipped": True}
         pieces: dict[str, list[np.ndarray]] = {}
 
-        def start(i: int) -> dict[str, jax.Array]:
+        def start(i: int) -> tuple[int, dict[str, jax.Array]]:
+            """Batch ``i``'s real (unpadded) row count and its dispatched outputs."""
             lo, hi = i * local_b, min((i + 1) * local_b, n)
             local = {k: _pad(v[lo:hi], local_b) for k, v in encoded.items()}
             # the key depends on the part and batch only: same draws on any process count
-            return self.dispatch(local, part.index * 1_000_003 + i)
+            return hi - lo, self.dispatch(local, part.index * 1_000_003 + i)
 
         # one batch in flight while the host finishes the one before (quantiles, copies); an
         # empty part dispatches nothing, so every process still runs the same device batches
@@ -525,8 +526,8 @@ class ScoreJob:
         for i in range(n_batches):
             if i + 1 < n_batches:
                 in_flight.append(start(i + 1))
-            rows = min((i + 1) * local_b, n) - i * local_b
-            for k, v in self.collect(in_flight.pop(0)).items():
+            rows, out = in_flight.pop(0)
+            for k, v in self.collect(out).items():
                 pieces.setdefault(k, []).append(v[:rows])  # padded rows masked out
         result = self._part_table(table, encoded, pieces).replace_schema_metadata(
             {PROVENANCE: made_from}
@@ -546,14 +547,15 @@ class ScoreJob:
             raise RuntimeError(
                 f"undeclared score columns {sorted(set(pieces) - set(self.produced))}"
             )
-        for k in [c for c in self.produced if c in pieces or table.num_rows == 0]:
-            if k == "unseen_categories":
-                continue
+        for k in self.produced:
             if k in pieces:
                 arr = np.concatenate(pieces[k])
                 column = pa.array(list(arr)) if arr.ndim == 2 else pa.array(arr)
-            else:  # a part with no rows still gets every column, so all parts share one schema
+            elif table.num_rows == 0 and k != "unseen_categories":  # appended below
+                # a part with no rows still gets every column, so all parts share one schema
                 column = pa.array([], pa.list_(pa.float32()) if k == "draws" else pa.float32())
+            else:
+                continue
             result = result.append_column(k, column)
         categorical = self.setup.columns.categorical
         if categorical:
