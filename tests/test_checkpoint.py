@@ -62,6 +62,43 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def _reference_checksum(x: np.ndarray) -> int:
+    """The checksum's definition, element by element in Python integers."""
+    flat = x.reshape(-1)
+    if flat.dtype.itemsize == 4:
+        bits = [int(b) for b in flat.view(np.uint32)]
+    else:  # XLA's convert: integers wrap to 32 bits, bools are 0/1
+        bits = [int(b) % 2**32 for b in flat.astype(np.int64)]
+    golden = int(ckpt._GOLDEN)
+    return sum(b * ((2 * i + 1) * golden % 2**32) for i, b in enumerate(bits)) % 2**32
+
+
+def test_checksums_equal_their_definition_on_the_host_and_on_sharded_devices():
+    rng = np.random.default_rng(3)
+    mesh = jax.make_mesh((8,), ("data",))
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    host = {
+        "f32": rng.normal(size=(16, 3, 2)).astype(np.float32),
+        "i32": rng.integers(-(2**31), 2**31 - 1, 24, dtype=np.int64).astype(np.int32),
+        "u32": rng.integers(0, 2**32, (8, 5), dtype=np.uint64).astype(np.uint32),
+        "i8": rng.integers(-128, 128, (8, 3)).astype(np.int8),
+        "bool": rng.random(16) < 0.5,
+        "scalar": np.float32(-0.75),
+        "nan": np.array([np.nan, -0.0, np.inf, 1e-45], np.float32),
+    }
+    state = {
+        k: jax.device_put(v, sharded)
+        if np.ndim(v) and v.shape[0] % 8 == 0
+        else jax.numpy.asarray(v)
+        for k, v in host.items()
+    }
+    expected = {f"['{k}']": _reference_checksum(np.asarray(v)) for k, v in host.items()}
+    assert ckpt.state_checksums(state) == expected  # every leaf summed on the host
+    assert ckpt.state_checksums(state, host_max=-1) == expected  # every leaf on the devices
+    mixed = ckpt.state_checksums(state, host_max=20)  # some of each, in one call
+    assert mixed == expected
+
+
 def test_a_changed_array_fails_its_checksum(runs, tmp_path):
     run = _trained(runs, tmp_path)
     _, state, meta = restore_run(run)

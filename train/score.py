@@ -38,6 +38,7 @@ from . import data as data_lib
 from . import files, posterior
 from . import vocab as vocab_lib
 from .config import ScoreConfig
+from .jit_once import jit_once
 from .model import LINEAR_PREDICTOR, Columns, GatheredRows
 from .plan import row_sharding
 from .run import restore_run
@@ -281,7 +282,7 @@ def make_scorer(
     rows_sharding = setup.plan.batch
     predrawn = posterior.table_bytes(setup, draws) <= predraw_bytes
     if predrawn:
-        prepare = jax.jit(
+        prepare = jit_once(
             lambda params, seen, key: posterior.draw_tables(setup, key, params, seen, draws)
         )
         score_fn = from_drawn
