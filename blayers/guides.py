@@ -209,22 +209,35 @@ class MeanFieldGuide:
 
     @staticmethod
     def _noise(
-        key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]], negate: bool = False
+        key: jax.Array,
+        params: Mapping[str, Mapping[str, jax.Array]],
+        negate: bool = False,
+        given: Mapping[str, jax.Array] | None = None,
     ) -> dict[str, Any]:
+        """Standard normal noise for every site in ``params``: ``given[site]`` where given,
+        else drawn from ``key`` (split in site order)."""
         names = sorted(params)
         keys = jax.random.split(key, max(len(names), 1))
+        given = given or {}
         eps = {
-            n: jax.random.normal(k, params[n]["loc"].shape, params[n]["loc"].dtype)
+            n: given[n]
+            if n in given
+            else jax.random.normal(k, params[n]["loc"].shape, params[n]["loc"].dtype)
             for k, n in zip(keys, names, strict=False)
         }
         return {n: -e for n, e in eps.items()} if negate else eps
 
     def draw(
-        self, key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]], negate: bool = False
+        self,
+        key: jax.Array,
+        params: Mapping[str, Mapping[str, jax.Array]],
+        negate: bool = False,
+        noise: Mapping[str, jax.Array] | None = None,
     ) -> dict[str, SiteDraw]:
         """A draw of every site in ``params`` (whole or gathered rows), keys split in site
-        order; ``negate``: the antithetic draw, the same noise with its sign flipped."""
-        eps = self._noise(key, params, negate)
+        order; ``negate``: the antithetic draw, the same noise with its sign flipped;
+        ``noise[site]``: that site's standard normal noise, instead of noise from ``key``."""
+        eps = self._noise(key, params, negate, noise)
         return {n: self._site_draw(n, params[n], e) for n, e in eps.items()}
 
     def sample(
@@ -443,12 +456,16 @@ class StructuredGuide(MeanFieldGuide):
         return out
 
     def draw(
-        self, key: jax.Array, params: Mapping[str, Mapping[str, jax.Array]], negate: bool = False
+        self,
+        key: jax.Array,
+        params: Mapping[str, Mapping[str, jax.Array]],
+        negate: bool = False,
+        noise: Mapping[str, jax.Array] | None = None,
     ) -> dict[str, SiteDraw]:
         missing = [n for n in self.globals if n not in params]
         if missing:
             raise ValueError(f"structured guide: a draw needs every global site; missing {missing}")
-        eps = self._noise(key, params, negate)
+        eps = self._noise(key, params, negate, noise)
         out: dict[str, SiteDraw] = {}
         centred = []  # g - mu, in global order
         eps_g = jnp.concatenate([eps[n].reshape(-1) for n in self.globals]) if self.dim else None

@@ -45,3 +45,28 @@ def test_rows_asked_for_beside_the_batch_are_drawn_once_and_found():
     assert_array_equal(np.asarray(got.unseen["T_theta"])[u == 19], [True])
     assert plain.picked == {}
     assert_array_equal(np.asarray(plain.uniq["T_theta"])[:3], [10, 11, 13])
+
+
+def test_normal_from_bits_is_jax_random_normal_on_the_same_bits():
+    key = jax.random.PRNGKey(5)
+    bits = jax.random.bits(key, (20_000,), dtype=jnp.uint32)
+    assert_array_equal(posterior._normal_from_bits(bits), jax.random.normal(key, (20_000,)))
+
+
+def test_a_rows_noise_depends_on_its_id_alone_and_is_standard_normal():
+    key = jax.random.PRNGKey(3)
+    whole = np.asarray(posterior.row_noise(key, jnp.arange(60), (4, 1), 7))
+    assert whole.shape == (7, 60, 4, 1)
+    picked = jnp.asarray([59, 3, 3, 0, 17])  # any order, repeats, a different length
+    assert_array_equal(posterior.row_noise(key, picked, (4, 1), 7), whole[:, np.asarray(picked)])
+    assert_array_equal(posterior.row_noise(key, picked, (4, 1), 5), whole[:5, np.asarray(picked)])
+    other = np.asarray(posterior.row_noise(jax.random.PRNGKey(4), jnp.arange(60), (4, 1), 7))
+    assert np.abs(other - whole).min() > 0
+
+    from scipy import stats
+
+    x = np.asarray(posterior.row_noise(key, jnp.arange(30_000), (3,), 11))  # 990,000 draws
+    assert stats.kstest(x.ravel(), "norm").pvalue > 1e-3
+    # no dependence between neighbouring draws, rows or elements (each |r| ~ 1e-3 if none)
+    for a, b in ((x[:-1], x[1:]), (x[:, :-1], x[:, 1:]), (x[..., :-1], x[..., 1:])):
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01

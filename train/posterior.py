@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.random import threefry2x32_p
 from numpyro import handlers
 from numpyro.distributions import Normal
 
@@ -57,21 +58,26 @@ def gather(
     categorical: jax.Array,
     seen: Mapping[str, jax.Array],
     extra: Mapping[str, jax.Array] | None = None,
+    sizes: Mapping[str, int] | None = None,
 ) -> Gathered:
     """The rows ``categorical`` reads in each table, each once; ``extra[site]``: more rows
-    of a table to draw with them (each still once: a row asked for and read is one draw)."""
+    of a table to draw with them (each still once: a row asked for and read is one draw).
+    ``sizes[site]``: the length of ``uniq[site]``, at least the distinct rows read (the
+    default, every id's slot, always is)."""
     uniq, local, unseen, picked = {}, {}, {}, {}
     for name, term in terms.items():
         rows = term.rows(categorical)
         site = term.table_site
         wanted = jnp.asarray(extra[site], rows.dtype) if extra and site in extra else None
         every = rows.ravel() if wanted is None else jnp.concatenate([wanted, rows.ravel()])
-        u, inv = jnp.unique(every, size=every.size, fill_value=0, return_inverse=True)
+        size = sizes[site] if sizes and site in sizes else every.size
+        u, inv = jnp.unique(every, size=size, fill_value=0, return_inverse=True)
         inv = inv.reshape(-1).astype(jnp.int32)
         skip = 0 if wanted is None else wanted.size
         uniq[site], local[name] = u, inv[skip:].reshape(rows.shape)
-        if wanted is not None:  # the gathered table is longer than the batch's n * F rows
+        if wanted is not None:
             picked[site] = inv[:skip]
+        if u.size != rows.size:  # the gathered table is not the batch's n * F rows long
             local[name] = GatheredRows(local[name], int(u.size))
         unseen[site] = ~seen[site][u]
     return Gathered(uniq, local, unseen, picked)
@@ -98,16 +104,18 @@ def draw_trace(
     params: guides.Params,
     rows: Gathered,
     batch: Mapping[str, jax.Array],
+    noise: Mapping[str, jax.Array] | None = None,
 ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
     """The model's trace on ``batch`` under one posterior draw (key ``key``), and the drawn
-    value of every site (table sites: of the gathered rows)."""
+    value of every site (table sites: of the gathered rows). ``noise[site]``: the standard
+    normal noise of a site's guide draw (:func:`row_noise`), else drawn from ``key``."""
     table_index = {site: i for i, site in enumerate(sorted(rows.uniq))}
     model_key, prior_key, draw_key = jax.random.split(key, 3)
     view = {
         name: guide_rows(params[name], rows.uniq[name]) if name in rows.uniq else params[name]
         for name in setup.sites
     }
-    draws = setup.guide.draw(draw_key, view)
+    draws = setup.guide.draw(draw_key, view, noise=noise)
     values = {name: d.value for name, d in draws.items()}
     noise = {name: d.noise for name, d in draws.items()}
 
@@ -138,6 +146,79 @@ def whole_tables(setup: Any, seen: Mapping[str, jax.Array]) -> Gathered:
     return Gathered(uniq, local, unseen, {})
 
 
+ROW_NOISE_STREAM = 0x524F57  # folded into a job's table key for the rows' noise
+_LOWEST = np.nextafter(np.float32(-1.0), np.float32(0.0))
+
+
+def _normal_from_bits(bits: jax.Array) -> jax.Array:
+    r"""Standard normal float32 from uniform uint32 bits, as ``jax.random.normal`` makes them:
+    a uniform on :math:`(-1, 1)` from the top 23 bits, then :math:`\sqrt2\,
+    \mathrm{erf}^{-1}(u)`."""
+    one = jnp.uint32(0x3F800000)  # the bits of 1.0f: the exponent that puts these in [1, 2)
+    unit = jax.lax.bitcast_convert_type((bits >> 9) | one, jnp.float32) - 1.0
+    uniform = jnp.maximum(_LOWEST, unit * (1.0 - _LOWEST) + _LOWEST)
+    return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(uniform)
+
+
+def row_noise(
+    key: jax.Array, rows: jax.Array, event_shape: tuple[int, ...], draws: int
+) -> jax.Array:
+    """Standard normal noise ``(draws, len(rows), *event_shape)`` whose entry ``[s, k, j]``
+    is a function of ``(key, rows[k], s, j)`` alone: the same for a row whichever other rows
+    are drawn with it, in whatever order or padding.
+
+    Each pair of draws ``(2q, 2q + 1)`` of a row's element ``j`` is the two words of one
+    Threefry-2x32 block of ``key`` at counter ``(row, q·width + j)`` (``width`` the event's
+    size), so the noise costs what ``jax.random.normal`` costs: half a block per number.
+    Rows must be below :math:`2^{32}` and ``⌈draws / 2⌉ · width`` at most :math:`2^{32}`."""
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    width = int(np.prod(event_shape, dtype=np.int64))
+    pairs = -(-draws // 2)
+    shape = (rows.shape[0], pairs * width)
+    row = jnp.broadcast_to(rows.astype(jnp.uint32)[:, None], shape)
+    counter = jnp.broadcast_to(jnp.arange(pairs * width, dtype=jnp.uint32)[None, :], shape)
+    even, odd = threefry2x32_p.bind(data[0], data[1], row, counter)
+    bits = jnp.stack([even, odd], axis=1).reshape(rows.shape[0], 2, pairs, width)
+    bits = bits.transpose(2, 1, 0, 3).reshape(2 * pairs, rows.shape[0], *event_shape)[:draws]
+    return _normal_from_bits(bits)
+
+
+def rows_noise(setup: Any, key: jax.Array, uniq: Mapping[str, jax.Array], draws: int) -> dict:
+    """:func:`row_noise` of each table site's rows ``uniq[site]``, from a key of its own."""
+    key = jax.random.fold_in(key, ROW_NOISE_STREAM)
+    return {
+        site: row_noise(
+            jax.random.fold_in(key, i),
+            uniq[site],
+            tuple(setup.sites[site].unconstrained_shape[1:]),
+            draws,
+        )
+        for i, site in enumerate(sorted(uniq))
+    }
+
+
+def draw_rows(
+    setup: Any,
+    key: jax.Array,
+    params: guides.Params,
+    rows: Gathered,
+    batch: Mapping[str, jax.Array],
+    draws: int,
+) -> dict[str, jax.Array]:
+    """``draws`` posterior draws of every site, table sites at the rows ``rows.uniq``, each
+    ``(draws, *shape)``. The globals' draws come from ``key`` and each table row's noise
+    from :func:`rows_noise`, so a row's draws are a function of ``key``, its table and its
+    id alone: the same in every batch, part and process, whichever rows are drawn with it
+    (rows unseen in training are drawn from the prior given the drawn scale; a Normal prior
+    reuses the row's noise, other priors are drawn by position)."""
+    noise = rows_noise(setup, key, rows.uniq, draws)
+
+    def one(k: jax.Array, eps: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return draw_trace(setup, k, params, rows, batch, eps)[1]
+
+    return jax.vmap(one)(jax.random.split(key, draws), noise)
+
+
 def draw_tables(
     setup: Any,
     key: jax.Array,
@@ -145,20 +226,13 @@ def draw_tables(
     seen: Mapping[str, jax.Array],
     draws: int,
 ) -> dict[str, jax.Array]:
-    """``draws`` posterior draws of every site, whole tables included (rows unseen in
-    training from the prior given the drawn scale, as :func:`draw_trace` draws them), each
-    ``(draws, *shape)``. A row's draws are then a function of its id alone: the same in every
-    batch, part and process, drawn once instead of once per batch that reads it."""
-    tables = whole_tables(setup, seen)
+    """:func:`draw_rows` of whole tables: every row of every table, drawn once instead of
+    once per batch that reads it."""
     dummy = {
         "numeric": jnp.zeros((1, len(setup.columns.numeric)), jnp.float32),
         "categorical": jnp.zeros((1, len(setup.columns.categorical)), jnp.int32),
     }
-
-    def one(k: jax.Array) -> dict[str, jax.Array]:
-        return draw_trace(setup, k, params, tables, dummy)[1]
-
-    return jax.vmap(one)(jax.random.split(key, draws))
+    return draw_rows(setup, key, params, whole_tables(setup, seen), dummy, draws)
 
 
 def table_bytes(setup: Any, draws: int) -> int:

@@ -38,6 +38,7 @@ from . import data as data_lib
 from . import files, posterior
 from . import vocab as vocab_lib
 from .config import ScoreConfig
+from .dedup import row_capacity
 from .jit_once import jit_once
 from .model import LINEAR_PREDICTOR, Columns, GatheredRows
 from .plan import row_sharding
@@ -243,8 +244,10 @@ def make_scorer(
     padding) are drawn from the layer's prior given the drawn scale, whatever path trained
     the table. Where every site's ``draws`` draws fit in ``predraw_bytes``, ``prepare`` draws
     them once, whole tables included (:func:`train.posterior.draw_tables`), and each batch
-    only reads its rows: a row's draws are the same in every batch, part and process. Else
-    each batch draws the rows it reads (:func:`train.posterior.draw_trace`). With
+    only reads its rows. Else each batch draws the rows it reads
+    (:func:`train.posterior.draw_rows`), the same draws: either way a row's draws are a
+    function of the seed, its table and its id, the same in every batch, part and process.
+    With
     ``host_quantiles`` the quantiles are left to :func:`finish_quantiles`: the outputs then
     hold each row's draws instead."""
     terms = posterior.table_terms(setup)
@@ -258,10 +261,13 @@ def make_scorer(
         return response_mean(fn), eta, y
 
     def values_at(
-        drawn: Any, local: Mapping[str, Any], key: jax.Array, batch: Mapping[str, jax.Array]
+        drawn: Any, ids: Mapping[str, jax.Array], key: jax.Array, batch: Mapping[str, jax.Array]
     ) -> Any:
-        """The summaries of ``batch`` under the ``draws`` drawn values of every site, its
-        table rows read through ``local``."""
+        """The summaries of ``batch`` under the ``draws`` drawn values of every site, each
+        table term reading rows ``ids[term]`` of its site's drawn rows."""
+        local = {
+            name: GatheredRows(ids[name], drawn[t.table_site].shape[1]) for name, t in terms.items()
+        }
 
         def one(values: Mapping[str, jax.Array], k: jax.Array) -> Any:
             model = handlers.seed(handlers.substitute(setup.model, data=values), k)
@@ -270,23 +276,19 @@ def make_scorer(
         return summaries(*jax.vmap(one)(drawn, jax.random.split(key, draws)))
 
     def from_drawn(drawn: Any, key: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
-        categorical = batch["categorical"]
-        local = {
-            name: GatheredRows(t.rows(categorical), int(sum(t.num_categories)))
-            for name, t in terms.items()
-        }
-        return values_at(drawn, local, key, batch)
+        ids = {name: t.rows(batch["categorical"]) for name, t in terms.items()}
+        return values_at(drawn, ids, key, batch)
 
-    def draw_batch_rows(context: Any, key: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
-        """The ``draws`` draws of every site at the table rows ``batch`` reads (each once),
-        and each term's ids into them."""
-        params, seen = context
-        rows = posterior.gather(terms, batch["categorical"], seen)
-
-        def one(k: jax.Array) -> dict[str, jax.Array]:
-            return posterior.draw_trace(setup, k, params, rows, batch)[1]
-
-        return jax.vmap(one)(jax.random.split(key, draws)), rows.local
+    def draw_batch_rows(
+        context: Any, batch: Mapping[str, jax.Array], sizes: tuple[tuple[str, int], ...]
+    ) -> Any:
+        """The ``draws`` draws of every site at the table rows ``batch`` reads (each once,
+        in ``sizes[site]`` slots), and each term's ids into them: the draws
+        :func:`posterior.draw_tables` would give those rows."""
+        params, seen, table_key = context
+        rows = posterior.gather(terms, batch["categorical"], seen, sizes=dict(sizes))
+        ids = {n: r.local if isinstance(r, GatheredRows) else r for n, r in rows.local.items()}
+        return posterior.draw_rows(setup, table_key, params, rows, batch, draws), ids
 
     rows_sharding = setup.plan.batch
     predrawn = posterior.table_bytes(setup, draws) <= predraw_bytes
@@ -301,14 +303,32 @@ def make_scorer(
     # them: compiled as one, XLA fused the draws (the normal's inverse-CDF polynomial) into
     # the gathers of every (draw, example) pair, recomputing each row's draw once per
     # example that reads it, a third of a batch's time.
-    draw_rows = jax.jit(draw_batch_rows)
+    draw_rows = jax.jit(draw_batch_rows, static_argnames="sizes")
     read_rows = jax.jit(values_at, out_shardings=rows_sharding)
+    most: dict[str, int] = {}  # per table, the most slots a batch has needed so far
+
+    def slots(categorical: jax.Array) -> tuple[tuple[str, int], ...]:
+        """Slots per table for the distinct rows a batch reads, counted on the host: a
+        table's draws are as many as its slots, and most batches read far fewer distinct
+        rows than ``n * F``. The count only grows, with an eighth of headroom, so that a job
+        compiles a length or two (each compile is seconds, a batch milliseconds); a row's
+        draws do not depend on it. With several processes no one host sees the global
+        batch, and every id keeps its slot."""
+        if not categorical.is_fully_addressable:
+            return ()
+        host = np.asarray(categorical)
+        for t in terms.values():
+            rows = host[:, list(t.categorical_idx)] + t.row_offsets
+            found = len(np.unique(rows))
+            need = row_capacity(min(found + found // 8, rows.size), rows.size)
+            most[t.table_site] = max(most.get(t.table_site, 0), need)
+        return tuple(sorted(most.items()))
 
     def per_batch(context: Any, key: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
-        drawn, local = draw_rows(context, key, batch)
+        drawn, local = draw_rows(context, batch, sizes=slots(batch["categorical"]))
         return read_rows(drawn, local, key, batch)
 
-    return Scorer(lambda params, seen, key: (params, seen), per_batch, rows_sharding, False)
+    return Scorer(lambda params, seen, key: (params, seen, key), per_batch, rows_sharding, False)
 
 
 def _encode_part(
