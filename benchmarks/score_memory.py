@@ -2,6 +2,7 @@
 
     python benchmarks/score_memory.py                     # 1M and 10M rows, S=100 (~10 min)
     python benchmarks/score_memory.py --rows 200000 --draws 20
+    python benchmarks/score_memory.py --rows 1000000 --users 1000000   # drawn batch by batch
 
 A small run of the default model (intercept + dense + three random effects + an FM over
 user x item) is trained once into ``benchmarks/.cache``. Each scorer runs in its own process
@@ -46,8 +47,22 @@ REPO = HERE.parent
 CACHE = HERE / ".cache" / "score"
 
 
-def ensure_run() -> Path:
-    run = CACHE / "run"
+def with_users(path: Path, users: int, seed: int) -> None:
+    """Replace ``path``'s user column by ``users`` uniform users (raw ids as synth's)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    ids = np.random.default_rng(seed).integers(0, users, table.num_rows) * 7 + 1_000_003
+    table = table.set_column(table.schema.get_field_index("user"), "user", pa.array(ids))
+    pq.write_table(table, path, row_group_size=128 * 1024)
+
+
+def ensure_run(users: int = 0) -> Path:
+    """The trained run: the default model on synth's data, or with ``users`` uniform users
+    (a table too large for its draws to be made up front: scored batch by batch)."""
+    run = CACHE / (f"run_users{users}" if users else "run")
     if (run / "checkpoints").exists():
         return run
     from omegaconf import OmegaConf
@@ -55,8 +70,10 @@ def ensure_run() -> Path:
     from train import loop, synth
     from train.config import Config
 
-    data = CACHE / "train.parquet"
-    synth.generate(data, 200_000, seed=0)
+    data = CACHE / (f"train_users{users}.parquet" if users else "train.parquet")
+    synth.generate(data, max(200_000, 3 * users), seed=0)
+    if users:
+        with_users(data, users, seed=0)
     cfg = OmegaConf.structured(Config)
     cfg.run_dir, cfg.data.path = str(run), str(data)
     cfg.data.numeric, cfg.data.categorical = ["x1", "x2", "x3", "x4"], ["user", "item", "region"]
@@ -74,12 +91,14 @@ def ensure_run() -> Path:
     return run
 
 
-def ensure_rows(rows: int) -> Path:
+def ensure_rows(rows: int, users: int = 0) -> Path:
     from train import synth
 
-    path = CACHE / f"score_{rows}.parquet"
+    path = CACHE / (f"score_{rows}_users{users}.parquet" if users else f"score_{rows}.parquet")
     if not path.exists():
         synth.generate(path, rows, seed=1)
+        if users:
+            with_users(path, users, seed=1)
     return path
 
 
@@ -112,8 +131,11 @@ def worker_predictive(run: str, data: str, draws: int, mem_gb: float) -> dict:
     from train import vocab as vocab_lib
     from train.run import restore_run
 
+    from train.state import guide_rows
+
     setup, state, _ = restore_run(Path(run))
-    params = jax.tree.map(np.asarray, state.params)
+    # {site: {loc, raw_scale}} whatever the layout (row-sparse tables keep one row state)
+    params = {k: jax.tree.map(np.asarray, guide_rows(p)) for k, p in state.params.items()}
 
     def guide(batch, num_data=None):
         for name, site in setup.sites.items():
@@ -186,6 +208,13 @@ def main() -> None:
         help="time a second run of each side, its compiled programs read from a persistent "
         "compilation cache the first filled (default: both compile in the timed run)",
     )
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=0,
+        help="train and score with this many uniform users instead of synth's (e.g. 1000000: "
+        "the tables' draws no longer fit predraw_mb, and scoring draws each batch's rows)",
+    )
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -200,7 +229,7 @@ def main() -> None:
         return
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    run = ensure_run()
+    run = ensure_run(args.users)
     kinds = ["ours"] + ([] if args.skip_peer else ["predictive"])
     head = (
         f"{'rows':>11} {'draws':>5}"
@@ -211,7 +240,7 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for rows in (int(float(r)) for r in args.rows.split(",")):
-        data = ensure_rows(rows)
+        data = ensure_rows(rows, args.users)
         res = {
             k: run_worker(k, run, data, args.draws, args.peer_mem_gb, args.warm_cache)
             for k in kinds
