@@ -2,7 +2,7 @@
 
 python -m tests.mp_worker train DATA RUN_DIR [KEY=VALUE ...]
 python -m tests.mp_worker die-at STEP DATA RUN_DIR [KEY=VALUE ...]   # process 1 is killed
-python -m tests.mp_worker score DATA RUN_DIR OUT
+python -m tests.mp_worker score DATA RUN_DIR OUT [KEY=INT ...]
 """
 
 import os
@@ -45,5 +45,6 @@ if __name__ == "__main__":
         from tests.test_score import score_cfg
         from train import score
 
-        data, run_dir, out = args
-        score.score(score_cfg(run_dir, data, out), log=print)
+        data, run_dir, out, *pairs = args
+        overrides = {k: int(v) for k, _, v in (p.partition("=") for p in pairs)}
+        score.score(score_cfg(run_dir, data, out, **overrides), log=print)

@@ -67,9 +67,18 @@ def test_two_processes_score_every_row_exactly_once(dataset, tmp_path):
         json.loads((tmp_path / "scores" / f"_manifest-0000{i}.json").read_text()) for i in range(2)
     ]
     assert [sorted(p["part"] for p in m["parts"]) for m in per_process] == [[0, 2, 4], [1, 3, 5]]
-    table = pq.read_table(tmp_path / "scores")
-    assert sorted(table["row_id"].to_pylist()) == list(range(3000))
+    table = pq.read_table(tmp_path / "scores").sort_by("row_id")
+    assert table["row_id"].to_pylist() == list(range(3000))
     assert np.isfinite(table["mean"].to_numpy()).all()
+    # tables drawn batch by batch, each process drawing the rows of its batches: the same
+    # draws of every row, so the same scores
+    out = tmp_path / "scores-per-batch"
+    assert _launch("score", multi, tmp_path / "run", out, "predraw_mb=0") == 0
+    per_batch = pq.read_table(out).sort_by("row_id")
+    for column in ("mean", "std", "q05", "q95"):
+        assert_allclose(
+            per_batch[column].to_numpy(), table[column].to_numpy(), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_a_dead_process_fails_the_job_in_bounded_time(tmp_path):
