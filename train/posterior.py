@@ -183,7 +183,9 @@ def row_noise(
     return _normal_from_bits(bits)
 
 
-def rows_noise(setup: Any, key: jax.Array, uniq: Mapping[str, jax.Array], draws: int) -> dict:
+def rows_noise(
+    setup: Any, key: jax.Array, uniq: Mapping[str, jax.Array], draws: int
+) -> dict[str, jax.Array]:
     """:func:`row_noise` of each table site's rows ``uniq[site]``, from a key of its own."""
     key = jax.random.fold_in(key, ROW_NOISE_STREAM)
     return {

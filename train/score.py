@@ -247,9 +247,8 @@ def make_scorer(
     only reads its rows. Else each batch draws the rows it reads
     (:func:`train.posterior.draw_rows`), the same draws: either way a row's draws are a
     function of the seed, its table and its id, the same in every batch, part and process.
-    With
-    ``host_quantiles`` the quantiles are left to :func:`finish_quantiles`: the outputs then
-    hold each row's draws instead."""
+    With ``host_quantiles`` the quantiles are left to :func:`finish_quantiles`: the outputs
+    then hold each row's draws instead."""
     terms = posterior.table_terms(setup)
     summaries = Summaries(tuple(quantiles), host_quantiles, with_eta, predictive, with_draws)
 
