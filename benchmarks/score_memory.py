@@ -130,7 +130,6 @@ def worker_predictive(run: str, data: str, draws: int, mem_gb: float) -> dict:
 
     from train import vocab as vocab_lib
     from train.run import restore_run
-
     from train.state import guide_rows
 
     setup, state, _ = restore_run(Path(run))
