@@ -58,6 +58,23 @@ def test_parts_are_redone_after_more_training_and_for_other_draws(run, tmp_path)
     assert {_made_from(p)["draws"] for p in out.glob("part-*.parquet")} == {20}
 
 
+def test_parts_made_under_another_draw_scheme_are_redone(run, tmp_path, monkeypatch):
+    """An output never mixes two random streams: parts written when draws were made another
+    way (an older version) are redone, not reused beside new ones."""
+    from train import posterior
+
+    out = tmp_path / "scores"
+    cfg = score_cfg(run / "run", run / "multi.parquet", out)
+    monkeypatch.setattr(posterior, "DRAW_SCHEME", 1)
+    score_lib.score(cfg, log=lambda _: None)
+    assert {_made_from(p)["draw_scheme"] for p in out.glob("part-*.parquet")} == {1}
+    monkeypatch.undo()
+    score_lib.score(cfg, log=lambda _: None)
+    assert _skipped(out) == []
+    schemes = {_made_from(p)["draw_scheme"] for p in out.glob("part-*.parquet")}
+    assert schemes == {posterior.DRAW_SCHEME} != {1}
+
+
 def test_a_planted_link_is_never_served_as_a_part(run, tmp_path):
     out = tmp_path / "scores"
     cfg = score_cfg(run / "run", run / "multi.parquet", out)

@@ -147,6 +147,10 @@ def whole_tables(setup: Any, seen: Mapping[str, jax.Array]) -> Gathered:
 
 
 ROW_NOISE_STREAM = 0x524F57  # folded into a job's table key for the rows' noise
+# How a seed becomes draws; a scoring part records it, and one made under another scheme
+# is redone, so that one output never mixes two random streams. 2: rows' noise by
+# :func:`row_noise` (1: each table's noise drawn by position, from a key per draw).
+DRAW_SCHEME = 2
 _LOWEST = np.nextafter(np.float32(-1.0), np.float32(0.0))
 
 
