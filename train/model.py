@@ -149,10 +149,11 @@ class Term:
         """First table row of each input field."""
         return np.concatenate([[0], np.cumsum(self.num_categories)[:-1]]).astype(np.int32)
 
-    def rows(self, categorical: jax.Array) -> jax.Array:
-        """Global table rows ``(n, F)`` this term reads for each example."""
+    def rows(self, categorical: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+        """Global table rows ``(n, F)`` this term reads for each example (numpy for numpy
+        ids, as the host counts a batch's rows)."""
         ids = categorical[:, list(self.categorical_idx)]
-        return ids + jnp.asarray(self.row_offsets, dtype=ids.dtype)
+        return ids + self.row_offsets.astype(ids.dtype)
 
     def __call__(
         self,

@@ -317,7 +317,7 @@ def make_scorer(
             return ()
         host = np.asarray(categorical)
         for t in terms.values():
-            rows = host[:, list(t.categorical_idx)] + t.row_offsets
+            rows = t.rows(host)
             found = len(np.unique(rows))
             need = row_capacity(min(found + found // 8, rows.size), rows.size)
             most[t.table_site] = max(most.get(t.table_site, 0), need)
