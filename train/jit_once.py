@@ -9,7 +9,6 @@ same bits (``benchmarks/results/score_memory.txt``). Level 0 compiled faster sti
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,16 +19,8 @@ CPU_OPTIONS = {"xla_backend_optimization_level": 1}
 
 def jit_once(fun: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
     """``jax.jit(fun, **jit_kwargs)``, compiled with :data:`CPU_OPTIONS` where the default
-    backend is the CPU. The backend is read at the first call, not at import: importing
-    must not start JAX's backends (``blayers.xla_flags`` sets flags before they start)."""
-    by_backend: dict[str, Callable[..., Any]] = {}
-
-    @functools.wraps(fun)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        backend = jax.default_backend()
-        if backend not in by_backend:
-            options = CPU_OPTIONS if backend == "cpu" else None
-            by_backend[backend] = jax.jit(fun, compiler_options=options, **jit_kwargs)
-        return by_backend[backend](*args, **kwargs)
-
-    return call
+    backend is the CPU. It reads the backend, so call it once JAX's backends exist (as
+    the scorer is made, after the restore), never at import: ``blayers.xla_flags`` sets
+    flags before they start."""
+    options = CPU_OPTIONS if jax.default_backend() == "cpu" else None
+    return jax.jit(fun, compiler_options=options, **jit_kwargs)
