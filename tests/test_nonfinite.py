@@ -15,7 +15,7 @@ import pytest
 from tests.service_helpers import SMALL_TERMS, load_params, small_config, small_dataset
 from train import checkpoint as ckpt
 from train import data as data_lib
-from train import loop, pipeline, segments
+from train import dispatch, loop, pipeline, segments
 from train import setup as train_setup
 from train import step as step_lib
 from train.config import ConfigError
@@ -33,13 +33,15 @@ def data(tmp_path_factory):
     return small_dataset(tmp_path_factory.mktemp("non_finite"))
 
 
-def _poison(target):
-    """The batch's target with a NaN in its first row (a host or a device array)."""
+def _poison(target, at=None):
+    """The batch's target with a NaN in its first row (a host or a device array); with
+    ``at``, a stacked batch's (``train.dispatch``) step ``at``'s first row."""
+    index = 0 if at is None else (at, 0)
     if isinstance(target, np.ndarray):
         poisoned = target.copy()
-        poisoned[0] = np.nan
+        poisoned[index] = np.nan
         return poisoned
-    return jax.device_put(target.at[0].set(jnp.nan), target.sharding)
+    return jax.device_put(target.at[index].set(jnp.nan), target.sharding)
 
 
 def _poisoned_batches(monkeypatch, steps: set[int], times: int = 1) -> list[int]:
@@ -48,12 +50,16 @@ def _poisoned_batches(monkeypatch, steps: set[int], times: int = 1) -> list[int]
     original = segments.device_batches
     hits: list[int] = []
 
-    def batches(store, cfg, prepare, shardings, first, total, cores=None):
-        for i, batch in enumerate(original(store, cfg, prepare, shardings, first, total, cores)):
-            s = first + i
-            if s in steps and hits.count(s) < times:
-                hits.append(s)
-                batch = {**batch, "target": _poison(batch["target"])}
+    def batches(store, cfg, prepare, shardings, first, total, *args):
+        s = first
+        for batch in original(store, cfg, prepare, shardings, first, total, *args):
+            stacked = isinstance(batch, dispatch.Stacked)
+            for at in range(len(batch["target"]) if stacked else 1):
+                if s in steps and hits.count(s) < times:
+                    hits.append(s)
+                    poisoned = _poison(batch["target"], at if stacked else None)
+                    batch = type(batch)({**batch, "target": poisoned})
+                s += 1
             yield batch
 
     monkeypatch.setattr(segments, "device_batches", batches)

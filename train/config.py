@@ -138,9 +138,14 @@ class TrainLoopConfig:
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     seed: int = 0
     log_every: int = 50
+    # steps per dispatch of the compiled step (a scan over stacked batches, train/dispatch.py):
+    # at most this many, the largest that divides log_every, checkpoint.every and the other
+    # cadences; the same bits as one step per dispatch, with less host work per step
+    steps_per_dispatch: int = 10
     progress: bool = True
     # stop (checkpoint, exit cleanly) after this many steps of this invocation, as a preemption
-    # or SIGTERM does; rerunning continues towards train.steps
+    # or SIGTERM does, at the end of the dispatch that reaches it (train.steps_per_dispatch);
+    # rerunning continues towards train.steps
     stop_after: int | None = None
     # resume from this checkpoint step instead of the latest; later steps are set aside
     resume_step: int | None = None

@@ -112,3 +112,23 @@ def host_rows(categorical: np.ndarray, tables: Sequence[TableRows]) -> dict[str,
         out[COUNT + site] = counts
         out[LOCAL + site] = local
     return out
+
+
+def pad_rows(batches: Sequence[dict[str, np.ndarray]], tables: Sequence[TableRows]) -> list:
+    """The batches with each table's ``uniq:`` and ``count:`` arrays lengthened to the longest
+    among them, so they stack into one dispatch (:mod:`train.dispatch`). The added slots are
+    further distinct fill ids past the table, counted 0: still sorted and distinct, and never
+    read by an example (``local:`` is unchanged)."""
+    out = [dict(b) for b in batches]
+    for table in tables:
+        uniq_key, count_key = UNIQ + table.site, COUNT + table.site
+        longest = max(len(b[uniq_key]) for b in batches)
+        for b in out:
+            uniq, counts = b[uniq_key], b[count_key]
+            short = longest - len(uniq)
+            if short:
+                start = max(int(uniq[-1]) + 1, table.rows)
+                fills = np.arange(start, start + short, dtype=np.int32)
+                b[uniq_key] = np.concatenate([uniq, fills])
+                b[count_key] = np.concatenate([counts, np.zeros(short, np.float32)])
+    return out

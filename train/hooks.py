@@ -112,7 +112,7 @@ class NonFiniteGuard:
 
     def after_step(self, progress: Progress) -> None:
         if self.skips is not None:
-            self.skips.add(progress.loss)
+            self.skips.add(progress.losses)
         if not logs_at(progress.step, self.log_every, self.total):
             return
         progress.last_loss = float(progress.loss)
@@ -157,7 +157,7 @@ class Metrics:
         self.t_log, self.rows_since = time.perf_counter(), 0
 
     def after_step(self, progress: Progress) -> None:
-        self.rows_since += self.batch_size
+        self.rows_since += self.batch_size * progress.taken
         if logs_at(progress.step, self.log_every, self.total):
             now = time.perf_counter()
             rate = self.rows_since / max(now - self.t_log, 1e-9)
@@ -181,7 +181,7 @@ class Metrics:
                 self.out.flush()
                 for sink in self.sinks:
                     sink.write(progress.step, record)
-        self.bar.update(1)
+        self.bar.update(progress.taken)
 
 
 class Checkpoints:

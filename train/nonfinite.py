@@ -76,10 +76,16 @@ def optimizer_step(
 
 
 @jax.jit
-def _tally(counts: jax.Array, loss: jax.Array) -> jax.Array:
-    skipped = ~jnp.isfinite(loss)
-    streak = jnp.where(skipped, counts[0] + 1, 0)
-    return jnp.stack([streak, counts[1] + skipped.astype(counts.dtype)])
+def _tally(counts: jax.Array, losses: jax.Array) -> jax.Array:
+    """``counts`` (streak, total) after steps with these losses, in order (one or several
+    steps of a dispatch): the streak runs on through a dispatch of skipped steps, and
+    otherwise is the skipped steps after its last finite one."""
+    skipped = ~jnp.isfinite(jnp.atleast_1d(losses))
+    n = skipped.shape[0]
+    last_finite = jnp.max(jnp.where(skipped, -1, jnp.arange(n)))
+    streak = jnp.where(last_finite < 0, counts[0] + n, n - 1 - last_finite)
+    total = counts[1] + jnp.sum(skipped, dtype=counts.dtype)
+    return jnp.stack([streak.astype(counts.dtype), total])
 
 
 class SkipCount:
@@ -89,8 +95,9 @@ class SkipCount:
     def __init__(self) -> None:
         self._counts = jnp.zeros(2, jnp.int32)
 
-    def add(self, loss: jax.Array) -> None:
-        self._counts = _tally(self._counts, loss)
+    def add(self, losses: jax.Array) -> None:
+        """Count a dispatch's steps: its loss, or each of its steps' losses in order."""
+        self._counts = _tally(self._counts, losses)
 
     def read(self) -> tuple[int, int]:
         """``(skipped in a row now, skipped in all)``."""

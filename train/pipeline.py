@@ -19,7 +19,7 @@ import grain
 import jax
 import numpy as np
 
-from . import distributed
+from . import dispatch, distributed
 from .config import Config
 from .cores import CoreSplit, pipeline_threads
 from .store import Store
@@ -116,22 +116,39 @@ def iterate(
     stop: int,
     prefetch: int,
     cores: CoreSplit | None = None,
+    per_dispatch: int = 1,
+    finish: Callable[[Any], Any] = lambda batch: batch,
+    stack: Callable[[list[Any]], Any] = dispatch.stack,
 ) -> Iterator[Any]:
-    """Batches for steps ``start..stop-1`` through grain, prefetched on background threads
-    (on ``cores.data`` when given, see :mod:`train.cores`).
+    """What each dispatch of steps ``start..stop-1`` takes, through grain, prefetched on
+    background threads (on ``cores.data`` when given, see :mod:`train.cores`): one batch, or
+    ``per_dispatch`` consecutive batches stacked (``stack``), as :func:`train.dispatch.units`
+    plans them; ``finish`` runs on each in the same threads.
 
-    Each grain element holds the batches of a few consecutive steps, so grain's own work per
-    element (futures, statistics, the hand-off between threads) is paid once per group.
+    Each grain element holds at least a few steps, so grain's own work per element (futures,
+    statistics, the hand-off between threads) is paid once per group.
     """
-    if stop <= start:
+    plan = dispatch.units(start, stop, per_dispatch)
+    if not len(plan):
         return iter(())
+    per_element = max(1, STEPS_PER_ELEMENT // per_dispatch)
 
-    def group(first: int) -> list[Any]:
+    def element(i: int) -> list[Any]:
         if cores is not None:
             cores.pin_data_thread()
-        return [batches(s) for s in range(first, min(first + STEPS_PER_ELEMENT, stop))]
+        out = []
+        for first, length in zip(
+            plan.starts[i : i + per_element].tolist(),
+            plan.lengths[i : i + per_element].tolist(),
+            strict=True,
+        ):
+            if length == 1:
+                out.append(finish(batches(first)))
+            else:
+                out.append(finish(stack([batches(s) for s in range(first, first + length)])))
+        return out
 
-    ds = grain.MapDataset.range(start, stop, STEPS_PER_ELEMENT).map(group)
+    ds = grain.MapDataset.range(0, len(plan), per_element).map(element)
     threads = pipeline_threads(prefetch)
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, 1))
     return itertools.chain.from_iterable(ds.to_iter_dataset(read_options=options))
@@ -145,15 +162,21 @@ def device_batches(
     first: int,
     total: int,
     cores: CoreSplit | None = None,
+    per_dispatch: int = 1,
+    stack: Callable[[list[Any]], Any] = dispatch.stack,
 ) -> Iterator[dict[str, Any]]:
-    """The global batches of steps ``first..total-1`` of a job (``cfg.data``, ``cfg.train.seed``).
+    """The global batches of steps ``first..total-1`` of a job (``cfg.data``, ``cfg.train.seed``),
+    ``per_dispatch`` steps' stacked into one where :func:`train.dispatch.units` plans it.
     Each process's local batch goes through the host-side ``prepare`` registered by the step
-    (the row-sparse step's deduplication) and is assembled into global arrays placed by
-    ``shardings``, all in the pipeline's threads (on ``cores.data`` when given), so the main
-    thread only dispatches steps."""
+    (the row-sparse step's deduplication), stacked ones through its ``stack``, and is
+    assembled into global arrays placed by ``shardings``, all in the pipeline's threads (on
+    ``cores.data`` when given), so the main thread only dispatches steps."""
+    stacked_sh = {k: dispatch.stacked_sharding(s) for k, s in shardings.items()}
 
     def to_device(local: dict[str, np.ndarray]) -> dict[str, Any]:
-        return distributed.step_inputs(prepare(local), shardings)
+        if isinstance(local, dispatch.Stacked):
+            return dispatch.Stacked(distributed.step_inputs(local, stacked_sh))
+        return distributed.step_inputs(local, shardings)
 
     batches = StepBatches(
         store,
@@ -161,7 +184,7 @@ def device_batches(
         cfg.train.seed,
         jax.process_index(),
         jax.process_count(),
-        transform=to_device,
+        transform=prepare,
         block=cfg.data.shuffle_block,
     )
-    return iterate(batches, first, total, cfg.data.prefetch, cores)
+    return iterate(batches, first, total, cfg.data.prefetch, cores, per_dispatch, to_device, stack)

@@ -21,6 +21,7 @@ from blayers import guides
 
 from . import checkpoint as ckpt
 from . import (
+    dispatch,
     distributed,
     files,
     hooks,
@@ -90,6 +91,15 @@ def train_segments(
     )
     first, total = int(state.step), int(cfg.train.steps)
     progress = Progress(first, state)
+    per_dispatch = dispatch.group_size(
+        cfg.train.steps_per_dispatch,
+        (
+            cfg.train.log_every,
+            cfg.checkpoint.every,
+            cfg.train.convergence.sample_every,
+            recenter_every if recenter is not None else 0,
+        ),
+    )
     with (
         distributed.explain_peer_failure("training"),
         hooks.StopSignal() as stop,
@@ -105,6 +115,8 @@ def train_segments(
                     progress.step,
                     total,
                     run.cores,
+                    per_dispatch,
+                    step_fn.stack,
                 )
             )
             metrics.clock = batches
@@ -365,7 +377,9 @@ def make_run_recenter(
         t.site: row_counts(by_site[t.site], vocab_counts, setup.columns) for t in found.tables
     }
     rows = sum(len(c) for c in counts.values())
-    cadence = max(every, -(-rows // batch_size))
+    # a multiple of ``every``, so the run's other cadences and its steps per dispatch
+    # (train.dispatch) still divide it
+    cadence = -(-max(every, -(-rows // batch_size)) // every) * every
     new_rows = None
     if prior is not None:  # the intercept's prior is day 1's posterior marginal
         if setup.information is None:

@@ -39,6 +39,7 @@ def check_run_settings(cfg: Config) -> None:
     if cfg.train.stop_after is not None:
         _positive(cfg.train.stop_after, "train.stop_after", "must be positive, or null")
     _positive(cfg.train.log_every, "train.log_every")
+    _positive(cfg.train.steps_per_dispatch, "train.steps_per_dispatch")
     _positive(cfg.checkpoint.every, "checkpoint.every")
     _positive(
         cfg.checkpoint.max_to_keep,
@@ -177,6 +178,7 @@ SAFE_TO_CHANGE = (
     "train.stop_after",
     "train.progress",
     "train.log_every",
+    "train.steps_per_dispatch",
     "train.resume_step",
     "train.resume",
     "train.non_finite",

@@ -28,13 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 from numpyro import handlers
 
 from blayers import guides, posterior_prior
 
 from . import prior_from
 from .dedup import COUNT, LOCAL, UNIQ, TableRows
+from .dispatch import StepPrograms, jit_steps
 from .model import GatheredRows
 from .nonfinite import optimizer_step
 from .state import (
@@ -288,8 +289,9 @@ def make_sparse_step(
     prior_shardings: Any = None,
     widen: float | None = None,
     antithetic: bool = False,
-) -> Callable[..., tuple[TrainState, jax.Array]]:
-    """``step(state, batch, counts) -> (state, loss)``; the state is donated and tables are
+) -> StepPrograms:
+    """``step(state, batch, counts) -> (state, loss)``, alone and scanned
+    (:mod:`train.dispatch`); the state is donated and tables are
     updated in place, row by row. ``skip_non_finite``: as in :func:`train.step.make_step`;
     a skipped step scatters its rows nowhere, so it costs no pass over the tables. With
     ``prior_shardings`` (:mod:`train.prior_from`) the step is ``step(state, batch, counts,
@@ -343,16 +345,8 @@ def make_sparse_step(
         opt_state = {"dense": dense_opt}
         return TrainState(state.step + 1, params, opt_state, state.rng), value
 
-    in_shardings: tuple[Any, ...] = (state_shardings, dict(batch_shardings), dict(counts_shardings))
-    if prior_shardings is not None:
-        in_shardings = (*in_shardings, prior_shardings)
-    replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
-    return jax.jit(
-        step,
-        in_shardings=in_shardings,
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
+    rest = (dict(counts_shardings),) + (() if prior_shardings is None else (prior_shardings,))
+    return jit_steps(step, state_shardings, batch_shardings, rest)
 
 
 def row_counts(term: Any, vocab_counts: Mapping[str, np.ndarray], columns: Any) -> np.ndarray:

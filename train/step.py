@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from blayers import guides, posterior_prior
 from blayers.posterior_prior import PosteriorPrior
 
 from . import (
+    dispatch,
     prior_from,
 )
-from .dedup import host_rows
+from .dedup import host_rows, pad_rows
+from .dispatch import Stacked, StepPrograms, jit_steps
 from .nonfinite import optimizer_step
 from .plan import row_sharding
 from .setup import Setup
@@ -75,14 +77,14 @@ def make_step(
     prior_shardings: Any = None,
     widen: float | None = None,
     antithetic: bool = False,
-) -> Callable[..., tuple[TrainState, jax.Array]]:
-    """``step(state, batch) -> (state, loss)``. The step key is ``fold_in(rng, step)``, so a
-    resumed run draws exactly what an uninterrupted one would. ``skip_non_finite``: a step
+) -> StepPrograms:
+    """``step(state, batch) -> (state, loss)``, alone and scanned (:mod:`train.dispatch`).
+    The step key is ``fold_in(rng, step)``, so a resumed run draws exactly what an
+    uninterrupted one would. ``skip_non_finite``: a step
     whose loss or gradient is not finite leaves the parameters and optimizer state as they
     were and reports a NaN loss (``train.nonfinite``). With ``prior_shardings`` (those of
     :meth:`train.prior_from.RunPrior.arrays`) the step is ``step(state, batch, prior)``."""
     loss = loss_fn(model, guide, num_data, widen, antithetic)
-    replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
 
     def step(
         state: TrainState, batch: Mapping[str, jax.Array], prior: Any = None
@@ -95,24 +97,21 @@ def make_step(
         )
         return TrainState(state.step + 1, params, opt_state, state.rng), value
 
-    in_shardings: tuple[Any, ...] = (state_shardings, dict(batch_shardings))
-    if prior_shardings is not None:
-        in_shardings = (*in_shardings, prior_shardings)
-    return jax.jit(
-        step,
-        in_shardings=in_shardings,
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
+    rest = () if prior_shardings is None else (prior_shardings,)
+    return jit_steps(step, state_shardings, batch_shardings, rest)
 
 
 @dataclass
 class TrainStep:
-    """A compiled step plus what feeds it: host-side batch preparation and batch shardings."""
+    """A compiled step plus what feeds it: host-side batch preparation, how prepared batches
+    stack into one dispatch of several steps (:mod:`train.dispatch`), and batch shardings.
+    Called with a :class:`train.dispatch.Stacked` batch it takes all its steps and returns
+    each one's loss."""
 
     step: Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, jax.Array]]
     prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     batch_shardings: dict[str, NamedSharding]
+    stack: Callable[[Sequence[dict[str, np.ndarray]]], Stacked] = dispatch.stack
 
     def __call__(self, state: TrainState, batch: Mapping[str, jax.Array]) -> Any:
         return self.step(state, batch)
@@ -184,4 +183,9 @@ def make_train_step(
     def prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {**batch, **host_rows(batch["categorical"], tables)} if host_dedup else batch
 
-    return TrainStep(lambda state, batch: step(state, batch, counts, *extra), prepare, batch_sh)
+    def stack(batches: Sequence[dict[str, np.ndarray]]) -> Stacked:
+        return dispatch.stack(pad_rows(batches, tables) if host_dedup else batches)
+
+    return TrainStep(
+        lambda state, batch: step(state, batch, counts, *extra), prepare, batch_sh, stack
+    )

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from .state import TrainState
 
 
@@ -27,6 +29,8 @@ class Progress:
     step: int
     state: TrainState
     loss: Any = None  # this step's loss, on the device
+    losses: Any = None  # the loss of each step of the last dispatch (``taken`` of them)
+    taken: int = 1  # steps the last dispatch took (train.dispatch)
     last_loss: float = math.nan  # the loss at the last logged step, on the host
     halt: bool = False  # end the segment after this step (a stop request)
     diverged: str | None = None  # what went wrong; the segment ends before later hooks
@@ -38,8 +42,11 @@ class Hook(Protocol):
 
 
 class Trainer:
-    """Runs ``step(state, batch) -> (state, loss)`` over batches, hooks after each step.
-    ``block_every_step``: wait for each step to finish (fake CPU devices can deadlock on
+    """Runs ``step(state, batch) -> (state, loss)`` over batches, hooks after each step. A
+    batch may hold several steps' batches (:class:`train.dispatch.Stacked`); the step then
+    returns each step's loss, and the hooks run once, after its last step (the dispatch
+    plan ends a dispatch wherever a hook acts, :mod:`train.dispatch`).
+    ``block_every_step``: wait for each dispatch to finish (fake CPU devices can deadlock on
     un-blocked collective loops, see DESIGN)."""
 
     def __init__(
@@ -57,8 +64,10 @@ class Trainer:
         out, a hook halts, or one reports a divergence (yielded before any later hook sees
         the step). A caller may read or replace ``progress.state`` between steps."""
         for batch in batches:
-            progress.state, progress.loss = self.step(progress.state, batch)
-            progress.step += 1
+            progress.state, progress.losses = self.step(progress.state, batch)
+            progress.taken = int(np.size(progress.losses))
+            progress.loss = progress.losses[-1] if np.ndim(progress.losses) else progress.losses
+            progress.step += progress.taken
             if self.block_every_step:
                 progress.loss.block_until_ready()
             for hook in self.hooks:
