@@ -125,17 +125,23 @@ def _assert_params(run_dir, reference, exact=True):
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "row-sparse"])
 def test_ten_steps_per_dispatch_train_the_bits_of_one_on_eight_devices(data, tmp_path, sparse):
-    # 33 steps: three dispatches of 10, then three single steps
     terms = {"model.terms": SPARSE_TERMS} if sparse else {}
-    common = {**terms, "train.steps": 33, "train.log_every": 10}
-    one = small_config(data, tmp_path / "one", **common, **{"train.steps_per_dispatch": 1})
-    loop.train(one, log=lambda _: None)
+    common = {**terms, "train.steps": 30, "train.log_every": 10}
+    one = {"train.steps_per_dispatch": 1}
+    loop.train(small_config(data, tmp_path / "one", **common, **one), log=lambda _: None)
     many = small_config(data, tmp_path / "many", **common)
     assert many.train.steps_per_dispatch == 10
     loop.train(many, log=lambda _: None)
     _assert_params(tmp_path / "many", load_params(tmp_path / "one"))
     assert _losses(tmp_path / "many") == _losses(tmp_path / "one")
-    assert [s for s, _ in _losses(tmp_path / "many")] == [10, 20, 30, 33]
+    assert [s for s, _ in _losses(tmp_path / "many")] == [10, 20, 30]
+    # a run of 15 steps (5 per dispatch) continued to 30 (10 per dispatch): single steps
+    # from 15 to 20, then one dispatch of 10; against the same two runs one step at a time
+    for name, per in (("continued", {}), ("continued-one", one)):
+        short = {**common, "train.steps": 15, **per}
+        loop.train(small_config(data, tmp_path / name, **short), log=lambda _: None)
+        loop.train(small_config(data, tmp_path / name, **common, **per), log=lambda _: None)
+    _assert_params(tmp_path / "continued", load_params(tmp_path / "continued-one"))
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "row-sparse"])
@@ -144,12 +150,12 @@ def test_on_one_device_a_stop_lands_on_a_dispatch_and_the_resume_is_exact(data, 
     # (train.dispatch), so the run that stops (at the end of the dispatch that reaches
     # stop_after) and resumes must dispatch its steps as the straight run does: bit-exact
     terms = {"model.terms": SPARSE_TERMS} if sparse else {}
-    common = {**terms, "train.steps": 33, "train.log_every": 10, "mesh.data": 1}
+    common = {**terms, "train.steps": 30, "train.log_every": 10, "mesh.data": 1}
     loop.train(small_config(data, tmp_path / "straight", **common), log=lambda _: None)
     stopped = small_config(data, tmp_path / "stopped", **common, **{"train.stop_after": 7})
     messages: list[str] = []
     assert loop.train(stopped, log=messages.append)["stopped_early"]
-    assert any("stopping at step 10 of 33" in m for m in messages)
+    assert any("stopping at step 10 of 30" in m for m in messages)
     loop.train(small_config(data, tmp_path / "stopped", **common), log=lambda _: None)
     straight = load_params(tmp_path / "straight")
     _assert_params(tmp_path / "stopped", straight)

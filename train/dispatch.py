@@ -7,12 +7,14 @@ body is the step itself: K steps in one dispatch give the state and losses of K 
 to the bit on 8 devices and to the last float bit on one (``tests/test_dispatch.py``).
 
 Hooks act after steps that are multiples of their periods (logs, convergence samples,
-recentering, checkpoints), so a run's K divides every one of them (:func:`group_size`) and a
-dispatch never passes a step where a hook acts. Dispatches lie on the grid of multiples of K
-(:func:`units`); steps before the first multiple (a resume from a step off the grid) and
-after the last one below ``train.steps`` run one per dispatch. Every stop lands on the grid
-(a signal, ``train.stop_after`` and convergence end the dispatch that reaches them; checkpoints
-are multiples of K), so a resumed run dispatches its steps as the uninterrupted run did.
+recentering, checkpoints, and the run's last step), so a run's K divides every one of them
+(:func:`group_size`) and a dispatch never passes a step where a hook acts. Dispatches lie on
+the grid of multiples of K (:func:`units`), and so does every stop: a signal,
+``train.stop_after`` and convergence end the dispatch that reaches them, and checkpoints and
+the last step are multiples of K. A run therefore compiles one program, the scan, and a
+resumed run dispatches its steps as the uninterrupted run did. Only a run continued from a
+step off its new grid (``train.steps`` raised to a total that K no longer divides the old
+one's) takes single steps, up to the next multiple of K, and compiles the single step too.
 
 That matters because a scan of K steps equals K single steps only to the last bit on some
 programs: on one device, XLA compiled a small logit model's loop body so that one Adam moment
@@ -58,7 +60,8 @@ class Units:
 
 def units(first: int, stop: int, k: int) -> Units:
     """Dispatches of K steps on the grid of multiples of ``k`` within ``[first, stop)``;
-    single steps before the first multiple and after the last."""
+    single steps before the first multiple and after the last (none where ``k`` divides
+    ``first`` and ``stop``, as in a run's own resumes)."""
     stop = max(first, stop)
     lo = min(stop, -(-first // k) * k)
     hi = max(lo, stop // k * k)

@@ -94,6 +94,7 @@ def train_segments(
     per_dispatch = dispatch.group_size(
         cfg.train.steps_per_dispatch,
         (
+            total,  # the last step is logged and saved too, and no tail of single steps
             cfg.train.log_every,
             cfg.checkpoint.every,
             cfg.train.convergence.sample_every,
