@@ -66,6 +66,7 @@ REPO = HERE.parent
 CACHE = HERE / ".cache"
 UPSTREAM_VENV = CACHE / "venv-upstream"
 BATCH, DENSE_D, EMBED_DIM, N_DATA = 4096, 32, 8, 10_000_000
+E2E_PER_DISPATCH = 10  # train.steps_per_dispatch in the e2e ratio's second run (train.dispatch)
 PLATFORM = "cpu"  # JAX_PLATFORMS of the workers (--platform)
 UPSTREAM_SITE = ""  # a pip --target folder holding upstream blayers (--upstream-site)
 
@@ -254,7 +255,7 @@ def worker_e2e_ratio(c, term, blocks, dedicated_cores, block_s=0.3):
     import jax
 
     cfg, setup, step = _ours_setup(c, term, True)
-    k = cfg.train.steps_per_dispatch  # the service's default (train.dispatch)
+    k = E2E_PER_DISPATCH
     runners = {}
     for key in ("step", "e2e", "e2e-1"):
         state = jax.jit(setup.init, out_shardings=setup.shardings)()

@@ -126,9 +126,9 @@ def _assert_params(run_dir, reference, exact=True):
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "row-sparse"])
 def test_ten_steps_per_dispatch_train_the_bits_of_one_on_eight_devices(data, tmp_path, sparse):
     terms = {"model.terms": SPARSE_TERMS} if sparse else {}
-    common = {**terms, "train.steps": 30, "train.log_every": 10}
+    common = {**terms, "train.steps": 30, "train.log_every": 10, "train.steps_per_dispatch": 10}
     one = {"train.steps_per_dispatch": 1}
-    loop.train(small_config(data, tmp_path / "one", **common, **one), log=lambda _: None)
+    loop.train(small_config(data, tmp_path / "one", **{**common, **one}), log=lambda _: None)
     many = small_config(data, tmp_path / "many", **common)
     assert many.train.steps_per_dispatch == 10
     loop.train(many, log=lambda _: None)
@@ -140,7 +140,7 @@ def test_ten_steps_per_dispatch_train_the_bits_of_one_on_eight_devices(data, tmp
     for name, per in (("continued", {}), ("continued-one", one)):
         short = {**common, "train.steps": 15, **per}
         loop.train(small_config(data, tmp_path / name, **short), log=lambda _: None)
-        loop.train(small_config(data, tmp_path / name, **common, **per), log=lambda _: None)
+        loop.train(small_config(data, tmp_path / name, **{**common, **per}), log=lambda _: None)
     _assert_params(tmp_path / "continued", load_params(tmp_path / "continued-one"))
 
 
@@ -151,6 +151,7 @@ def test_on_one_device_a_stop_lands_on_a_dispatch_and_the_resume_is_exact(data, 
     # stop_after) and resumes must dispatch its steps as the straight run does: bit-exact
     terms = {"model.terms": SPARSE_TERMS} if sparse else {}
     common = {**terms, "train.steps": 30, "train.log_every": 10, "mesh.data": 1}
+    common |= {"train.steps_per_dispatch": 10}
     loop.train(small_config(data, tmp_path / "straight", **common), log=lambda _: None)
     stopped = small_config(data, tmp_path / "stopped", **common, **{"train.stop_after": 7})
     messages: list[str] = []
@@ -160,6 +161,6 @@ def test_on_one_device_a_stop_lands_on_a_dispatch_and_the_resume_is_exact(data, 
     straight = load_params(tmp_path / "straight")
     _assert_params(tmp_path / "stopped", straight)
     # one step per dispatch: the same posterior to float rounding
-    one = small_config(data, tmp_path / "one", **common, **{"train.steps_per_dispatch": 1})
+    one = small_config(data, tmp_path / "one", **{**common, "train.steps_per_dispatch": 1})
     loop.train(one, log=lambda _: None)
     _assert_params(tmp_path / "one", straight, exact=False)
