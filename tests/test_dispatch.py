@@ -135,6 +135,8 @@ def test_ten_steps_per_dispatch_train_the_bits_of_one_on_eight_devices(data, tmp
     _assert_params(tmp_path / "many", load_params(tmp_path / "one"))
     assert _losses(tmp_path / "many") == _losses(tmp_path / "one")
     assert [s for s, _ in _losses(tmp_path / "many")] == [10, 20, 30]
+    if not sparse:
+        return
     # a run of 15 steps (5 per dispatch) continued to 30 (10 per dispatch): single steps
     # from 15 to 20, then one dispatch of 10; against the same two runs one step at a time
     for name, per in (("continued", {}), ("continued-one", one)):
