@@ -142,7 +142,7 @@ class TrainLoopConfig:
     # at most this many, the largest that divides train.steps, log_every, checkpoint.every and
     # the other cadences. Less host work per step, which feeds light steps (row-sparse random
     # effects: end to end 0.65x -> 0.87x of step-only on 2 cores), but XLA:CPU runs heavier
-    # steps ~10% slower inside the scan (embedding, FM, the default job), so 1 by default
+    # steps ~10% slower inside the scan (embedding and FM at 10^6), so 1 by default
     steps_per_dispatch: int = 1
     progress: bool = True
     # stop (checkpoint, exit cleanly) after this many steps of this invocation, as a preemption
