@@ -54,8 +54,9 @@ def _brute_units(first, stop, k):
 @given(first=st.integers(0, 60), span=st.integers(0, 80), k=st.integers(1, 12))
 def test_units_equal_a_step_by_step_walk(first, span, k):
     plan = dispatch.units(first, first + span, k)
-    got = list(zip(plan.starts.tolist(), plan.lengths.tolist(), strict=True))
-    assert got == _brute_units(first, first + span, k)
+    assert [plan[i] for i in range(len(plan))] == _brute_units(first, first + span, k)
+    with pytest.raises(IndexError):
+        plan[len(plan)]
 
 
 @settings(max_examples=200, deadline=None)

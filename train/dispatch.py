@@ -52,14 +52,29 @@ def group_size(requested: int, periods: Iterable[int]) -> int:
 
 @dataclass(frozen=True)
 class Units:
-    """The dispatches from step ``first`` to ``stop``: ``starts[i]`` is the first step of
-    dispatch ``i`` and ``lengths[i]`` its number of steps (1 or K)."""
+    """The dispatches of steps ``first..stop-1``: single steps from ``first`` to ``lo``,
+    dispatches of ``k`` from ``lo`` to ``hi``, single steps from ``hi`` to ``stop``. Computed
+    per index, so a run of any length costs no memory for its plan."""
 
-    starts: np.ndarray
-    lengths: np.ndarray
+    first: int
+    lo: int
+    hi: int
+    stop: int
+    k: int
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return (self.lo - self.first) + (self.hi - self.lo) // self.k + (self.stop - self.hi)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        """``(first step, steps)`` of dispatch ``i``."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        head, groups = self.lo - self.first, (self.hi - self.lo) // self.k
+        if i < head:
+            return self.first + i, 1
+        if i < head + groups:
+            return self.lo + (i - head) * self.k, self.k
+        return self.hi + (i - head - groups), 1
 
 
 def units(first: int, stop: int, k: int) -> Units:
@@ -69,12 +84,7 @@ def units(first: int, stop: int, k: int) -> Units:
     stop = max(first, stop)
     lo = min(stop, -(-first // k) * k)
     hi = max(lo, stop // k * k)
-    pieces = [(a, b, step) for a, b, step in ((first, lo, 1), (lo, hi, k), (hi, stop, 1)) if b > a]
-    if not pieces:
-        return Units(np.zeros(0, np.int64), np.zeros(0, np.int64))
-    starts = [np.arange(a, b, step, dtype=np.int64) for a, b, step in pieces]
-    lengths = [np.full((b - a) // step, step, np.int64) for a, b, step in pieces]
-    return Units(np.concatenate(starts), np.concatenate(lengths))
+    return Units(first, lo, hi, stop, k)
 
 
 class Stacked(dict):

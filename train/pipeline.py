@@ -137,11 +137,7 @@ def iterate(
         if cores is not None:
             cores.pin_data_thread()
         out = []
-        for first, length in zip(
-            plan.starts[i : i + per_element].tolist(),
-            plan.lengths[i : i + per_element].tolist(),
-            strict=True,
-        ):
+        for first, length in map(plan.__getitem__, range(i, min(i + per_element, len(plan)))):
             if length == 1:
                 out.append(finish(batches(first)))
             else:
