@@ -11,8 +11,9 @@ Three ways to run the same step, each the median over blocks of at least ~0.3 s:
 - ``waited``:    each step waited on before the next is dispatched (as ``train_throughput``);
 - ``queued``:    steps dispatched back to back, waited on at the end of a block, as the
                  training loop runs them (it reads a loss only every ``log_every`` steps);
-- ``scan K``:    K batches per dispatch, one ``lax.scan`` over the same step (the batches'
-                 row arrays padded to one length): what dispatch costs on top of the step.
+- ``scan K``:    K batches per dispatch, the service's ``lax.scan`` over the same step
+                 (``train.steps_per_dispatch``, ``train.dispatch``): what dispatch costs on
+                 top of the step.
 
 The byte floor of a step is what it must move at least once: the batch's arrays (the dense
 features twice, forward and backward), each touched table row's guide state and moments read
@@ -76,51 +77,27 @@ def block_seconds(run, min_s: float = 0.3, blocks: int = 5, steps_per_call: int 
     return statistics.median(out)
 
 
-def pad_rows(batches: list[dict], tables: dict[str, int]) -> list[dict]:
-    """Give every batch's unique-row arrays the longest length among them: fills continue past
-    the table (sorted and distinct, as ``train.dedup`` makes them) with a count of 0."""
-    import numpy as np
-
-    from train.dedup import COUNT, UNIQ
-
-    out = [dict(b) for b in batches]
-    for site, rows in tables.items():
-        k = max(len(b[UNIQ + site]) for b in batches)
-        for b in out:
-            u, c = b[UNIQ + site], b[COUNT + site]
-            extra = k - len(u)
-            if extra:
-                start = max(int(u[-1]) + 1, rows)
-                b[UNIQ + site] = np.concatenate([u, start + np.arange(extra, dtype=u.dtype)])
-                b[COUNT + site] = np.concatenate([c, np.zeros(extra, c.dtype)])
-    return out
-
-
-def scan_runner(c: int, step, state, setup, k: int):
-    """``run(i) -> loss``: K steps in one dispatch, over the 8 benchmark batches stacked."""
+def scan_runner(c: int, step, k: int):
+    """``run(i) -> losses``: K steps in one dispatch over the 8 benchmark batches, as the
+    service runs ``train.steps_per_dispatch=K`` (``TrainStep.stack``, then the step's scanned
+    program, ``train.dispatch``)."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    rows = {s: int(t.rows) for s, t in setup.sparse.items()}
-    local = pad_rows(tt.prepared_batches(c, step), rows)
-    groups = []
-    for g in range(0, len(local), k):
-        chunk = local[g : g + k]
-        groups.append({key: jnp.asarray(np.stack([b[key] for b in chunk])) for key in chunk[0]})
+    from train import dispatch
 
-    @jax.jit
-    def many(state, stacked):
-        state, losses = jax.lax.scan(lambda s, b: step(s, b), state, stacked)
-        return state, losses[-1]
-
-    holder = {"state": state}
+    local = tt.prepared_batches(c, step)
+    sh = {key: dispatch.stacked_sharding(s) for key, s in step.batch_shardings.items()}
+    groups = [
+        dispatch.Stacked(jax.device_put(dict(step.stack(local[g : g + k])), sh))
+        for g in range(0, len(local), k)
+    ]
+    holder = {"state": None}
 
     def run(i):
-        holder["state"], loss = many(holder["state"], groups[i % len(groups)])
-        return loss
+        holder["state"], losses = step(holder["state"], groups[i % len(groups)])
+        return losses
 
-    return run
+    return run, holder
 
 
 def step_bytes(setup, state, batch) -> int:
@@ -154,7 +131,9 @@ def measure(term: str, c: int, batch: int, modes: list[str], k: int, bandwidth: 
             out["bytes"] = step_bytes(setup, state, tt.prepared_batches(c, step)[0])
             out["floor"] = out["bytes"] / bandwidth
         if mode == "scan":
-            out[mode] = block_seconds(scan_runner(c, step, state, setup, k), steps_per_call=k)
+            run, holder = scan_runner(c, step, k)
+            holder["state"] = state
+            out[mode] = block_seconds(run, steps_per_call=k)
         else:
             run = tt._in_memory_runner(c, step, state, block=mode == "waited")
             out[mode] = block_seconds(run)
@@ -162,27 +141,29 @@ def measure(term: str, c: int, batch: int, modes: list[str], k: int, bandwidth: 
     return out
 
 
-def e2e_vs_step(term: str, c: int, batch: int) -> dict:
+def e2e_vs_step(term: str, c: int, batch: int, k: int) -> dict:
     """Seconds per step, queued, with batches held on device and fed by the service's data
-    stage from Parquet, taking turns in blocks in one process."""
+    stage from Parquet, one step per dispatch and ``k`` (``e2e-scan``), taking turns in
+    blocks in one process."""
     import jax
 
     tt.BATCH = batch
     cfg, setup, step = tt._ours_setup(c, term, True)
     tt.e2e_dataset(c)
-    runners = {}
-    for key in ("step", "e2e"):
+    runners, per_call = {}, {"step": 1, "e2e": 1, "e2e-scan": k}
+    for key in per_call:
         state = jax.jit(setup.init, out_shardings=setup.shardings)()
         runners[key] = (
             tt._in_memory_runner(c, step, state, block=False)
             if key == "step"
-            else tt._e2e_runner(cfg, setup, step, state, c, block=False)
+            else tt._e2e_runner(cfg, setup, step, state, c, block=False, per_dispatch=per_call[key])
         )
-    times: dict[str, list[float]] = {k: [] for k in runners}
+    times: dict[str, list[float]] = {key: [] for key in runners}
+    keys = list(runners)
     for b in range(6):
-        for key in list(runners)[b % 2 :] + list(runners)[: b % 2]:
-            times[key].append(block_seconds(runners[key], blocks=1))
-    return {k: statistics.median(v) for k, v in times.items()}
+        for key in keys[b % len(keys) :] + keys[: b % len(keys)]:
+            times[key].append(block_seconds(runners[key], blocks=1, steps_per_call=per_call[key]))
+    return {key: statistics.median(v) for key, v in times.items()}
 
 
 def main() -> None:
@@ -245,14 +226,15 @@ def main() -> None:
         for c in (int(float(x)) for x in args.e2e_cats.split(",")):
             for batch in (int(x) for x in args.e2e_batches.split(",")):
                 try:
-                    sec = e2e_vs_step("random_effects", c, batch)
+                    sec = e2e_vs_step("random_effects", c, batch, args.scan)
                 except Exception as err:
                     print(f"c={c:,} batch {batch}: failed: {str(err)[:100]}", flush=True)
                     continue
-                step, e2e = batch / sec["step"] / 1e6, batch / sec["e2e"] / 1e6
+                step, e2e, scan = (batch / sec[key] / 1e6 for key in ("step", "e2e", "e2e-scan"))
                 print(
                     f"random_effects c={c:,} batch {batch}: step-only {step:.2f} M ex/s, "
-                    f"e2e {e2e:.2f} M ex/s ({e2e / step:.2f}x)",
+                    f"e2e {e2e:.2f} M ex/s ({e2e / step:.2f}x), "
+                    f"e2e {args.scan} per dispatch {scan:.2f} M ex/s ({scan / step:.2f}x)",
                     flush=True,
                 )
 
