@@ -141,8 +141,8 @@ class TrainLoopConfig:
     # steps per dispatch of the compiled step (a scan over stacked batches, train/dispatch.py):
     # at most this many, the largest that divides train.steps, log_every, checkpoint.every and
     # the other cadences. Less host work per step, which feeds light steps (row-sparse random
-    # effects: end to end 0.65x -> 0.87x of step-only on 2 cores), but XLA:CPU runs heavier
-    # steps ~10% slower inside the scan (embedding and FM at 10^6), so 1 by default
+    # effects: end to end 0.60-0.65x -> 0.82-0.87x of step-only on 2 cores), but XLA:CPU runs
+    # heavier steps ~10% slower inside the scan (embedding and FM at 10^6), so 1 by default
     steps_per_dispatch: int = 1
     progress: bool = True
     # stop (checkpoint, exit cleanly) after this many steps of this invocation, as a preemption
