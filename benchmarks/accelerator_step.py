@@ -77,7 +77,7 @@ def block_seconds(run, min_s: float = 0.3, blocks: int = 5, steps_per_call: int 
     return statistics.median(out)
 
 
-def scan_runner(c: int, step, k: int):
+def scan_runner(c: int, step, state, k: int):
     """``run(i) -> losses``: K steps in one dispatch over the 8 benchmark batches, as the
     service runs ``train.steps_per_dispatch=K`` (``TrainStep.stack``, then the step's scanned
     program, ``train.dispatch``)."""
@@ -91,13 +91,13 @@ def scan_runner(c: int, step, k: int):
         dispatch.Stacked(jax.device_put(dict(step.stack(local[g : g + k])), sh))
         for g in range(0, len(local), k)
     ]
-    holder = {"state": None}
+    holder = {"state": state}
 
     def run(i):
         holder["state"], losses = step(holder["state"], groups[i % len(groups)])
         return losses
 
-    return run, holder
+    return run
 
 
 def step_bytes(setup, state, batch) -> int:
@@ -131,9 +131,7 @@ def measure(term: str, c: int, batch: int, modes: list[str], k: int, bandwidth: 
             out["bytes"] = step_bytes(setup, state, tt.prepared_batches(c, step)[0])
             out["floor"] = out["bytes"] / bandwidth
         if mode == "scan":
-            run, holder = scan_runner(c, step, k)
-            holder["state"] = state
-            out[mode] = block_seconds(run, steps_per_call=k)
+            out[mode] = block_seconds(scan_runner(c, step, state, k), steps_per_call=k)
         else:
             run = tt._in_memory_runner(c, step, state, block=mode == "waited")
             out[mode] = block_seconds(run)
