@@ -98,7 +98,7 @@ def train_segments(
             cfg.train.log_every,
             cfg.checkpoint.every,
             cfg.train.convergence.sample_every,
-            recenter_every if recenter is not None else 0,
+            recenter_every,  # 0 when the run does not recenter
         ),
     )
     with (
