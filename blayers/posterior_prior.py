@@ -139,12 +139,12 @@ def elbo_loss(
     :func:`blayers.guides.elbo_loss` (same keys, same draws), with :func:`log_joint`."""
     draw_key, model_key = jax.random.split(key)
 
-    def one(negate: bool) -> jax.Array:
-        draws = guide.draw(draw_key, params, negate)
+    def one(noise: Mapping[str, jax.Array]) -> jax.Array:
+        draws = guide.draw(draw_key, params, noise)
         log_q = sum((d.total() for d in draws.values()), jnp.zeros(()))
         values = {n: d.value for n, d in draws.items()}
         seeded = handlers.seed(handlers.substitute(model, values), model_key)
         trace = handlers.trace(seeded).get_trace(*args, **kwargs)
         return log_q - log_joint(trace, draws, prior)
 
-    return guides.antithetic_mean(one, antithetic)
+    return guides.antithetic_mean(one, guide.noise(draw_key, params), antithetic)

@@ -118,8 +118,10 @@ def make_sparse_loss(
     ) -> jax.Array:
         model_key, draw_key = jax.random.split(key)
 
-        def one(negate: bool) -> jax.Array:
-            draws = guide.draw(draw_key, {**dense, **gathered}, negate)
+        params = {**dense, **gathered}
+
+        def one(noise: Mapping[str, jax.Array]) -> jax.Array:
+            draws = guide.draw(draw_key, params, noise)
             log_q = jnp.zeros(())
             for name, d in draws.items():
                 log_q = log_q + (d.per_row() @ weights[name] if name in sparse else d.total())
@@ -133,7 +135,7 @@ def make_sparse_loss(
             joint = posterior_prior.log_joint(trace, draws, as_prior, weights, prior_rows, known)
             return log_q - joint
 
-        return guides.antithetic_mean(one, antithetic)
+        return guides.antithetic_mean(one, guide.noise(draw_key, params), antithetic)
 
     return loss
 
