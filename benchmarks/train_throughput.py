@@ -66,7 +66,6 @@ REPO = HERE.parent
 CACHE = HERE / ".cache"
 UPSTREAM_VENV = CACHE / "venv-upstream"
 BATCH, DENSE_D, EMBED_DIM, N_DATA = 4096, 32, 8, 10_000_000
-E2E_PER_DISPATCH = 10  # train.steps_per_dispatch in the e2e ratio's second run (train.dispatch)
 PLATFORM = "cpu"  # JAX_PLATFORMS of the workers (--platform)
 UPSTREAM_SITE = ""  # a pip --target folder holding upstream blayers (--upstream-site)
 
@@ -177,7 +176,9 @@ def worker_ours(c, term, sparse, mode, steps, repeats, mean_field_one_draw=False
     state = jax.jit(setup.init, out_shardings=setup.shardings)()
     if mode == "step":
         return _time_steps(_in_memory_runner(c, step, state), steps, repeats)
-    return _time_steps(_e2e_runner(cfg, setup, step, state, c), steps, repeats)
+    k = cfg.train.steps_per_dispatch  # the service's default: a call of the runner takes k steps
+    runner = _e2e_runner(cfg, setup, step, state, c, per_dispatch=k)
+    return _time_steps(runner, max(1, steps // k), repeats) / k
 
 
 def dedicated_cores_line() -> str:
@@ -255,7 +256,7 @@ def worker_e2e_ratio(c, term, blocks, dedicated_cores, block_s=0.3):
     import jax
 
     cfg, setup, step = _ours_setup(c, term, True)
-    k = E2E_PER_DISPATCH
+    k = cfg.train.steps_per_dispatch  # the service's default (train.dispatch)
     runners = {}
     for key in ("step", "e2e", "e2e-1"):
         state = jax.jit(setup.init, out_shardings=setup.shardings)()
