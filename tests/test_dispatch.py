@@ -167,3 +167,33 @@ def test_on_one_device_a_stop_lands_on_a_dispatch_and_the_resume_is_exact(data, 
     one = small_config(data, tmp_path / "one", **{**common, "train.steps_per_dispatch": 1})
     loop.train(one, log=lambda _: None)
     _assert_params(tmp_path / "one", straight, exact=False)
+
+
+def test_the_run_takes_the_steps_per_dispatch_that_every_hook_period_allows(
+    data, tmp_path, monkeypatch
+):
+    # each hook names its periods (train.hooks); the run's K divides them all, so logs,
+    # convergence samples and checkpoints still land on their own steps
+    chosen: list[tuple[list[int], int]] = []
+    group_size = dispatch.group_size
+
+    def spy(requested, periods):
+        periods = list(periods)
+        chosen.append((periods, group_size(requested, periods)))
+        return chosen[-1][1]
+
+    monkeypatch.setattr(dispatch, "group_size", spy)
+    settings = {
+        "train.steps": 36,
+        "train.log_every": 12,
+        "checkpoint.every": 9,
+        "train.convergence.sample_every": 6,
+        "optim.recenter_every": 0,
+    }
+    loop.train(small_config(data, tmp_path / "run", **settings), log=lambda _: None)
+    [(periods, k)] = chosen
+    assert {36, 12, 9, 6} <= set(periods)
+    assert k == 3
+    assert [s for s, _ in _losses(tmp_path / "run")] == [12, 24, 36]
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved == [18, 27, 36]  # every 9 steps, the last three kept

@@ -5,6 +5,11 @@ In the order the service runs them after every step: :class:`Recentering`,
 ``metrics.jsonl``), :class:`Checkpoints` and :class:`StopRequests`. The order matters where a
 hook reads what an earlier one did: the guard decides a logged step's fate before it is
 logged, and a checkpoint is written before a stop request ends the segment.
+
+Each hook names its ``periods``: it acts only after steps that are multiples of one of them
+(a period of 0 never acts). A dispatch of several steps (:mod:`train.dispatch`) must not pass
+such a step, so the run's steps per dispatch divide them all (:func:`periods`). A hook that
+acts at any dispatch's end (a stop request) names none.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ from .convergence import ConvergenceTracker
 from .metric_sinks import Sink
 from .stages import StageClock
 from .trainer import Progress, WaitClock
+
+
+def periods(segment: Sequence[Any]) -> list[int]:
+    """Every step period at which a hook of ``segment`` acts."""
+    return [p for hook in segment for p in hook.periods]
 
 
 def logs_at(step: int, log_every: int, total: int) -> bool:
@@ -58,6 +68,7 @@ class Recentering:
 
     def __init__(self, move: Callable[[Any], Any] | None, every: int) -> None:
         self.move, self.every = move, every
+        self.periods = (every,) if move is not None else ()
 
     def after_step(self, progress: Progress) -> None:
         if self.move is not None and progress.step % self.every == 0:
@@ -81,6 +92,7 @@ class ConvergenceChecks:
         self.tracker, self.every, self.num_rows = tracker, every, num_rows
         self.schedule, self.read_globals = schedule, read_globals
         self.stop, self.until_converged = stop, until_converged
+        self.periods = (every,)
 
     def after_step(self, progress: Progress) -> None:
         if progress.step % self.every:
@@ -109,6 +121,7 @@ class NonFiniteGuard:
         self.skips, self.max_skipped = skips, max_skipped
         self.log_every, self.total = log_every, total
         self.last_saved, self.lr = last_saved, lr
+        self.periods = (log_every, total)  # logs_at
 
     def after_step(self, progress: Progress) -> None:
         if self.skips is not None:
@@ -155,6 +168,7 @@ class Metrics:
         self.sinks = list(sinks)  # TensorBoard, MLflow (train.metric_sinks)
         self.clock: WaitClock | None = None
         self.t_log, self.rows_since = time.perf_counter(), 0
+        self.periods = (log_every, total)  # logs_at
 
     def after_step(self, progress: Progress) -> None:
         self.rows_since += self.batch_size * progress.taken
@@ -190,6 +204,7 @@ class Checkpoints:
 
     def __init__(self, every: int, total: int, save: Callable[[int, Any], str | None]) -> None:
         self.every, self.total, self.save = every, total, save
+        self.periods = (every, total)  # the last step's checkpoint is the caller's
 
     def after_step(self, progress: Progress) -> None:
         if progress.step % self.every == 0 and progress.step != self.total:
@@ -212,6 +227,7 @@ class StopRequests:
     ) -> None:
         self.stop, self.stop_after, self.first, self.total = stop, stop_after, first, total
         self.tracker, self.until_converged, self.log = tracker, until_converged, log
+        self.periods = ()  # at the end of whichever dispatch a request falls in
 
     def after_step(self, progress: Progress) -> None:
         if self.stop_after is not None and progress.step - self.first >= self.stop_after:
@@ -234,6 +250,7 @@ class FirstStep:
 
     def __init__(self, clock: StageClock) -> None:
         self.clock = clock
+        self.periods = ()
 
     def after_step(self, progress: Progress) -> None:
         if "first step" not in self.clock.seconds:

@@ -91,22 +91,19 @@ def train_segments(
     )
     first, total = int(state.step), int(cfg.train.steps)
     progress = Progress(first, state)
-    per_dispatch = dispatch.group_size(
-        cfg.train.steps_per_dispatch,
-        (
-            total,  # the last step is logged and saved too, and no tail of single steps
-            cfg.train.log_every,
-            cfg.checkpoint.every,
-            cfg.train.convergence.sample_every,
-            recenter_every,  # 0 when the run does not recenter
-        ),
-    )
     with (
         distributed.explain_peer_failure("training"),
         hooks.StopSignal() as stop,
         _metrics(run, skips, first, total) as (bar, metrics),
     ):
         while True:  # once, unless a rollback restarts from an earlier step
+            segment = segment_hooks(
+                run, setup, tracker, metrics, skips, stop, recenter, recenter_every, first
+            )
+            # a dispatch never passes a step where a hook acts, and the last step ends one
+            per_dispatch = dispatch.group_size(
+                cfg.train.steps_per_dispatch, [total, *hooks.periods(segment)]
+            )
             batches = WaitClock(
                 device_batches(
                     run.store,
@@ -121,9 +118,6 @@ def train_segments(
                 )
             )
             metrics.clock = batches
-            segment = segment_hooks(
-                run, setup, tracker, metrics, skips, stop, recenter, recenter_every, first
-            )
             # fake CPU devices can deadlock on un-blocked collective loops (see DESIGN)
             block = jax.default_backend() == "cpu" and setup.plan.mesh.devices.size > 1
             progress = Trainer(step_fn, segment, block).run(progress, batches)
