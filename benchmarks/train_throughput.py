@@ -13,11 +13,14 @@ gaussian link, batch 4096, Zipf-distributed ids. Paths:
   and ``optim.antithetic=false`` (one draw of independent Normals per step, as ``AutoNormal``
   with ``Trace_ELBO``), to tell the step's own cost from the default guide's extra work
 - ``numpyro``  hand-written NumPyro: ``plate(subsample_size)``, ``AutoNormal``, optax Adam, jit
+- ``numpyro-scan`` the same, ``svi.update`` scanned over 10 stacked batches per dispatch, as
+  the service does by default: what a NumPyro user would write to cut dispatches
 - ``upstream`` upstream ``blayers`` from PyPI, ``Batched_Trace_ELBO`` (own venv, since it is
   also called ``blayers``; ``--skip-upstream`` leaves it out)
 
-Modes: ``step`` (batches already on device, as the peers run) and ``e2e`` (this project only:
-Parquet → grain data stage → step). Each configuration runs in its own process so its peak RSS
+Modes: ``step`` (batches already on device, as the peers run; ours as shipped, 10 steps per
+dispatch), ``step1`` (the same, one step per dispatch) and ``e2e`` (this project only: Parquet →
+grain data stage → step, as shipped). Each configuration runs in its own process so its peak RSS
 (``VmHWM``) is its own; compile time is excluded; throughput is the median of repeats (each
 at least ~0.5 s), and each cell the median over ``--rounds`` fresh processes, the paths of a
 row taking turns.
@@ -66,6 +69,7 @@ REPO = HERE.parent
 CACHE = HERE / ".cache"
 UPSTREAM_VENV = CACHE / "venv-upstream"
 BATCH, DENSE_D, EMBED_DIM, N_DATA = 4096, 32, 8, 10_000_000
+NUMPYRO_SCAN = 10  # the numpyro-scan peer's steps per dispatch (the service's default)
 PLATFORM = "cpu"  # JAX_PLATFORMS of the workers (--platform)
 UPSTREAM_SITE = ""  # a pip --target folder holding upstream blayers (--upstream-site)
 
@@ -174,10 +178,12 @@ def worker_ours(c, term, sparse, mode, steps, repeats, mean_field_one_draw=False
 
     cfg, setup, step = _ours_setup(c, term, sparse, mean_field_one_draw)
     state = jax.jit(setup.init, out_shardings=setup.shardings)()
-    if mode == "step":
-        return _time_steps(_in_memory_runner(c, step, state), steps, repeats)
-    k = cfg.train.steps_per_dispatch  # the service's default: a call of the runner takes k steps
-    runner = _e2e_runner(cfg, setup, step, state, c, per_dispatch=k)
+    # as shipped: the service's steps per dispatch, a call of the runner taking k steps
+    k = 1 if mode == "step1" else cfg.train.steps_per_dispatch
+    if mode == "e2e":
+        runner = _e2e_runner(cfg, setup, step, state, c, per_dispatch=k)
+    else:
+        runner = _in_memory_runner(c, step, state, per_dispatch=k)
     return _time_steps(runner, max(1, steps // k), repeats) / k
 
 
@@ -206,14 +212,34 @@ def prepared_batches(c, step):
     ]
 
 
-def _in_memory_runner(c, step, state, block=True):
-    """``run(i) -> loss``: one step on the i-th of 8 batches held on device, as the peers get
-    them; the host-side dedup is part of preparing them. ``block``: wait for each step (as
-    the main table does); else steps queue up as they do in a training loop."""
+def _in_memory_runner(c, step, state, block=True, per_dispatch=1):
+    """``run(i) -> loss``: one dispatch on the i-th of 8 batches held on device, as the peers
+    get them; the host-side dedup is part of preparing them. ``per_dispatch`` > 1: the
+    service's scanned step (``train.dispatch``) over that many batches, stacked on device, so
+    a call takes that many steps. ``block``: wait for each dispatch (as the main table does);
+    else dispatches queue up as they do in a training loop."""
     import jax
 
+    from train import dispatch
+
     local = prepared_batches(c, step)
-    batches = [{k: jax.device_put(v, step.batch_shardings[k]) for k, v in b.items()} for b in local]
+    if per_dispatch > 1:
+        shardings = {k: dispatch.stacked_sharding(v) for k, v in step.batch_shardings.items()}
+        batches = [
+            dispatch.Stacked(
+                jax.device_put(
+                    dict(
+                        step.stack([local[(g * per_dispatch + j) % 8] for j in range(per_dispatch)])
+                    ),
+                    shardings,
+                )
+            )
+            for g in range(8)
+        ]
+    else:
+        batches = [
+            {k: jax.device_put(v, step.batch_shardings[k]) for k, v in b.items()} for b in local
+        ]
     holder = {"state": state}
 
     def run(i):
@@ -258,17 +284,17 @@ def worker_e2e_ratio(c, term, blocks, dedicated_cores, block_s=0.3):
     cfg, setup, step = _ours_setup(c, term, True)
     k = cfg.train.steps_per_dispatch  # the service's default (train.dispatch)
     runners = {}
-    for key in ("step", "e2e", "e2e-1"):
+    for key in ("step", "step-k", "e2e", "e2e-1"):
         state = jax.jit(setup.init, out_shardings=setup.shardings)()
+        per_dispatch = k if key in ("step-k", "e2e") else 1
         runners[key] = (
-            _in_memory_runner(c, step, state)
-            if key == "step"
-            else _e2e_runner(
-                cfg, setup, step, state, c, cores, per_dispatch=k if key == "e2e" else 1
-            )
+            _in_memory_runner(c, step, state, per_dispatch=per_dispatch)
+            if key.startswith("step")
+            else _e2e_runner(cfg, setup, step, state, c, cores, per_dispatch=per_dispatch)
         )
     sec = _interleaved(runners, blocks, block_s)
-    sec["e2e"] /= k  # a call of that runner takes k steps
+    for key in ("step-k", "e2e"):
+        sec[key] /= k  # a call of that runner takes k steps
     return {**sec, "split": cores is not None, "per_dispatch": k}
 
 
@@ -352,12 +378,15 @@ def _e2e_runner(cfg, setup, step, state, c, cores=None, block=True, per_dispatch
     return run
 
 
-def worker_numpyro(c, term, steps, repeats):
-    return _time_steps(numpyro_runner(c, term), steps, repeats)
+def worker_numpyro(c, term, steps, repeats, per_dispatch=1):
+    runner = numpyro_runner(c, term, per_dispatch=per_dispatch)
+    return _time_steps(runner, max(1, steps // per_dispatch), repeats) / per_dispatch
 
 
-def numpyro_runner(c, term, block=True):
-    """``run(i) -> loss``: one hand-written NumPyro SVI step (``block`` as in
+def numpyro_runner(c, term, block=True, per_dispatch=1):
+    """``run(i) -> loss``: one hand-written NumPyro SVI step, or with ``per_dispatch`` > 1
+    that many, ``svi.update`` scanned (``lax.scan``) over batches stacked on device: what a
+    NumPyro user would write to cut dispatches as the service does (``block`` as in
     :func:`_in_memory_runner`)."""
     import jax
     import jax.numpy as jnp
@@ -393,6 +422,21 @@ def numpyro_runner(c, term, block=True):
     svi = SVI(model, AutoNormal(model), optax.adam(1e-2), Trace_ELBO())
     state = svi.init(jax.random.PRNGKey(0), **batches[0])
     update = jax.jit(svi.update)
+    if per_dispatch > 1:
+        k = per_dispatch
+        batches = [
+            {
+                key: jnp.stack([batches[(g * k + j) % 8][key] for j in range(k)])
+                for key in batches[0]
+            }
+            for g in range(8)
+        ]
+
+        def scanned(state, stacked):
+            return jax.lax.scan(lambda s, b: svi.update(s, **b), state, stacked)
+
+        many = jax.jit(scanned)
+        update = lambda state, **stacked: many(state, stacked)  # noqa: E731
     holder = {"state": state}
 
     def run(i):
@@ -574,7 +618,8 @@ def main() -> None:
         if path in ("sparse", "dense", "dense-mf"):
             sec = worker_ours(c, term, path == "sparse", mode, steps, repeats, path == "dense-mf")
         else:
-            sec = worker_numpyro(c, term, steps, repeats)
+            per_dispatch = NUMPYRO_SCAN if path == "numpyro-scan" else 1
+            sec = worker_numpyro(c, term, steps, repeats, per_dispatch)
         rss = peak_memory_mb()
         print(json.dumps({"s_per_step": sec, "peak_rss_mb": rss}))
         return
@@ -583,8 +628,8 @@ def main() -> None:
     paths = [p for p in args.paths.split(",") if not (args.skip_upstream and p == "upstream")]
     header = (
         f"{'term':<15}{'c':>10} {'mode':<5}"
-        + "".join(f"{p + ' ex/s':>15}" for p in paths)
-        + "".join(f"{'sparse/' + p:>17}" for p in paths[1:])
+        + "".join(f"{p + ' ex/s':>{_width(p)}}" for p in paths)
+        + "".join(f"{'sparse/' + p:>{_width(p) + 8}}" for p in paths[1:])
         + (
             f"{'sparse RSS MB':>15}{'dense RSS MB':>14}"
             if PLATFORM == "cpu"
@@ -615,14 +660,14 @@ def main() -> None:
                     for p, r in row.items()
                 }
                 cells = "".join(
-                    f"{rate[p]:>15,.0f}" if rate[p] else f"{row[p]['error']:>15}" for p in paths
+                    f"{rate[p]:>{_width(p)},.0f}" if rate[p] else f"{row[p]['error']:>{_width(p)}}"
+                    for p in paths
                 )
                 ratios = "".join(
-                    f"{rate['sparse'] / rate[p]:>16.1f}x"
+                    f"{rate['sparse'] / rate[p]:>{_width(p) + 7}.1f}x"
                     if rate[p] and rate.get("sparse")
-                    else f"{'-':>17}"
-                    for p in paths
-                    if p != "sparse"
+                    else f"{'-':>{_width(p) + 8}}"
+                    for p in paths[1:]
                 )
                 rss = "".join(
                     f"{row[p]['peak_rss_mb']:>15,.0f}"
@@ -640,6 +685,11 @@ def main() -> None:
                 e2e_ratio.append((term, c, dedicated, result))
     print_flatness(flat)
     print_e2e_ratio(e2e_ratio)
+
+
+def _width(path: str) -> int:
+    """A table column's width for ``path``: its header, ``<path> ex/s``, with room."""
+    return max(15, len(path) + 7)
 
 
 def run_flatness(term: str, cats: list[int], blocks: int) -> dict:
@@ -688,11 +738,13 @@ def print_e2e_ratio(results: list[tuple[str, int, bool, dict]]) -> None:
         if dedicated and not sec["split"]:
             print(f"{label} no split on this machine")
             continue
-        step, e2e, e2e_1 = (BATCH / sec[k] for k in ("step", "e2e", "e2e-1"))
+        step, step_k, e2e, e2e_1 = (BATCH / sec[k] for k in ("step", "step-k", "e2e", "e2e-1"))
+        k = sec["per_dispatch"]
         print(
             f"{label} step-only {step / 1e6:.2f} M ex/s, e2e {e2e / 1e6:.2f} M ex/s "
-            f"({e2e / step:.2f}x; {sec['per_dispatch']} steps per dispatch), "
-            f"e2e one step per dispatch {e2e_1 / 1e6:.2f} M ex/s ({e2e_1 / step:.2f}x)",
+            f"({e2e / step:.2f}x; {k} steps per dispatch), "
+            f"e2e one step per dispatch {e2e_1 / 1e6:.2f} M ex/s ({e2e_1 / step:.2f}x); "
+            f"step-only {k} per dispatch {step_k / 1e6:.2f} M ex/s (e2e {e2e / step_k:.2f}x)",
             flush=True,
         )
 
