@@ -28,6 +28,8 @@ row taking turns.
 After each term's rows, the sparse step's flatness in table size is measured again with all
 sizes in one process, taking turns in ~0.3 s blocks (``--flat-blocks`` per size): cells of the
 main table are minutes apart, and a shared machine's speed can drift more than that between them.
+``--peer-blocks N`` does the same for ours as shipped against NumPyro (one step per dispatch
+and scanned) at each size.
 """
 
 from __future__ import annotations
@@ -296,6 +298,27 @@ def worker_e2e_ratio(c, term, blocks, dedicated_cores, block_s=0.3):
     for key in ("step-k", "e2e"):
         sec[key] /= k  # a call of that runner takes k steps
     return {**sec, "split": cores is not None, "per_dispatch": k}
+
+
+def worker_peers(c, term, blocks, block_s=0.3):
+    """Seconds per step of ours as shipped (``sparse: auto``, the service's steps per
+    dispatch), hand-written NumPyro one step per dispatch, and NumPyro scanned over as many
+    batches per dispatch, taking turns in blocks in one process (as ``worker_flatness``):
+    how ours compares with the faster peer without the drift between separate cells."""
+    import jax
+
+    cfg, setup, step = _ours_setup(c, term, "auto")
+    k = cfg.train.steps_per_dispatch
+    state = jax.jit(setup.init, out_shardings=setup.shardings)()
+    runners = {
+        "ours": _in_memory_runner(c, step, state, per_dispatch=k),
+        "numpyro": numpyro_runner(c, term),
+        "numpyro-scan": numpyro_runner(c, term, per_dispatch=k),
+    }
+    sec = _interleaved(runners, blocks, block_s)
+    for key in ("ours", "numpyro-scan"):
+        sec[key] /= k  # a call of that runner takes k steps
+    return {**sec, "per_dispatch": k, "sparse": bool(setup.sparse)}
 
 
 def _interleaved(runners, blocks, block_s):
@@ -595,6 +618,14 @@ def main() -> None:
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--flatness-worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--e2e-ratio-worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--peers-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--peer-blocks",
+        type=int,
+        default=0,
+        help="after each term's rows, ours as shipped against NumPyro (one step per dispatch "
+        "and scanned), interleaved in one process per size, this many blocks (0 skips it)",
+    )
     args = parser.parse_args()
     global PLATFORM, UPSTREAM_SITE
     PLATFORM, UPSTREAM_SITE = args.platform, args.upstream_site
@@ -605,6 +636,11 @@ def main() -> None:
         term, cats, blocks = args.flatness_worker
         sizes = [int(x) for x in cats.split(",")]
         print(json.dumps(worker_flatness(sizes, term, int(blocks))))
+        return
+
+    if args.peers_worker:
+        c, term, blocks = args.peers_worker
+        print(json.dumps(worker_peers(int(c), term, int(blocks))))
         return
 
     if args.e2e_ratio_worker:
@@ -641,6 +677,7 @@ def main() -> None:
     print("-" * len(header))
     flat: list[tuple[str, dict]] = []
     e2e_ratio: list[tuple[str, int, bool, dict]] = []
+    peers: list[tuple[str, int, dict]] = []
     for term in args.terms.split(","):
         for c in cats:
             for mode in args.modes.split(","):
@@ -678,6 +715,9 @@ def main() -> None:
                 print(f"{term:<15}{c:>10} {mode:<5}{cells}{ratios}{rss}", flush=True)
         if "sparse" in paths and "step" in args.modes and len(cats) > 1 and args.flat_blocks:
             flat.append((term, run_flatness(term, cats, args.flat_blocks)))
+        if args.peer_blocks:
+            for c in cats:
+                peers.append((term, c, run_peers(term, c, args.peer_blocks)))
         if "sparse" in paths and "e2e" in args.modes and args.flat_blocks:
             c = 1_000_000 if 1_000_000 in cats else max(cats)
             for dedicated in (False, True):
@@ -685,6 +725,7 @@ def main() -> None:
                 e2e_ratio.append((term, c, dedicated, result))
     print_flatness(flat)
     print_e2e_ratio(e2e_ratio)
+    print_peers(peers)
 
 
 def _width(path: str) -> int:
@@ -696,6 +737,35 @@ def run_flatness(term: str, cats: list[int], blocks: int) -> dict:
     sizes = ",".join(map(str, cats))
     cmd = [sys.executable, __file__, "--flatness-worker", term, sizes, str(blocks)]
     return _run_worker(cmd, worker_env(), timeout=3600)
+
+
+def run_peers(term: str, c: int, blocks: int) -> dict:
+    cmd = [sys.executable, __file__, "--peers-worker", str(c), term, str(blocks)]
+    return _run_worker(cmd, worker_env(), timeout=3600)
+
+
+def print_peers(results: list[tuple[str, int, dict]]) -> None:
+    """Ours as shipped against hand-written NumPyro, one step per dispatch and scanned, all
+    in one process taking turns in blocks (see ``worker_peers``)."""
+    if not results:
+        return
+    print(
+        "\nours as shipped against hand-written NumPyro, interleaved in one process, so all "
+        "under blayers' XLA settings (blayers/xla_flags.py; ms per step):"
+    )
+    for term, c, sec in results:
+        label = f"{term:<15} c={c:<11,}"
+        if "error" in sec:
+            print(f"{label} {sec['error']}")
+            continue
+        ours, one, scan = (sec[k] * 1e3 for k in ("ours", "numpyro", "numpyro-scan"))
+        path = "sparse" if sec["sparse"] else "dense"
+        print(
+            f"{label} ours ({path}, {sec['per_dispatch']} per dispatch) {ours:.3f}, NumPyro "
+            f"{one:.3f} ({one / ours:.2f}x), NumPyro scanned {scan:.3f} ({scan / ours:.2f}x); "
+            f"against the faster {min(one, scan) / ours:.2f}x",
+            flush=True,
+        )
 
 
 def run_e2e_ratio(term: str, c: int, blocks: int, dedicated_cores: bool) -> dict:
