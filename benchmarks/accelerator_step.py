@@ -172,7 +172,14 @@ def main() -> None:
     parser.add_argument("--terms", default="random_effects,embedding,fm")
     parser.add_argument("--batches", default="4096,16384,65536,262144")
     parser.add_argument("--modes", default="waited,queued,scan")
-    parser.add_argument("--scan", type=int, default=4, help="K batches per dispatch")
+    from train.config import TrainLoopConfig
+
+    parser.add_argument(
+        "--scan",
+        type=int,
+        default=TrainLoopConfig().steps_per_dispatch,
+        help="K batches per dispatch (default: the service's train.steps_per_dispatch)",
+    )
     parser.add_argument("--peers", default="numpyro", help="'numpyro' or '' (none)")
     parser.add_argument("--e2e-cats", default="1000000", help="'' skips step vs e2e")
     parser.add_argument("--e2e-batches", default="4096,65536")
