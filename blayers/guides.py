@@ -218,8 +218,6 @@ class MeanFieldGuide:
         negates it (:func:`antithetic_mean`)."""
         names = sorted(params)
         given = given or {}
-        if all(n in given for n in names):
-            return {n: given[n] for n in names}
         keys = jax.random.split(key, max(len(names), 1))
         return {
             n: given[n]

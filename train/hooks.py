@@ -204,7 +204,7 @@ class Checkpoints:
 
     def __init__(self, every: int, total: int, save: Callable[[int, Any], str | None]) -> None:
         self.every, self.total, self.save = every, total, save
-        self.periods = (every, total)  # the last step's checkpoint is the caller's
+        self.periods = (every,)  # the last step's checkpoint is the caller's
 
     def after_step(self, progress: Progress) -> None:
         if progress.step % self.every == 0 and progress.step != self.total:
