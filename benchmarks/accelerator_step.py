@@ -77,29 +77,6 @@ def block_seconds(run, min_s: float = 0.3, blocks: int = 5, steps_per_call: int 
     return statistics.median(out)
 
 
-def scan_runner(c: int, step, state, k: int):
-    """``run(i) -> losses``: K steps in one dispatch over the 8 benchmark batches, as the
-    service runs ``train.steps_per_dispatch=K`` (``TrainStep.stack``, then the step's scanned
-    program, ``train.dispatch``)."""
-    import jax
-
-    from train import dispatch
-
-    local = tt.prepared_batches(c, step)
-    sh = {key: dispatch.stacked_sharding(s) for key, s in step.batch_shardings.items()}
-    groups = [
-        dispatch.Stacked(jax.device_put(dict(step.stack(local[g : g + k])), sh))
-        for g in range(0, len(local), k)
-    ]
-    holder = {"state": state}
-
-    def run(i):
-        holder["state"], losses = step(holder["state"], groups[i % len(groups)])
-        return losses
-
-    return run
-
-
 def step_bytes(setup, state, batch) -> int:
     """Bytes a step moves at least once (see the module's docstring)."""
     import jax
@@ -131,7 +108,9 @@ def measure(term: str, c: int, batch: int, modes: list[str], k: int, bandwidth: 
             out["bytes"] = step_bytes(setup, state, tt.prepared_batches(c, step)[0])
             out["floor"] = out["bytes"] / bandwidth
         if mode == "scan":
-            out[mode] = block_seconds(scan_runner(c, step, state, k), steps_per_call=k)
+            out[mode] = block_seconds(
+                tt._in_memory_runner(c, step, state, block=False, per_dispatch=k), steps_per_call=k
+            )
         else:
             run = tt._in_memory_runner(c, step, state, block=mode == "waited")
             out[mode] = block_seconds(run)

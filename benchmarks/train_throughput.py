@@ -71,7 +71,6 @@ REPO = HERE.parent
 CACHE = HERE / ".cache"
 UPSTREAM_VENV = CACHE / "venv-upstream"
 BATCH, DENSE_D, EMBED_DIM, N_DATA = 4096, 32, 8, 10_000_000
-NUMPYRO_SCAN = 10  # the numpyro-scan peer's steps per dispatch (the service's default)
 PLATFORM = "cpu"  # JAX_PLATFORMS of the workers (--platform)
 UPSTREAM_SITE = ""  # a pip --target folder holding upstream blayers (--upstream-site)
 
@@ -214,6 +213,13 @@ def prepared_batches(c, step):
     ]
 
 
+def dispatch_groups(batches, k):
+    """As many groups of ``k`` consecutive batches as there are batches, cycling through them:
+    the stacked batches of ``k`` steps per dispatch."""
+    n = len(batches)
+    return [[batches[(g * k + j) % n] for j in range(k)] for g in range(n)]
+
+
 def _in_memory_runner(c, step, state, block=True, per_dispatch=1):
     """``run(i) -> loss``: one dispatch on the i-th of 8 batches held on device, as the peers
     get them; the host-side dedup is part of preparing them. ``per_dispatch`` > 1: the
@@ -228,15 +234,8 @@ def _in_memory_runner(c, step, state, block=True, per_dispatch=1):
     if per_dispatch > 1:
         shardings = {k: dispatch.stacked_sharding(v) for k, v in step.batch_shardings.items()}
         batches = [
-            dispatch.Stacked(
-                jax.device_put(
-                    dict(
-                        step.stack([local[(g * per_dispatch + j) % 8] for j in range(per_dispatch)])
-                    ),
-                    shardings,
-                )
-            )
-            for g in range(8)
+            dispatch.Stacked(jax.device_put(dict(step.stack(group)), shardings))
+            for group in dispatch_groups(local, per_dispatch)
         ]
     else:
         batches = [
@@ -446,13 +445,9 @@ def numpyro_runner(c, term, block=True, per_dispatch=1):
     state = svi.init(jax.random.PRNGKey(0), **batches[0])
     update = jax.jit(svi.update)
     if per_dispatch > 1:
-        k = per_dispatch
         batches = [
-            {
-                key: jnp.stack([batches[(g * k + j) % 8][key] for j in range(k)])
-                for key in batches[0]
-            }
-            for g in range(8)
+            {key: jnp.stack([b[key] for b in group]) for key in group[0]}
+            for group in dispatch_groups(batches, per_dispatch)
         ]
 
         def scanned(state, stacked):
@@ -654,7 +649,9 @@ def main() -> None:
         if path in ("sparse", "dense", "dense-mf"):
             sec = worker_ours(c, term, path == "sparse", mode, steps, repeats, path == "dense-mf")
         else:
-            per_dispatch = NUMPYRO_SCAN if path == "numpyro-scan" else 1
+            from train.config import TrainLoopConfig  # the service's steps per dispatch
+
+            per_dispatch = TrainLoopConfig().steps_per_dispatch if path == "numpyro-scan" else 1
             sec = worker_numpyro(c, term, steps, repeats, per_dispatch)
         rss = peak_memory_mb()
         print(json.dumps({"s_per_step": sec, "peak_rss_mb": rss}))
