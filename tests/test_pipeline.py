@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests import data_fixtures
-from train import pipeline
+from train import dedup, dispatch, pipeline
 from train import store as store_lib
 
 
@@ -82,3 +82,34 @@ def test_block_batches_hold_exactly_their_rows_across_chunks_and_the_wrap(
         np.testing.assert_array_equal(batch["categorical"], chunked.column("categorical")[rows])
         np.testing.assert_array_equal(batch["target"], chunked.column("target")[rows])
         assert all(v.ctypes.data % store_lib.ALIGN == 0 for v in batch.values())
+
+
+_TABLE = dedup.TableRows("t", (0,), (0,), 1 << 12)
+
+
+def _dedup_and_double(batch):
+    """A transform that adds arrays (a table's deduplicated rows) and replaces one."""
+    rows = dedup.host_rows(batch["categorical"], [_TABLE])
+    return {**batch, **rows, "target": 2 * batch["target"]}
+
+
+def _pad_and_stack(batches):
+    return dispatch.stack(dedup.pad_rows(batches, [_TABLE]))
+
+
+@pytest.mark.parametrize("transform", [None, _dedup_and_double])
+@pytest.mark.parametrize("batch_size,block", [(64, 4), (60, 20), (64, 32)])
+def test_a_dispatch_gathered_into_one_buffer_equals_its_steps_stacked(
+    chunked, transform, batch_size, block
+):
+    # straddled chunks and the wrap at the epoch's end take the stray-block path of each step
+    batches = pipeline.StepBatches(chunked, batch_size, seed=5, block=block, transform=transform)
+    stack = dispatch.stack if transform is None else _pad_and_stack
+    steps_per_epoch = -(-batches.num_blocks * block // batch_size)
+    for first in (0, steps_per_epoch - 2):
+        got = batches.group(first, 5, stack)
+        want = stack([batches(s) for s in range(first, first + 5)])
+        assert isinstance(got, dispatch.Stacked) and sorted(got) == sorted(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        assert all(v.ctypes.data % store_lib.ALIGN == 0 for v in got.values())

@@ -38,6 +38,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from .store import aligned_arrays
+
 
 def group_size(requested: int, periods: Iterable[int]) -> int:
     """The run's steps per dispatch: the largest ``k <= requested`` that divides every
@@ -100,8 +102,14 @@ def stacked_sharding(sharding: NamedSharding) -> NamedSharding:
 
 def stack(batches: Sequence[Mapping[str, np.ndarray]]) -> Stacked:
     """One array per key, the batches' arrays stacked on a new leading axis (all the same
-    shape; :func:`train.dedup.pad_rows` first evens out the host's row arrays)."""
-    return Stacked({key: np.stack([b[key] for b in batches]) for key in batches[0]})
+    shape; :func:`train.dedup.pad_rows` first evens out the host's row arrays), in aligned
+    buffers that ``device_put`` on CPU uses in place (:func:`train.store.aligned_arrays`)."""
+    keys = list(batches[0])
+    specs = [((len(batches), *batches[0][k].shape), batches[0][k].dtype) for k in keys]
+    out = Stacked(zip(keys, aligned_arrays(specs), strict=True))
+    for key in keys:
+        np.stack([b[key] for b in batches], out=out[key])
+    return out
 
 
 @dataclass

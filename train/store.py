@@ -93,7 +93,7 @@ class Store:
             widths[TARGET] = None
         return widths
 
-    def _empty_batch(self, n: int) -> dict[str, np.ndarray]:
+    def empty_batch(self, n: int) -> dict[str, np.ndarray]:
         """Aligned arrays for an ``n``-row batch; kinds the store lacks (no numeric columns)
         are zero-width and filled here, so gathers only visit stored kinds."""
         shapes = {k: (n,) if w is None else (n, w) for k, w in self._widths().items()}
@@ -107,7 +107,7 @@ class Store:
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Gather ``rows`` (sorted for locality) into one batch of numpy arrays."""
         rows = np.asarray(rows, np.int64)
-        out = self._empty_batch(len(rows))
+        out = self.empty_batch(len(rows))
         if not len(rows):
             return out
         chunk_of = np.searchsorted(self._offsets, rows, side="right") - 1
@@ -138,16 +138,21 @@ class Store:
                     dst[sel] = parts[c][local[sel]]
         return out
 
-    def take_blocks(self, blocks: np.ndarray, block: int) -> dict[str, np.ndarray]:
+    def take_blocks(
+        self, blocks: np.ndarray, block: int, out: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         """Rows ``b·block … b·block + block - 1`` of each of ``blocks`` (ascending), in that
-        order; a block running past the last row wraps around to the first.
+        order; a block running past the last row wraps around to the first. Written into
+        ``out`` where given (arrays of :meth:`empty_batch`'s shapes, e.g. one step's slice of a
+        dispatch's buffer), else into a new batch.
 
         Blocks lying whole in one stored chunk are copied by a single ``np.take`` over a
         ``(blocks, block, width)`` view of that chunk, with no Python loop over blocks: the
         per-batch cost of the data stage is then mostly the bytes it copies.
         """
         blocks = np.asarray(blocks, np.int64)
-        out = self._empty_batch(len(blocks) * block)
+        if out is None:
+            out = self.empty_batch(len(blocks) * block)
         if not len(blocks):
             return out
         starts = blocks * block
