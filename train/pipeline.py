@@ -4,8 +4,9 @@
 ``s·B`` in an endless sequence of per-epoch permutations. Resume is "start at step s"; it
 stays exact when the number of processes changes, since each process takes its contiguous
 share of the same global batch. Rows are gathered in whole batches (sorted numpy takes),
-never one Python object per row; grain's ``MapDataset`` over step numbers prefetches batches
-on background threads (:func:`iterate`).
+never one Python object per row, and the batches of one dispatch of several steps straight
+into one stacked buffer (:meth:`StepBatches.group`); grain's ``MapDataset`` over step numbers
+prefetches them on background threads (:func:`iterate`).
 """
 
 from __future__ import annotations
