@@ -114,7 +114,8 @@ class StepBatches:
         ...])`` gives them, but each step's rows are gathered straight into its slice of one
         ``[k, local, ...]`` buffer: the stored columns, most of a batch's bytes, are copied
         once instead of twice. Only the arrays the transform adds or replaces go through
-        ``stack`` (e.g. the deduplicated rows, which it pads to one length)."""
+        ``stack`` (e.g. the deduplicated rows, which it pads to one length); a transform
+        treats every step alike, so they are the same keys in each."""
         buffers = self.store.empty_batch(k * self.local)
         rows = {n: a.reshape(k, self.local, *a.shape[1:]) for n, a in buffers.items()}
         steps = [{n: a[i] for n, a in rows.items()} for i in range(k)]
