@@ -1325,7 +1325,8 @@ class CategoricalFMLayer(_HierarchicalLayer):
         - \textstyle\sum_f v_{flu}^2\Big]
 
     Cost per row is ``O(F l u)``, independent of ``C``. Sites: ``..._scale``, ``..._theta``
-    ``(C, l, u)`` with logical axes ``("categories", "rank", "units")``; field ``f`` owns rows
+    ``(C, l, u)`` with logical axes ``("categories", "rank", "units")``, or ``(C, l)`` with
+    ``("categories", "rank")`` for one unit with ``unit_axis=False``; field ``f`` owns rows
     ``[off_f, off_f + c_f)`` of the table.
     """
 
@@ -1342,6 +1343,7 @@ class CategoricalFMLayer(_HierarchicalLayer):
         units: int = 1,
         activation: Activation = identity,
         ids_are_rows: bool = False,
+        unit_axis: bool = True,
     ) -> jax.Array:
         """FM over the categorical fields in the columns of ``x``.
 
@@ -1355,6 +1357,11 @@ class CategoricalFMLayer(_HierarchicalLayer):
             ids_are_rows: ``x`` already holds rows of one shared table of ``num_categories``
                 (an int) rows — e.g. fields drawing from one vocabulary, or rows gathered from
                 a larger table.
+            unit_axis: With one unit, keep its axis on the site (``(C, l, 1)``); ``False``
+                makes the site ``(C, l)``, the same numbers in the same order. A table whose
+                last axis has length 1 keeps XLA:CPU from vectorizing the code that draws and
+                updates its rows: a row-sparse FM step at 10⁶ rows ran 1.6–2× faster without
+                it (``benchmarks/results/design_measurements.md``).
 
         Returns:
             ``(n, u)``.
@@ -1376,13 +1383,10 @@ class CategoricalFMLayer(_HierarchicalLayer):
             rows_total = int(sizes.sum())
             rows = x.astype(jnp.int32) + jnp.asarray(offsets, dtype=jnp.int32)
         scale = self._scale(name)
-        theta = self._coef(
-            name,
-            "theta",
-            (rows_total, low_rank_dim, units),
-            (ax.CATEGORIES, ax.RANK, ax.UNITS),
-            scale,
-        )
+        shape, axes = (rows_total, low_rank_dim, units), (ax.CATEGORIES, ax.RANK, ax.UNITS)
+        if units == 1 and not unit_axis:
+            shape, axes = shape[:2], axes[:2]
+        theta = self._coef(name, "theta", shape, axes, scale)
         # One 1-D row gather per field from a flat (C, l*u) view: XLA:CPU is several times
         # faster at this than at one (n, F) gather of (l, u) slices, forward and backward.
         flat = theta.reshape(rows_total, low_rank_dim * units)

@@ -10,11 +10,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.service_helpers import crossed_config
+from tests.service_helpers import (
+    SMALL_TERMS,
+    crossed_config,
+    load_params,
+    small_config,
+    small_dataset,
+)
 from train import loop
+from train.config import with_saved_defaults
 from train.summary import summarize
 
 SCALE, RANK, USERS, ITEMS = 0.6, 2, 60, 20
+FM_THETA = "CategoricalFMLayer_fm_theta"
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +70,38 @@ def test_runs_saved_before_the_choice_keep_conditioned_factors_and_their_fingerp
     site_form = ckpt.fingerprint(sites, "logit", ["t"], "conditional", "site")
     assert site_form == ckpt.fingerprint(sites, "logit", ["t"], "conditional")  # as before
     assert ckpt.fingerprint(sites, "logit", ["t"], "conditional", "free") != site_form
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_factors_stored_without_the_unit_axis_train_the_same_numbers(tmp_path, sparse):
+    # model.fm_unit_axis only changes how one unit's factors are stored: (rows, rank) against
+    # (rows, rank, 1), the same numbers in the same order, so the same run to the bit
+    data = small_dataset(tmp_path)
+    terms = [dict(t) for t in SMALL_TERMS]
+    terms[-1]["sparse"] = sparse  # the FM term
+    params = {}
+    for unit_axis in (True, False):
+        run_dir = tmp_path / f"run_{unit_axis}"
+        settings = {"model.terms": terms, "model.fm_unit_axis": unit_axis}
+        loop.train(small_config(data, run_dir, **settings), log=lambda _: None)
+        params[unit_axis] = load_params(run_dir)
+    with_axis, without = params[True], params[False]
+    assert with_axis[f"{FM_THETA}.loc"].shape == (*without[f"{FM_THETA}.loc"].shape, 1)
+    assert sorted(with_axis) == sorted(without)
+    for key, want in with_axis.items():
+        np.testing.assert_array_equal(without[key].reshape(want.shape), want, err_msg=key)
+
+
+def test_a_run_stored_with_the_unit_axis_resumes_and_is_continued_with_it(tmp_path):
+    assert with_saved_defaults({"model": {"link": "logit"}})["model"]["fm_unit_axis"] is True
+    data = small_dataset(tmp_path)
+    base = tmp_path / "base"
+    settings = {"model.fm_unit_axis": True, "train.steps": 10}
+    loop.train(small_config(data, base, **settings), log=lambda _: None)
+    lines: list[str] = []
+    loop.train(small_config(data, base), log=lines.append)  # today's default, to step 20
+    assert "resuming with model.fm_unit_axis=True, the setting this run was trained with" in lines
+    assert load_params(base)[f"{FM_THETA}.loc"].shape[-1] == 1
+    continued = tmp_path / "continued"
+    loop.train(small_config(data, continued, init_from=str(base)), log=lambda _: None)
+    assert load_params(continued)[f"{FM_THETA}.loc"].shape[-1] == 1

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 import pytest
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 
 from blayers import layers as L
 from tests.helpers import random_params, run_with, trace_sites
@@ -213,6 +213,23 @@ def test_categorical_fm_equals_dense_fm_on_one_hot(rng):
     out_dense = np.asarray(run_with(dense, dense_params, one_hot))
     assert out_cat.shape == (N, UNITS)
     assert_allclose(out_cat, out_dense, rtol=1e-4, atol=1e-5)
+
+
+def test_categorical_fm_without_the_unit_axis_is_the_same_function(rng):
+    sizes = [5, 3, 4]
+    ids = np.stack([rng.integers(0, c, size=N) for c in sizes], axis=1).astype(np.int32)
+    kept = lambda i: L.CategoricalFMLayer()("fm", i, sizes, RANK)  # noqa: E731
+    dropped = lambda i: L.CategoricalFMLayer()("fm", i, sizes, RANK, unit_axis=False)  # noqa: E731
+    p = random_params(kept, ids)
+    theta = p["CategoricalFMLayer_fm_theta"]
+    assert theta.shape == (sum(sizes), RANK, 1)
+    sites = trace_sites(dropped, ids)
+    assert sites["CategoricalFMLayer_fm_theta"]["value"].shape == (sum(sizes), RANK)
+    flat = {**p, "CategoricalFMLayer_fm_theta": theta.reshape(sum(sizes), RANK)}
+    assert_array_equal(np.asarray(run_with(dropped, flat, ids)), np.asarray(run_with(kept, p, ids)))
+    # more than one unit keeps its axis either way
+    wide = lambda i: L.CategoricalFMLayer()("fm", i, sizes, RANK, units=2, unit_axis=False)  # noqa: E731
+    assert trace_sites(wide, ids)["CategoricalFMLayer_fm_theta"]["value"].shape == (12, RANK, 2)
 
 
 def test_categorical_fm_does_not_build_one_hot():

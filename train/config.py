@@ -46,6 +46,10 @@ class ModelConfig:
     link: str = "gaussian"
     link_kwargs: dict[str, Any] = field(default_factory=dict)
     terms: list[Any] = field(default_factory=list)
+    # categorical FM factors of one unit stored (rows, rank), not (rows, rank, 1): the same
+    # numbers, and XLA:CPU vectorizes their draws and updates (blayers CategoricalFMLayer's
+    # unit_axis); runs saved before keep the unit axis
+    fm_unit_axis: bool = False
 
 
 def default_mesh() -> dict[str, int]:
@@ -218,6 +222,7 @@ SAVED_DEFAULTS = {
     ("optim", "fm_rows"): "site",
     ("optim", "coupling_lr_factor"): 1.0,
     ("optim", "antithetic"): False,
+    ("model", "fm_unit_axis"): True,
 }
 
 

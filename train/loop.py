@@ -247,7 +247,7 @@ def _continued_run(
 ) -> tuple[Config, warm_start.Base | None]:
     """The run this one continues (``prior_from`` or ``init_from``), read once, when the
     run starts (a resume already holds what it took over), with ``cfg`` taking its smooth
-    terms' domains."""
+    terms' domains and its layout of FM factors."""
     continued, key = (cfg.prior_from, "prior_from") if cfg.prior_from else (cfg.init_from, "")
     if not continued or ckpt.steps(Path(cfg.run_dir) / "checkpoints"):
         return cfg, None
@@ -343,16 +343,18 @@ def checkpoint_meta(
 def keep_saved_settings(
     cfg: Config, saved: Mapping[str, Any], log: Callable[[str], None]
 ) -> Config:
-    """A run resumes with the guide family it was trained with, and with the value it ran
-    under of every setting whose default changed after it was saved (:data:`SAVED_DEFAULTS`:
-    one saved before the family was a setting ran mean-field, before the coupling had its
-    own rate ran it at the full rate), whatever today's defaults are."""
+    """A run resumes with the guide family and the layout of FM factors it was trained with,
+    and with the value it ran under of every setting whose default changed after it was
+    saved (:data:`SAVED_DEFAULTS`: one saved before the family was a setting ran mean-field,
+    before the coupling had its own rate ran it at the full rate), whatever today's defaults
+    are."""
     saved_config = saved.get("config", {})
     ran = with_saved_defaults(saved_config)
-    keep = [("optim", "guide")] + [
+    always = [("optim", "guide"), ("model", "fm_unit_axis")]
+    keep = always + [
         (group, key)
         for group, key in SAVED_DEFAULTS
-        if key not in saved_config.get(group, {}) and (group, key) != ("optim", "guide")
+        if key not in saved_config.get(group, {}) and (group, key) not in always
     ]
     data = to_container(cfg)
     for group, key in keep:

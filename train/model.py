@@ -93,7 +93,8 @@ def layer_class(name: str, where: str) -> type[L.BLayer]:
 
 TERM_KEYS = {"layer", "name", "inputs", "z_inputs", "slopes", "sparse"}
 SPARSE_AUTO_ROWS = 100_000  # dense is cheap below this and converges rare rows in fewer epochs
-SUPPLIED = {"name", "x", "z", "groups", "num_categories", "self"}  # call args the builder fills
+# call args the builder fills (unit_axis: from model.fm_unit_axis)
+SUPPLIED = {"name", "x", "z", "groups", "num_categories", "unit_axis", "self"}
 
 LINEAR_PREDICTOR = "linear_predictor"
 
@@ -506,7 +507,11 @@ def build_model(
     terms_cfg = list(_get(model_cfg, "terms") or [])
     if not terms_cfg:
         raise ConfigError("model.terms is empty; declare at least one term (or model._target_)")
-    terms = [build_term(t, columns, table_sizes, pad_multiple) for t in terms_cfg]
+    unit_axis = bool(_get(model_cfg, "fm_unit_axis"))
+    terms = [
+        _with_unit_axis(build_term(t, columns, table_sizes, pad_multiple), unit_axis)
+        for t in terms_cfg
+    ]
     names = [(type(t.layer).__name__, t.name) for t in terms]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -525,6 +530,13 @@ def build_model(
         return link(eta, batch.get("target"), num_data=num_data, **link_kwargs)
 
     return Model(model, tuple(terms))
+
+
+def _with_unit_axis(term: Term, unit_axis: bool) -> Term:
+    """A categorical FM term with ``model.fm_unit_axis`` among its call arguments."""
+    if term.kind != "categorical_fm":
+        return term
+    return replace(term, call_kwargs={**term.call_kwargs, "unit_axis": unit_axis})
 
 
 def ordered_columns(model_cfg: ModelConfig | Mapping[str, Any]) -> set[str]:

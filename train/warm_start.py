@@ -113,7 +113,9 @@ class Base:
 
 def with_domains_of(cfg: Config, base_cfg: Config) -> Config:
     """``cfg`` with each smooth term that leaves its domain out taking the base run's (by
-    term name), so a continued curve keeps its knots and :math:`L`."""
+    term name), so a continued curve keeps its knots and :math:`L`, and with the base run's
+    layout of FM factors (``model.fm_unit_axis``: a run saved before that setting keeps the
+    unit axis, and its continuation takes it over)."""
     terms = list(to_container(cfg)["model"].get("terms") or [])
     saved = {t.get("name"): t for t in to_container(base_cfg)["model"].get("terms") or []}
     out = []
@@ -127,6 +129,7 @@ def with_domains_of(cfg: Config, base_cfg: Config) -> Config:
         out.append(spec)
     data = to_container(cfg)
     data["model"]["terms"] = out
+    data["model"]["fm_unit_axis"] = bool(base_cfg.model.fm_unit_axis)
     return from_container(data)
 
 
