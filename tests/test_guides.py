@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from numpy.testing import assert_allclose
 from omegaconf import OmegaConf
 
@@ -287,7 +288,8 @@ def test_conditional_row_marginal_matches_draws_of_the_rows(rng):
     assert_allclose(np.asarray(got), expected, atol=0.03 * float(np.max(sd)))
 
 
-def test_service_conditions_fm_factors_only_when_asked_and_never_shifts_them(rng):
+@pytest.mark.parametrize("unit_axis", [True, False])  # as saved before model.fm_unit_axis, and now
+def test_service_conditions_fm_factors_only_when_asked_and_never_shifts_them(rng, unit_axis):
     """With ``fm_rows: site`` the service's conditional guide conditions a categorical FM's
     factor rows on the FM's scale (their prior is Normal(0, λ)); their log q is then the
     conditional Normal of each element (brute force). By default (``free``) they are a
@@ -304,7 +306,7 @@ def test_service_conditions_fm_factors_only_when_asked_and_never_shifts_them(rng
         {"layer": "FMLayer", "name": "fm", "inputs": ["g", "h"], "low_rank_dim": 3},
     ]
     model = build_model(
-        OmegaConf.create({"link": "gaussian", "terms": terms}),
+        OmegaConf.create({"link": "gaussian", "terms": terms, "fm_unit_axis": unit_axis}),
         Columns((), ("g", "h")),
         {"g": 5, "h": 4},
     )
@@ -336,7 +338,7 @@ def test_service_conditions_fm_factors_only_when_asked_and_never_shifts_them(rng
         mean = anchor + nu * (tau + 1) / precision
         exact = norm(mean, precision**-0.5).logpdf(np.asarray(draws[fm].value)).sum()
         assert_allclose(float(jnp.sum(draws[fm].log_normal)), exact, rtol=1e-4)
-    assert nu.shape == sites[fm].unconstrained_shape and nu.ndim == 3
+    assert nu.shape == sites[fm].unconstrained_shape and nu.ndim == (3 if unit_axis else 2)
 
 
 def test_the_antithetic_pair_is_the_same_elbo_with_less_gradient_noise(rng):
