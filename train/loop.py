@@ -252,7 +252,7 @@ def _continued_run(
     if not continued or ckpt.steps(Path(cfg.run_dir) / "checkpoints"):
         return cfg, None
     base = warm_start.Base.open(Path(continued), cfg, log, key or "init_from")
-    return warm_start.with_domains_of(cfg, base.cfg), base
+    return warm_start.with_base_settings(cfg, base.cfg), base
 
 
 def _dry_run(

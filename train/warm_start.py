@@ -85,7 +85,9 @@ class Base:
                 "cannot be continued; warm starts take models of model.terms"
             )
         base_cfg = from_container(with_saved_defaults(meta["config"]))
-        changed = differences(base_cfg, with_domains_of(cfg, base_cfg), lambda k: under(k, SHARED))
+        changed = differences(
+            base_cfg, with_base_settings(cfg, base_cfg), lambda k: under(k, SHARED)
+        )
         if changed:
             raise ConfigError(
                 f"{key}={run_dir} was trained with another model or guide "
@@ -111,11 +113,11 @@ class Base:
         return {"run_dir": str(self.run_dir), "step": self.step}
 
 
-def with_domains_of(cfg: Config, base_cfg: Config) -> Config:
-    """``cfg`` with each smooth term that leaves its domain out taking the base run's (by
-    term name), so a continued curve keeps its knots and :math:`L`, and with the base run's
-    layout of FM factors (``model.fm_unit_axis``: a run saved before that setting keeps the
-    unit axis, and its continuation takes it over)."""
+def with_base_settings(cfg: Config, base_cfg: Config) -> Config:
+    """``cfg`` with what a continuation takes from its base run: each smooth term that leaves
+    its domain out takes the base run's (by term name), so a continued curve keeps its knots
+    and :math:`L`, and the base run's layout of FM factors (``model.fm_unit_axis``: a run
+    saved before that setting keeps the unit axis, and its continuation takes it over)."""
     terms = list(to_container(cfg)["model"].get("terms") or [])
     saved = {t.get("name"): t for t in to_container(base_cfg)["model"].get("terms") or []}
     out = []
