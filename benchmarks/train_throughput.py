@@ -28,8 +28,9 @@ row taking turns.
 After each term's rows, the sparse step's flatness in table size is measured again with all
 sizes in one process, taking turns in ~0.3 s blocks (``--flat-blocks`` per size): cells of the
 main table are minutes apart, and a shared machine's speed can drift more than that between them.
-``--peer-blocks N`` does the same for ours as shipped against NumPyro (one step per dispatch
-and scanned) at each size.
+``--peer-blocks N`` does the same for ours as shipped against NumPyro (one step per dispatch,
+scanned, and scanned at two draws per step, the model evaluations of the default guide's
+antithetic pair) at each size.
 """
 
 from __future__ import annotations
@@ -303,7 +304,9 @@ def worker_peers(c, term, blocks, block_s=0.3):
     """Seconds per step of ours as shipped (``sparse: auto``, the service's steps per
     dispatch), hand-written NumPyro one step per dispatch, and NumPyro scanned over as many
     batches per dispatch, taking turns in blocks in one process (as ``worker_flatness``):
-    how ours compares with the faster peer without the drift between separate cells."""
+    how ours compares with the faster peer without the drift between separate cells. Also
+    NumPyro scanned at two draws per step (``numpyro-scan-2``): as many model evaluations
+    as the default guide's antithetic pair, to tell the pair's cost from the step's."""
     import jax
 
     cfg, setup, step = _ours_setup(c, term, "auto")
@@ -313,9 +316,10 @@ def worker_peers(c, term, blocks, block_s=0.3):
         "ours": _in_memory_runner(c, step, state, per_dispatch=k),
         "numpyro": numpyro_runner(c, term),
         "numpyro-scan": numpyro_runner(c, term, per_dispatch=k),
+        "numpyro-scan-2": numpyro_runner(c, term, per_dispatch=k, particles=2),
     }
     sec = _interleaved(runners, blocks, block_s)
-    for key in ("ours", "numpyro-scan"):
+    for key in ("ours", "numpyro-scan", "numpyro-scan-2"):
         sec[key] /= k  # a call of that runner takes k steps
     return {**sec, "per_dispatch": k, "sparse": bool(setup.sparse)}
 
@@ -405,11 +409,12 @@ def worker_numpyro(c, term, steps, repeats, per_dispatch=1):
     return _time_steps(runner, max(1, steps // per_dispatch), repeats) / per_dispatch
 
 
-def numpyro_runner(c, term, block=True, per_dispatch=1):
+def numpyro_runner(c, term, block=True, per_dispatch=1, particles=1):
     """``run(i) -> loss``: one hand-written NumPyro SVI step, or with ``per_dispatch`` > 1
     that many, ``svi.update`` scanned (``lax.scan``) over batches stacked on device: what a
     NumPyro user would write to cut dispatches as the service does (``block`` as in
-    :func:`_in_memory_runner`)."""
+    :func:`_in_memory_runner`). ``particles``: draws per step (``Trace_ELBO(num_particles)``,
+    vectorized); 2 evaluates the model as often as the service's antithetic pair does."""
     import jax
     import jax.numpy as jnp
     import numpyro
@@ -441,7 +446,7 @@ def numpyro_runner(c, term, block=True, per_dispatch=1):
             numpyro.sample("obs", dist.Normal(mu, sigma), obs=y)
 
     batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in _batches(c)]
-    svi = SVI(model, AutoNormal(model), optax.adam(1e-2), Trace_ELBO())
+    svi = SVI(model, AutoNormal(model), optax.adam(1e-2), Trace_ELBO(num_particles=particles))
     state = svi.init(jax.random.PRNGKey(0), **batches[0])
     update = jax.jit(svi.update)
     if per_dispatch > 1:
@@ -755,12 +760,14 @@ def print_peers(results: list[tuple[str, int, dict]]) -> None:
         if "error" in sec:
             print(f"{label} {sec['error']}")
             continue
-        ours, one, scan = (sec[k] * 1e3 for k in ("ours", "numpyro", "numpyro-scan"))
+        keys = ("ours", "numpyro", "numpyro-scan", "numpyro-scan-2")
+        ours, one, scan, two = (sec[k] * 1e3 for k in keys)
         path = "sparse" if sec["sparse"] else "dense"
         print(
             f"{label} ours ({path}, {sec['per_dispatch']} per dispatch) {ours:.3f}, NumPyro "
             f"{one:.3f} ({one / ours:.2f}x), NumPyro scanned {scan:.3f} ({scan / ours:.2f}x); "
-            f"against the faster {min(one, scan) / ours:.2f}x",
+            f"against the faster {min(one, scan) / ours:.2f}x; NumPyro scanned at two draws "
+            f"per step {two:.3f} ({two / ours:.2f}x)",
             flush=True,
         )
 
