@@ -142,3 +142,43 @@ def test_train_logs_the_warnings_before_any_step(tmp_path):
     loop.train(cfg, log=messages.append)
     warnings = [m for m in messages if m.startswith("warning: model.")]
     assert len(warnings) >= 3
+
+
+def test_one_draw_names_the_scaled_tables_whose_levels_are_mostly_one_or_two_rows(tmp_path):
+    from train.model import Columns, build_model
+    from train.starts import SPARSE_ROWS, SPARSE_SHARE, one_draw_warnings
+
+    cfg, _ = gaussian_run(tmp_path, 0.0, 1.0)
+    cfg.model.terms = [
+        {"layer": "InterceptLayer", "name": "bias"},
+        {"layer": "RandomEffectsLayer", "name": "user", "inputs": ["user"]},
+        {"layer": "RandomEffectsLayer", "name": "region", "inputs": ["region"]},
+        {"layer": "FixedEffectsLayer", "name": "shop", "inputs": ["shop"]},
+        {"layer": "FMLayer", "name": "fm", "inputs": ["user", "item"], "low_rank_dim": 2},
+    ]
+    columns = Columns(("x",), ("user", "region", "shop", "item"))
+    rng = np.random.default_rng(0)
+    counts = {
+        "user": np.concatenate([[0], rng.choice([1, 2, 3, 9], 400, p=[0.4, 0.2, 0.3, 0.1])]),
+        "region": np.concatenate([[0], np.full(12, 500)]),
+        "shop": np.concatenate([[0], np.ones(50, int)]),  # fixed effects: no learned scale
+        "item": np.concatenate([[0], rng.choice([2, 3], 300, p=[0.49, 0.51]), [0, 0]]),
+    }
+    sizes = {c: len(v) - 1 for c, v in counts.items()}
+    model = build_model(cfg.model, columns, sizes)
+
+    assert one_draw_warnings(model.terms, columns.categorical, counts, antithetic=True) == []
+    lines = one_draw_warnings(model.terms, columns.categorical, counts, antithetic=False)
+    # brute force: the share of observed levels at SPARSE_ROWS rows or fewer, per column
+    named = set()
+    for column, c in counts.items():
+        seen = [n for n in c if n > 0]
+        share = sum(n <= SPARSE_ROWS for n in seen) / len(seen)
+        if column in ("user", "item") and share >= SPARSE_SHARE:
+            named.add(column)
+    assert named == {"user"}, named  # item's share sits just under the bar
+    assert len(lines) == 2  # the user column, once for its random effects, once in the FM
+    assert all("'user'" in line and "optim.antithetic=true" in line for line in lines)
+    assert lines[0].startswith("model.terms[user]: ") and lines[1].startswith("model.terms[fm]: ")
+    share = np.mean(counts["user"][1:] <= SPARSE_ROWS)
+    assert f"{share:.0%} of the 400 levels of column 'user' have" in lines[0]

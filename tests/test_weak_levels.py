@@ -63,7 +63,9 @@ def nuts(cols: dict[str, np.ndarray]) -> tuple[float, float]:
     return float(draws.mean()), float(draws.std())
 
 
-def service(data, run_dir, rows: int, antithetic: bool) -> tuple[float, float]:
+def service(
+    data, run_dir, rows: int, antithetic: bool, log: list[str] | None = None
+) -> tuple[float, float]:
     cfg = quiet_config(
         data,
         run_dir,
@@ -84,7 +86,7 @@ def service(data, run_dir, rows: int, antithetic: bool) -> tuple[float, float]:
             "optim.antithetic": antithetic,
         },
     )
-    loop.train(cfg, log=lambda _: None)
+    loop.train(cfg, log=(log if log is not None else []).append)
     row = next(r for r in summarize(cfg.run_dir, draws=4000) if r["site"] == SCALE)
     return row["mean"], row["std"]
 
@@ -99,17 +101,23 @@ def case(tmp_path_factory):
 @pytest.mark.slow
 def test_a_weakly_identified_scale_lands_within_one_posterior_sd_of_nuts(case):
     tmp, rows, (mean, sd) = case
-    got, got_sd = service(tmp / "data.parquet", tmp / "pair", rows, antithetic=True)
+    lines: list[str] = []
+    got, got_sd = service(tmp / "data.parquet", tmp / "pair", rows, antithetic=True, log=lines)
     assert abs(got - mean) < sd, (got, got_sd, mean, sd)
     assert 0.6 < got_sd / sd < 1.4, (got, got_sd, mean, sd)
+    assert not [line for line in lines if "optim.antithetic" in line], lines
 
 
 @pytest.mark.slow
 def test_with_one_draw_per_step_the_scale_collapses(case):
-    """What the pair fixes, against the same exact posterior."""
+    """What the pair fixes, against the same exact posterior; and the run says so at its
+    start (90% of the table's levels have one or two rows)."""
     tmp, rows, (mean, sd) = case
-    got, _ = service(tmp / "data.parquet", tmp / "one", rows, antithetic=False)
+    lines: list[str] = []
+    got, _ = service(tmp / "data.parquet", tmp / "one", rows, antithetic=False, log=lines)
     assert got < mean - sd, (got, mean, sd)
+    warned = [line for line in lines if "optim.antithetic=true" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: model.terms[user]: "), lines
 
 
 def test_a_run_saved_before_the_pair_existed_resumes_with_one_draw():

@@ -92,7 +92,8 @@ class OptimConfig:
     recenter_every: int = 50
     # each step's ELBO at a draw and its mirror image (blayers.guides.antithetic_mean): twice
     # the model's work per step, and the noise that drags a weakly identified table's scale
-    # down (one to three binary rows per level) cancels
+    # down (one to three binary rows per level) cancels. false: a fresh run names each scaled
+    # table whose levels mostly have one or two rows (train.starts.one_draw_warnings)
     antithetic: bool = True
     # horizon of the cosine schedule; None: train.steps. Fix it before extending a run's total
     # if the extended run must follow the same learning-rate curve.

@@ -49,9 +49,7 @@ from .sparse import (
     row_counts,
 )
 from .stages import StageClock
-from .starts import (
-    prior_warnings,
-)
+from .starts import one_draw_warnings, prior_warnings
 from .state import (
     TrainState,
 )
@@ -182,7 +180,7 @@ def _train(
     counts = {c: v.counts for c, v in vocabs.items()}
     setup = _job_setup(cfg, plan, store, vocabs, saved)
     if latest is None and jax.process_index() == 0:
-        _warn_priors(cfg, setup, store, log)
+        _warn_priors(cfg, setup, store, counts, log)
     statements = describe.describe(cfg.model, setup.columns)
     if cfg.dry_run:
         return _dry_run(plan, setup, statements, log)
@@ -233,12 +231,20 @@ def _job_setup(
     )
 
 
-def _warn_priors(cfg: Config, setup: Setup, store: Store, log: Callable[[str], None]) -> None:
-    """One line per prior that is badly scaled for the target (:func:`prior_warnings`)."""
+def _warn_priors(
+    cfg: Config,
+    setup: Setup,
+    store: Store,
+    counts: Mapping[str, np.ndarray],
+    log: Callable[[str], None],
+) -> None:
+    """One line per prior that is badly scaled for the target (:func:`prior_warnings`) and
+    per table that one draw per step puts at risk (:func:`one_draw_warnings`)."""
     link_kwargs = configured_link_kwargs(cfg.model)
-    for line in prior_warnings(
-        setup.model.terms, str(cfg.model.link), link_kwargs, store.target_stats
-    ):
+    terms = setup.model.terms
+    lines = prior_warnings(terms, str(cfg.model.link), link_kwargs, store.target_stats)
+    lines += one_draw_warnings(terms, setup.columns.categorical, counts, bool(cfg.optim.antithetic))
+    for line in lines:
         log(f"warning: {line}")
 
 

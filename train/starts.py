@@ -1,9 +1,11 @@
-"""A configured model's data-aware start, and the priors that are badly scaled for its data.
+"""A configured model's data-aware start, and the priors and settings that are badly suited
+to its data.
 
 The start (:mod:`blayers.start`) puts the first intercept term at the link of the target's
 mean and the link's globals at their moment estimates; table rows start at 0 and every guide
 scale small. The checks name each term whose prior is far from the scale the target implies,
-with the fix, before any step runs.
+and each table that one draw per step (``optim.antithetic=false``) puts at risk, with the
+fix, before any step runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from blayers import guides
 from blayers.links import link_start
 from blayers.start import FeatureStats, LinkStart, TargetStats
 
+from .guide_plan import conditioned
+
 PRIOR_SDS = 4.0  # an intercept start this many prior sds out is named
+# a scaled table is named under one draw per step when at least this share of its observed
+# levels have at most SPARSE_ROWS rows: on logit tables of 1,500-4,500 such levels one draw put
+# the scale at 0.42-0.58x NUTS's, and from three rows per level on it matched
+# (benchmarks/one_draw_vs_nuts.py)
+SPARSE_SHARE = 0.5
+SPARSE_ROWS = 2
 SCALE_RATIO = 10.0  # a target sd this many times a term's prior scale is named
 
 
@@ -232,4 +242,41 @@ def prior_warnings(
                 f"{1 / rate:g}, far below the target's sd {sd:.4g}; set sigma_kwargs: "
                 f"{{rate: {1 / sd:.3g}}} or standardize the target"
             )
+    return lines
+
+
+def one_draw_warnings(
+    terms: Sequence[Any],
+    categorical: Sequence[str],
+    vocab_counts: Mapping[str, np.ndarray],
+    antithetic: bool,
+) -> list[str]:
+    """Under one draw per step (``antithetic`` false), one line per table with a learned scale
+    (random effects, embeddings, FM factors) whose input column has at least
+    :data:`SPARSE_SHARE` of its observed levels at :data:`SPARSE_ROWS` rows or fewer. The
+    gradient of such a table's scale sums one noisy term per level, and one draw can drag the
+    scale far under its posterior; the antithetic pair cancels that noise
+    (:func:`blayers.guides.antithetic_mean`). Fewer such levels do not make one draw safe:
+    where it fails is not predictable from counts alone."""
+    if antithetic:
+        return []
+    lines = []
+    for t in terms:
+        if not t.categorical_idx or not conditioned(type(t.layer)):
+            continue
+        for idx in t.categorical_idx:
+            column = categorical[idx]
+            counts = np.asarray(vocab_counts[column])
+            seen = counts[counts > 0]
+            if not len(seen):
+                continue
+            share = float(np.mean(seen <= SPARSE_ROWS))
+            if share >= SPARSE_SHARE:
+                lines.append(
+                    f"model.terms[{t.name}]: {share:.0%} of the {len(seen):,} levels of "
+                    f"column {column!r} have at most {SPARSE_ROWS} rows, and "
+                    "optim.antithetic=false draws once per step, which can drag this table's "
+                    "scale far under its posterior (benchmarks/one_draw_vs_nuts.py); set "
+                    "optim.antithetic=true"
+                )
     return lines
