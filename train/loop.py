@@ -180,7 +180,7 @@ def _train(
     counts = {c: v.counts for c, v in vocabs.items()}
     setup = _job_setup(cfg, plan, store, vocabs, saved)
     if latest is None and jax.process_index() == 0:
-        _warn_priors(cfg, setup, store, counts, log)
+        _warn_before_any_step(cfg, setup, store, counts, log)
     statements = describe.describe(cfg.model, setup.columns)
     if cfg.dry_run:
         return _dry_run(plan, setup, statements, log)
@@ -231,7 +231,7 @@ def _job_setup(
     )
 
 
-def _warn_priors(
+def _warn_before_any_step(
     cfg: Config,
     setup: Setup,
     store: Store,

@@ -23,13 +23,13 @@ from blayers.start import FeatureStats, LinkStart, TargetStats
 from .guide_plan import conditioned
 
 PRIOR_SDS = 4.0  # an intercept start this many prior sds out is named
+SCALE_RATIO = 10.0  # a target sd this many times a term's prior scale is named
 # a scaled table is named under one draw per step when at least this share of its observed
 # levels have at most SPARSE_ROWS rows: on logit tables of 1,500-4,500 such levels one draw put
 # the scale at 0.42-0.58x NUTS's, and from three rows per level on it matched
 # (benchmarks/one_draw_vs_nuts.py)
 SPARSE_SHARE = 0.5
 SPARSE_ROWS = 2
-SCALE_RATIO = 10.0  # a target sd this many times a term's prior scale is named
 
 
 def starting_values(
@@ -276,7 +276,6 @@ def one_draw_warnings(
                     f"model.terms[{t.name}]: {share:.0%} of the {len(seen):,} levels of "
                     f"column {column!r} have at most {SPARSE_ROWS} rows, and "
                     "optim.antithetic=false draws once per step, which can drag this table's "
-                    "scale far under its posterior (benchmarks/one_draw_vs_nuts.py); set "
-                    "optim.antithetic=true"
+                    "scale far under its posterior; set optim.antithetic=true"
                 )
     return lines
