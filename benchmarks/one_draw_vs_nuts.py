@@ -5,9 +5,9 @@ vary.
 Each case simulates ``levels`` levels with exactly ``rows`` binary rows each (scale 0.5, one
 slope 0.8, intercept ``b0``), fits it with the service at full batch (4,000 steps, so only
 the draws are noisy) with one draw and with the pair, and runs NUTS (300 + 600 draws, the
-table non-centred), all through ``tests/test_weak_levels.py``'s helpers. It prints the
-scale's posterior mean / sd under each, and each level's information about its effect,
-``rows · p̄(1 − p̄)``.
+table non-centred), all through ``tests/test_weak_levels.py``'s helpers, its data too. It
+prints the scale's posterior mean / sd under each, and each level's information about its
+effect, ``rows · p̄(1 − p̄)``.
 
     .venv/bin/python benchmarks/one_draw_vs_nuts.py [--cases 2:4500:-1 3:3000:-1 ...] [--seed 1]
 
@@ -26,25 +26,9 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from tests import test_weak_levels as weak
 
 CASES = ("2:4500:-1", "3:3000:-1", "5:1800:-1", "20:450:-1", "2:1500:-1", "40:1500:-5")
-
-
-def simulate(path: Path, rows: int, levels: int, b0: float, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    user = np.repeat(np.arange(levels), rows)
-    effect = rng.normal(0.0, 0.5, levels)
-    x = rng.normal(size=len(user)).astype(np.float32)
-    eta = b0 + 0.8 * x + effect[user]
-    y = (rng.random(len(user)) < 1.0 / (1.0 + np.exp(-eta))).astype(np.float32)
-    ids = np.array([f"u{i}" for i in user])
-    pq.write_table(pa.table({"x1": x, "user": ids, "y": y}), path)
-    return {"user": user.astype(np.int32), "x": x, "y": y, "levels": levels}
 
 
 def main() -> None:
@@ -57,7 +41,7 @@ def main() -> None:
     for case in args.cases:
         rows, levels, b0 = case.split(":")
         tmp = Path(tempfile.mkdtemp(prefix="one-draw-"))
-        cols = simulate(tmp / "data.parquet", int(rows), int(levels), float(b0), args.seed)
+        cols = weak.simulate(tmp / "data.parquet", int(levels), args.seed, int(rows), float(b0))
         rate = float(cols["y"].mean())
         fits = [
             weak.service(tmp / "data.parquet", tmp / f"run_{anti}", len(cols["y"]), anti)

@@ -27,14 +27,18 @@ from train.summary import summarize
 SCALE = "RandomEffectsLayer_user_scale"
 
 
-def simulate(path, levels: int = 6000, seed: int = 1) -> dict[str, np.ndarray]:
-    """An intercept, one slope and the table (scale 0.5); 9,008 rows."""
+def simulate(
+    path, levels: int = 6000, seed: int = 1, rows: int | None = None, b0: float = -1.0
+) -> dict[str, np.ndarray]:
+    """An intercept ``b0``, one slope and the table (scale 0.5); each level has one to three
+    rows (9,008 in all by default), or exactly ``rows``
+    (``benchmarks/one_draw_vs_nuts.py``)."""
     rng = np.random.default_rng(seed)
-    n = rng.choice([1, 2, 3], levels, p=[0.6, 0.3, 0.1])
+    n = np.full(levels, rows) if rows else rng.choice([1, 2, 3], levels, p=[0.6, 0.3, 0.1])
     user = np.repeat(np.arange(levels), n)
     effect = rng.normal(0.0, 0.5, levels)
     x = rng.normal(size=len(user)).astype(np.float32)
-    eta = -1.0 + 0.8 * x + effect[user]
+    eta = b0 + 0.8 * x + effect[user]
     y = (rng.random(len(user)) < 1.0 / (1.0 + np.exp(-eta))).astype(np.float32)
     ids = np.array([f"u{i}" for i in user])
     pq.write_table(pa.table({"x1": x, "user": ids, "y": y}), path)
